@@ -1,0 +1,1071 @@
+//! The storage engine: namespaces of buckets of keys, in memory, with limits.
+//!
+//! Plain synchronous Rust with no wRPC or NATS types, so it can be unit-tested, fuzzed and
+//! benchmarked alone. Every method is short and never blocks on I/O; callers on an async
+//! runtime may call it directly.
+//!
+//! # Shape
+//!
+//! `namespaces → buckets → entries`, each level a [`DashMap`]. A write holds a read guard on
+//! its namespace and on its bucket while it takes the entry's shard lock, always in that order,
+//! so an empty bucket can be dropped (which needs the bucket map's write lock) without racing a
+//! writer that is about to fill it. No method takes a second guard on a map it already holds a
+//! guard of: DashMap's locks are not re-entrant.
+//!
+//! # Accounting
+//!
+//! `bytes` counts the key and value bytes of live entries (not bucket names, not allocator
+//! overhead); `keys` counts live entries per namespace. A write first *reserves* what it will
+//! add against the limits, with a compare-and-swap, and only then writes; afterwards the
+//! reservation is corrected to what the write really changed. The counters are therefore
+//! exact once writes finish, and a limit can only be passed transiently, by writers racing on
+//! the same keys.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+/// Entries of one bucket. Boxed slices rather than `String`/`Vec` save 16 bytes a key.
+type Entries = DashMap<Box<str>, Box<[u8]>>;
+
+/// How long a list-keys cursor lives after its last use.
+pub const CURSOR_IDLE_TTL: Duration = Duration::from_secs(300);
+
+/// How many unfinished listings are kept at once; the least recently used goes first.
+pub const MAX_OPEN_LISTINGS: usize = 64;
+
+/// The limits a store enforces. Set from provider config (see `config.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest key, and largest bucket name, in bytes.
+    pub max_key_bytes: usize,
+    /// Largest value in bytes.
+    pub max_value_bytes: usize,
+    /// Most keys one namespace may hold, over all its buckets.
+    pub max_keys: u64,
+    /// Most key plus value bytes the whole store may hold.
+    pub max_total_bytes: u64,
+    /// Most keys one list-keys page answers.
+    pub list_page_size: usize,
+}
+
+/// Why the engine refused an operation. The message is what the caller reads; every limit
+/// error names the config key that was hit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// A key or bucket name is longer than `max_key_bytes`.
+    #[error("{what} is {len} bytes, over the limit max_key_bytes={limit}")]
+    KeyTooLarge {
+        /// "key" or "bucket name".
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// A value is longer than `max_value_bytes`.
+    #[error("value of {len} bytes is over the limit max_value_bytes={limit}")]
+    ValueTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The namespace already holds `max_keys` keys.
+    #[error("namespace holds {held} keys; adding {adding} more would pass max_keys={limit}")]
+    TooManyKeys {
+        /// Keys the namespace holds.
+        held: u64,
+        /// Keys the call would add.
+        adding: u64,
+        /// The limit in force.
+        limit: u64,
+    },
+    /// The store would hold more than `max_total_bytes`.
+    #[error("store holds {held} bytes; adding {adding} more would pass max_total_bytes={limit}")]
+    OutOfSpace {
+        /// Bytes the store holds.
+        held: u64,
+        /// Bytes the call would add.
+        adding: u64,
+        /// The limit in force.
+        limit: u64,
+    },
+    /// `increment` on a value that is not a decimal `u64`.
+    #[error("cannot increment key {key:?}: its value is not a decimal u64 counter")]
+    NotACounter {
+        /// The key.
+        key: String,
+    },
+    /// `increment` would pass `u64::MAX`.
+    #[error("cannot increment key {key:?} by {delta}: the counter would overflow u64 (it holds {current})")]
+    Overflow {
+        /// The key.
+        key: String,
+        /// The counter's value.
+        current: u64,
+        /// The increment asked for.
+        delta: u64,
+    },
+    /// A list-keys cursor this store did not hand out for this bucket, or one that expired.
+    #[error("unknown or expired list-keys cursor {0}: start the listing again without a cursor")]
+    UnknownCursor(u64),
+}
+
+/// One page of a key listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    /// Keys of this page, in lexicographic order.
+    pub keys: Vec<String>,
+    /// Where the next page starts, `None` after the last page.
+    pub cursor: Option<u64>,
+}
+
+/// Live figures of the store, for health and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Namespaces that were ever written.
+    pub namespaces: usize,
+    /// Buckets holding at least one key (an emptied bucket is dropped).
+    pub buckets: usize,
+    /// Live keys.
+    pub keys: u64,
+    /// Key plus value bytes of live keys.
+    pub bytes: u64,
+}
+
+#[derive(Default)]
+struct Namespace {
+    buckets: DashMap<Box<str>, Entries>,
+    keys: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// The in-memory store. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Engine {
+    namespaces: DashMap<Box<str>, Namespace>,
+    total_bytes: AtomicU64,
+    // Read on every write, written on a config update: a plain `RwLock` around a `Copy` value,
+    // never held across anything but a copy.
+    limits: RwLock<Limits>,
+    listings: Listings,
+}
+
+impl Engine {
+    /// An empty store enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            namespaces: DashMap::new(),
+            total_bytes: AtomicU64::new(0),
+            limits: RwLock::new(limits),
+            listings: Listings::default(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        *self
+            .limits
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Replaces the limits. Data over a lowered limit stays; only new writes are refused.
+    pub fn set_limits(&self, limits: Limits) {
+        *self
+            .limits
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = limits;
+    }
+
+    /// The value of `key`, `None` when it does not exist.
+    pub fn get(&self, ns: &str, bucket: &str, key: &str) -> Option<Bytes> {
+        self.read_bucket(ns, bucket, |entries| {
+            entries.get(key).map(|v| Bytes::copy_from_slice(&v))
+        })
+        .flatten()
+    }
+
+    /// Whether `key` exists.
+    pub fn exists(&self, ns: &str, bucket: &str, key: &str) -> bool {
+        self.read_bucket(ns, bucket, |entries| entries.contains_key(key))
+            .unwrap_or(false)
+    }
+
+    /// Stores `value` under `key`.
+    pub fn set(&self, ns: &str, bucket: &str, key: &str, value: &[u8]) -> Result<(), EngineError> {
+        self.set_many(ns, bucket, [(key, value)])
+    }
+
+    /// Stores every pair, or none of them: every limit is checked before anything is written.
+    /// A key named twice ends with its last value.
+    pub fn set_many<'a, I>(&self, ns: &str, bucket: &str, pairs: I) -> Result<(), EngineError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
+        let limits = self.limits();
+        check_key(&limits, "bucket name", bucket)?;
+        let mut latest: HashMap<&str, &[u8]> = HashMap::new();
+        for (key, value) in pairs {
+            check_key(&limits, "key", key)?;
+            if value.len() > limits.max_value_bytes {
+                return Err(EngineError::ValueTooLarge {
+                    len: value.len(),
+                    limit: limits.max_value_bytes,
+                });
+            }
+            latest.insert(key, value);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let result = self.write_bucket(ns, bucket, |space, entries| {
+            // What the batch adds, as the store stands now: shrinking values make room for
+            // growing ones in the same batch.
+            let (mut new_keys, mut change) = (0u64, 0i64);
+            for (key, value) in &latest {
+                match entries.get(*key) {
+                    Some(old) => change += value.len() as i64 - old.len() as i64,
+                    None => {
+                        new_keys += 1;
+                        change += (key.len() + value.len()) as i64;
+                    }
+                }
+            }
+            let reservation = space.reserve(&limits, new_keys, change.max(0) as u64)?;
+            // What it really changed: other writers may have raced us since the estimate.
+            let (mut added, mut delta) = (0u64, 0i64);
+            for (key, value) in latest {
+                let (was_new, change) = put(entries, key, value);
+                added += u64::from(was_new);
+                delta += change;
+            }
+            space.settle(reservation, added, delta);
+            Ok(())
+        });
+        if result.is_err() {
+            self.drop_bucket_if_empty(ns, bucket);
+        }
+        result
+    }
+
+    /// Removes `key`; a missing key is not an error.
+    pub fn delete(&self, ns: &str, bucket: &str, key: &str) {
+        self.delete_many(ns, bucket, [key]);
+    }
+
+    /// Removes every key named; missing keys are ignored.
+    pub fn delete_many<'a>(&self, ns: &str, bucket: &str, keys: impl IntoIterator<Item = &'a str>) {
+        let Some(ns_ref) = self.namespaces.get(ns) else {
+            return;
+        };
+        let emptied = {
+            let Some(entries) = ns_ref.buckets.get(bucket) else {
+                return;
+            };
+            let (mut removed, mut freed) = (0u64, 0u64);
+            for key in keys {
+                if let Some((k, v)) = entries.remove(key) {
+                    removed += 1;
+                    freed += (k.len() + v.len()) as u64;
+                }
+            }
+            Space::new(&self.total_bytes, &ns_ref).release(removed, freed);
+            entries.is_empty()
+        };
+        if emptied {
+            drop_empty(&ns_ref.buckets, bucket);
+        }
+    }
+
+    /// Adds `delta` to the decimal counter under `key` and answers the new value; a missing
+    /// key is created holding `delta`. Atomic: the read, the check and the write happen under
+    /// the key's shard lock.
+    pub fn increment(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        delta: u64,
+    ) -> Result<u64, EngineError> {
+        let limits = self.limits();
+        check_key(&limits, "bucket name", bucket)?;
+        check_key(&limits, "key", key)?;
+        let result = self.write_bucket(ns, bucket, |space, entries| {
+            let entry = match entries.get_mut(key) {
+                Some(found) => CounterSlot::Found(found),
+                None => match entries.entry(key.into()) {
+                    Entry::Occupied(found) => CounterSlot::Found(found.into_ref()),
+                    Entry::Vacant(vacant) => CounterSlot::Missing(vacant),
+                },
+            };
+            match entry {
+                CounterSlot::Found(mut value) => {
+                    let current =
+                        parse_counter(&value).ok_or_else(|| EngineError::NotACounter {
+                            key: key.to_owned(),
+                        })?;
+                    let next = current
+                        .checked_add(delta)
+                        .ok_or_else(|| EngineError::Overflow {
+                            key: key.to_owned(),
+                            current,
+                            delta,
+                        })?;
+                    let text = next.to_string().into_bytes().into_boxed_slice();
+                    let grow = (text.len() as u64).saturating_sub(value.len() as u64);
+                    let reservation = space.reserve(&limits, 0, grow)?;
+                    let change = text.len() as i64 - value.len() as i64;
+                    *value = text;
+                    space.settle(reservation, 0, change);
+                    Ok(next)
+                }
+                CounterSlot::Missing(vacant) => {
+                    let text = delta.to_string().into_bytes().into_boxed_slice();
+                    let size = (key.len() + text.len()) as u64;
+                    let reservation = space.reserve(&limits, 1, size)?;
+                    vacant.insert(text);
+                    space.settle(reservation, 1, size as i64);
+                    Ok(delta)
+                }
+            }
+        });
+        if result.is_err() {
+            self.drop_bucket_if_empty(ns, bucket);
+        }
+        result
+    }
+
+    /// `(key, value)` for each key asked, in the order asked; `None` for a missing key.
+    pub fn get_many<S: AsRef<str>>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        keys: &[S],
+    ) -> Vec<Option<(String, Bytes)>> {
+        self.read_bucket(ns, bucket, |entries| {
+            keys.iter()
+                .map(|key| {
+                    let key = key.as_ref();
+                    entries
+                        .get(key)
+                        .map(|v| (key.to_owned(), Bytes::copy_from_slice(&v)))
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![None; keys.len()])
+    }
+
+    /// One page of the bucket's keys, in lexicographic order.
+    ///
+    /// The first call (no cursor) takes a sorted snapshot of the bucket's keys, O(N log N);
+    /// later pages are slices of it, so a key that exists for the whole listing is listed
+    /// exactly once. Keys deleted since the snapshot are left out of later pages; keys added
+    /// since may be missing.
+    pub fn list_keys(
+        &self,
+        ns: &str,
+        bucket: &str,
+        cursor: Option<u64>,
+    ) -> Result<KeyPage, EngineError> {
+        match cursor {
+            None => {
+                let mut keys: Vec<Box<str>> = self
+                    .read_bucket(ns, bucket, |entries| {
+                        entries.iter().map(|e| e.key().clone()).collect()
+                    })
+                    .unwrap_or_default();
+                keys.sort_unstable();
+                let page_size = self.limits().list_page_size.max(1);
+                if keys.len() <= page_size {
+                    return Ok(KeyPage {
+                        keys: keys.into_iter().map(String::from).collect(),
+                        cursor: None,
+                    });
+                }
+                let first = keys[..page_size].iter().map(|k| k.to_string()).collect();
+                let cursor = self.listings.open(Listing {
+                    namespace: ns.into(),
+                    bucket: bucket.into(),
+                    keys,
+                    page_size,
+                    last_used: Instant::now(),
+                });
+                Ok(KeyPage {
+                    keys: first,
+                    cursor: Some(cursor),
+                })
+            }
+            Some(cursor) => {
+                let (candidates, next) = self.listings.page(ns, bucket, cursor)?;
+                // Leave out what was deleted since the snapshot.
+                let keys = self
+                    .read_bucket(ns, bucket, |entries| {
+                        candidates
+                            .into_iter()
+                            .filter(|k| entries.contains_key(&**k))
+                            .map(String::from)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(KeyPage { keys, cursor: next })
+            }
+        }
+    }
+
+    /// Live figures.
+    pub fn usage(&self) -> Usage {
+        let mut usage = Usage {
+            namespaces: 0,
+            bytes: self.total_bytes.load(Ordering::Relaxed),
+            ..Usage::default()
+        };
+        for ns in &self.namespaces {
+            usage.namespaces += 1;
+            usage.buckets += ns.buckets.len();
+            usage.keys += ns.keys.load(Ordering::Relaxed);
+        }
+        usage
+    }
+
+    /// Keys and bytes of one namespace; zeros for one never written.
+    pub fn namespace_usage(&self, ns: &str) -> (u64, u64) {
+        self.namespaces.get(ns).map_or((0, 0), |n| {
+            (
+                n.keys.load(Ordering::Relaxed),
+                n.bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    fn read_bucket<R>(&self, ns: &str, bucket: &str, f: impl FnOnce(&Entries) -> R) -> Option<R> {
+        let ns_ref = self.namespaces.get(ns)?;
+        let entries = ns_ref.buckets.get(bucket)?;
+        Some(f(&entries))
+    }
+
+    fn write_bucket<R>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        f: impl FnOnce(&Space<'_>, &Entries) -> R,
+    ) -> R {
+        let ns_ref = match self.namespaces.get(ns) {
+            Some(found) => found,
+            None => self.namespaces.entry(ns.into()).or_default().downgrade(),
+        };
+        let entries = match ns_ref.buckets.get(bucket) {
+            Some(found) => found,
+            None => ns_ref.buckets.entry(bucket.into()).or_default().downgrade(),
+        };
+        f(&Space::new(&self.total_bytes, &ns_ref), &entries)
+    }
+
+    fn drop_bucket_if_empty(&self, ns: &str, bucket: &str) {
+        if let Some(ns_ref) = self.namespaces.get(ns) {
+            drop_empty(&ns_ref.buckets, bucket);
+        }
+    }
+}
+
+/// Drops a bucket that holds no keys. Takes the bucket map's write lock, so it cannot run while
+/// a writer holds the bucket (writers hold a read guard on it while they write).
+fn drop_empty(buckets: &DashMap<Box<str>, Entries>, bucket: &str) {
+    buckets.remove_if(bucket, |_, entries| entries.is_empty());
+}
+
+enum CounterSlot<'a> {
+    Found(dashmap::mapref::one::RefMut<'a, Box<str>, Box<[u8]>>),
+    Missing(dashmap::mapref::entry::VacantEntry<'a, Box<str>, Box<[u8]>>),
+}
+
+fn check_key(limits: &Limits, what: &'static str, key: &str) -> Result<(), EngineError> {
+    if key.len() > limits.max_key_bytes {
+        return Err(EngineError::KeyTooLarge {
+            what,
+            len: key.len(),
+            limit: limits.max_key_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Writes one entry; answers whether the key is new and by how many bytes the store changed.
+fn put(entries: &Entries, key: &str, value: &[u8]) -> (bool, i64) {
+    if let Some(mut old) = entries.get_mut(key) {
+        let change = value.len() as i64 - old.len() as i64;
+        *old = value.into();
+        return (false, change);
+    }
+    match entries.entry(key.into()) {
+        Entry::Occupied(mut old) => {
+            let change = value.len() as i64 - old.get().len() as i64;
+            old.insert(value.into());
+            (false, change)
+        }
+        Entry::Vacant(vacant) => {
+            vacant.insert(value.into());
+            (true, (key.len() + value.len()) as i64)
+        }
+    }
+}
+
+/// A decimal `u64` with no sign, no spaces and no leading `+`; leading zeros are accepted.
+fn parse_counter(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The counters one write touches: the store's bytes and its namespace's keys and bytes.
+struct Space<'a> {
+    total: &'a AtomicU64,
+    keys: &'a AtomicU64,
+    bytes: &'a AtomicU64,
+}
+
+/// What a write reserved before writing.
+#[must_use]
+struct Reservation {
+    keys: u64,
+    bytes: u64,
+}
+
+impl<'a> Space<'a> {
+    fn new(total: &'a AtomicU64, ns: &'a Namespace) -> Self {
+        Self {
+            total,
+            keys: &ns.keys,
+            bytes: &ns.bytes,
+        }
+    }
+
+    /// Reserves room for `keys` more keys and `bytes` more bytes, or refuses with the limit hit.
+    fn reserve(&self, limits: &Limits, keys: u64, bytes: u64) -> Result<Reservation, EngineError> {
+        try_add(self.keys, keys, limits.max_keys).map_err(|held| EngineError::TooManyKeys {
+            held,
+            adding: keys,
+            limit: limits.max_keys,
+        })?;
+        if let Err(held) = try_add(self.total, bytes, limits.max_total_bytes) {
+            self.keys.fetch_sub(keys, Ordering::Relaxed);
+            return Err(EngineError::OutOfSpace {
+                held,
+                adding: bytes,
+                limit: limits.max_total_bytes,
+            });
+        }
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(Reservation { keys, bytes })
+    }
+
+    /// Replaces a reservation by what the write really did.
+    fn settle(&self, reservation: Reservation, keys: u64, bytes: i64) {
+        adjust(self.keys, keys as i64 - reservation.keys as i64);
+        let byte_change = bytes - reservation.bytes as i64;
+        adjust(self.total, byte_change);
+        adjust(self.bytes, byte_change);
+    }
+
+    fn release(&self, keys: u64, bytes: u64) {
+        self.keys.fetch_sub(keys, Ordering::Relaxed);
+        self.total.fetch_sub(bytes, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Adds `n` to `counter` unless that would pass `limit`; on refusal answers the counter's value.
+fn try_add(counter: &AtomicU64, n: u64, limit: u64) -> Result<(), u64> {
+    if n == 0 {
+        return Ok(());
+    }
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+            held.checked_add(n).filter(|&after| after <= limit)
+        })
+        .map(drop)
+}
+
+fn adjust(counter: &AtomicU64, change: i64) {
+    if change >= 0 {
+        counter.fetch_add(change as u64, Ordering::Relaxed);
+    } else {
+        counter.fetch_sub(change.unsigned_abs(), Ordering::Relaxed);
+    }
+}
+
+/// A sorted snapshot of a bucket's keys that later pages are cut from.
+struct Listing {
+    namespace: Box<str>,
+    bucket: Box<str>,
+    keys: Vec<Box<str>>,
+    page_size: usize,
+    last_used: Instant,
+}
+
+/// Unfinished listings by id. A cursor is `id << 32 | page number`, so a retried call with the
+/// same cursor answers the same page.
+struct Listings {
+    open: Mutex<HashMap<u32, Listing>>,
+    next_id: AtomicU64,
+}
+
+impl Default for Listings {
+    fn default() -> Self {
+        // Start ids at an arbitrary point so a cursor from before a restart is not mistaken
+        // for one of ours.
+        let seed = std::collections::hash_map::RandomState::new();
+        let start = std::hash::BuildHasher::hash_one(&seed, Instant::now());
+        Self {
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(start),
+        }
+    }
+}
+
+impl Listings {
+    /// Stores a listing whose first page was served; answers the cursor of its second page.
+    fn open(&self, listing: Listing) -> u64 {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let now = Instant::now();
+        open.retain(|_, l| now.duration_since(l.last_used) < CURSOR_IDLE_TTL);
+        while open.len() >= MAX_OPEN_LISTINGS {
+            let Some(oldest) = open
+                .iter()
+                .min_by_key(|(_, l)| l.last_used)
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            open.remove(&oldest);
+        }
+        let id = loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u32;
+            if !open.contains_key(&id) {
+                break id;
+            }
+        };
+        open.insert(id, listing);
+        (u64::from(id) << 32) | 1
+    }
+
+    /// The keys of the page `cursor` points at, and the cursor of the page after it.
+    fn page(
+        &self,
+        ns: &str,
+        bucket: &str,
+        cursor: u64,
+    ) -> Result<(Vec<Box<str>>, Option<u64>), EngineError> {
+        let id = (cursor >> 32) as u32;
+        let page = (cursor & 0xffff_ffff) as usize;
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let listing = open
+            .get_mut(&id)
+            .filter(|l| &*l.namespace == ns && &*l.bucket == bucket)
+            .filter(|l| Instant::now().duration_since(l.last_used) < CURSOR_IDLE_TTL)
+            .ok_or(EngineError::UnknownCursor(cursor))?;
+        let start = page.saturating_mul(listing.page_size);
+        if page == 0 || start >= listing.keys.len() {
+            return Err(EngineError::UnknownCursor(cursor));
+        }
+        let end = start
+            .saturating_add(listing.page_size)
+            .min(listing.keys.len());
+        let keys = listing.keys[start..end].to_vec();
+        listing.last_used = Instant::now();
+        let next = if end == listing.keys.len() {
+            open.remove(&id);
+            None
+        } else {
+            Some(cursor + 1)
+        };
+        Ok((keys, next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    fn limits() -> Limits {
+        Limits {
+            max_key_bytes: 64,
+            max_value_bytes: 1024,
+            max_keys: 100,
+            max_total_bytes: 10_000,
+            list_page_size: 10,
+        }
+    }
+
+    #[test]
+    fn never_written_bucket_is_empty() {
+        let e = Engine::new(limits());
+        assert_eq!(e.get("ns", "b", "k"), None);
+        assert!(!e.exists("ns", "b", "k"));
+        e.delete("ns", "b", "k");
+        e.delete_many("ns", "b", ["k", "l"]);
+        assert_eq!(
+            e.list_keys("ns", "b", None).unwrap(),
+            KeyPage {
+                keys: vec![],
+                cursor: None
+            }
+        );
+        assert_eq!(e.get_many("ns", "b", &["a", "b"]), vec![None, None]);
+        assert_eq!(e.usage(), Usage::default());
+    }
+
+    #[test]
+    fn empty_value_and_empty_bucket_name_round_trip() {
+        let e = Engine::new(limits());
+        e.set("ns", "", "k", b"").unwrap();
+        assert_eq!(e.get("ns", "", "k"), Some(Bytes::new()));
+        assert!(e.exists("ns", "", "k"));
+    }
+
+    #[test]
+    fn namespaces_are_isolated() {
+        let e = Engine::new(limits());
+        e.set("a", "b", "k", b"1").unwrap();
+        assert_eq!(e.get("b", "b", "k"), None);
+        assert_eq!(e.get("a", "b", "k").as_deref(), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn increment_counts_and_refuses_non_counters_and_overflow() {
+        let e = Engine::new(limits());
+        assert_eq!(e.increment("n", "b", "c", 5).unwrap(), 5);
+        assert_eq!(e.increment("n", "b", "c", 0).unwrap(), 5);
+        assert_eq!(e.increment("n", "b", "c", 7).unwrap(), 12);
+        assert_eq!(e.get("n", "b", "c").as_deref(), Some(&b"12"[..]));
+        e.set("n", "b", "t", b"hello").unwrap();
+        assert!(matches!(
+            e.increment("n", "b", "t", 1),
+            Err(EngineError::NotACounter { .. })
+        ));
+        e.set("n", "b", "neg", b"-1").unwrap();
+        assert!(matches!(
+            e.increment("n", "b", "neg", 1),
+            Err(EngineError::NotACounter { .. })
+        ));
+        e.set("n", "b", "max", u64::MAX.to_string().as_bytes())
+            .unwrap();
+        assert!(matches!(
+            e.increment("n", "b", "max", 1),
+            Err(EngineError::Overflow { .. })
+        ));
+        assert_eq!(
+            e.get("n", "b", "max").as_deref(),
+            Some(u64::MAX.to_string().as_bytes())
+        );
+        assert_eq!(e.get("n", "b", "t").as_deref(), Some(&b"hello"[..]));
+    }
+
+    #[test]
+    fn increment_is_atomic_across_threads() {
+        let e = Arc::new(Engine::new(limits()));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                let e = &e;
+                s.spawn(move || {
+                    for _ in 0..1000 {
+                        e.increment("n", "b", "c", 1).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(e.get("n", "b", "c").as_deref(), Some(&b"8000"[..]));
+        assert_eq!(e.usage().bytes, 5);
+    }
+
+    #[test]
+    fn limits_name_the_config_key_and_write_nothing() {
+        let e = Engine::new(limits());
+        let long = "k".repeat(65);
+        let err = e.set("n", "b", &long, b"v").unwrap_err();
+        assert!(err.to_string().contains("max_key_bytes"), "{err}");
+        let err = e.set("n", &long, "k", b"v").unwrap_err();
+        assert!(err.to_string().contains("bucket name"), "{err}");
+        let err = e.set("n", "b", "k", &[0; 1025]).unwrap_err();
+        assert!(err.to_string().contains("max_value_bytes"), "{err}");
+        assert_eq!(e.usage(), Usage::default());
+
+        for i in 0..100 {
+            e.set("n", "b", &format!("{i}"), b"").unwrap();
+        }
+        let err = e.set("n", "b", "one-more", b"").unwrap_err();
+        assert!(err.to_string().contains("max_keys"), "{err}");
+        // Overwrites do not grow the count, so they pass.
+        e.set("n", "b", "7", b"x").unwrap();
+        // Another namespace has its own count.
+        e.set("m", "b", "one-more", b"").unwrap();
+        assert!(!e.exists("n", "b", "one-more"));
+        assert_eq!(e.namespace_usage("n").0, 100);
+    }
+
+    #[test]
+    fn max_total_bytes_is_store_wide_and_exact() {
+        let e = Engine::new(Limits {
+            max_total_bytes: 100,
+            ..limits()
+        });
+        e.set("a", "b", "k", &[1; 49]).unwrap(); // 50 bytes
+        e.set("c", "b", "k", &[1; 49]).unwrap(); // 100 bytes
+        let err = e.set("d", "b", "k", b"").unwrap_err();
+        assert!(err.to_string().contains("max_total_bytes"), "{err}");
+        // A shrinking overwrite frees room, a growing one within room passes.
+        e.set("a", "b", "k", &[1; 9]).unwrap();
+        assert_eq!(e.usage().bytes, 60);
+        e.set("d", "b", "kk", &[1; 38]).unwrap();
+        assert_eq!(e.usage().bytes, 100);
+        e.delete("a", "b", "k");
+        assert_eq!(e.usage().bytes, 90);
+        assert_eq!(e.usage().buckets, 2, "the emptied bucket is dropped");
+    }
+
+    #[test]
+    fn set_many_is_all_or_nothing() {
+        let e = Engine::new(Limits {
+            max_keys: 3,
+            ..limits()
+        });
+        e.set("n", "b", "a", b"1").unwrap();
+        let err = e
+            .set_many("n", "b", [("b", &b"2"[..]), ("c", b"3"), ("d", b"4")])
+            .unwrap_err();
+        assert!(err.to_string().contains("max_keys"));
+        assert_eq!(
+            e.get_many("n", "b", &["a", "b", "c", "d"])
+                .iter()
+                .flatten()
+                .count(),
+            1
+        );
+        let err = e
+            .set_many("n", "b", [("b", &b"2"[..]), ("c", &[0; 2000][..])])
+            .unwrap_err();
+        assert!(err.to_string().contains("max_value_bytes"));
+        assert!(!e.exists("n", "b", "b"));
+        // A key named twice counts once and keeps the last value.
+        e.set_many("n", "b", [("b", &b"2"[..]), ("b", b"22"), ("c", b"3")])
+            .unwrap();
+        assert_eq!(e.get("n", "b", "b").as_deref(), Some(&b"22"[..]));
+        assert_eq!(e.namespace_usage("n"), (3, 2 + 3 + 2));
+    }
+
+    #[test]
+    fn get_many_answers_in_the_order_asked() {
+        let e = Engine::new(limits());
+        e.set_many("n", "b", [("x", &b"1"[..]), ("y", b"2")])
+            .unwrap();
+        let got = e.get_many("n", "b", &["y", "missing", "x", "y"]);
+        assert_eq!(
+            got,
+            vec![
+                Some(("y".into(), Bytes::from_static(b"2"))),
+                None,
+                Some(("x".into(), Bytes::from_static(b"1"))),
+                Some(("y".into(), Bytes::from_static(b"2"))),
+            ]
+        );
+    }
+
+    fn list_all(e: &Engine, ns: &str, bucket: &str) -> Vec<String> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = e.list_keys(ns, bucket, cursor).unwrap();
+            assert!(page.keys.len() <= e.limits().list_page_size);
+            all.extend(page.keys);
+            match page.cursor {
+                Some(c) => cursor = Some(c),
+                None => return all,
+            }
+        }
+    }
+
+    #[test]
+    fn listing_pages_through_every_key_once() {
+        let e = Engine::new(limits());
+        let mut want: Vec<String> = (0..95).map(|i| format!("key-{i:03}")).collect();
+        for k in &want {
+            e.set("n", "b", k, b"").unwrap();
+        }
+        want.sort();
+        assert_eq!(list_all(&e, "n", "b"), want);
+        // Exactly one page: no cursor.
+        e.set("n", "small", "k", b"").unwrap();
+        assert_eq!(e.list_keys("n", "small", None).unwrap().cursor, None);
+    }
+
+    #[test]
+    fn cursors_are_scoped_retriable_and_expire_at_the_end() {
+        let e = Engine::new(limits());
+        for i in 0..25 {
+            e.set("n", "b", &format!("{i:02}"), b"").unwrap();
+        }
+        let first = e.list_keys("n", "b", None).unwrap();
+        let cursor = first.cursor.unwrap();
+        // Another namespace or bucket cannot use it.
+        assert_eq!(
+            e.list_keys("m", "b", Some(cursor)),
+            Err(EngineError::UnknownCursor(cursor))
+        );
+        assert_eq!(
+            e.list_keys("n", "c", Some(cursor)),
+            Err(EngineError::UnknownCursor(cursor))
+        );
+        let second = e.list_keys("n", "b", Some(cursor)).unwrap();
+        assert_eq!(
+            e.list_keys("n", "b", Some(cursor)).unwrap(),
+            second,
+            "retry answers the same page"
+        );
+        let last = e.list_keys("n", "b", second.cursor).unwrap();
+        assert_eq!(last.keys.len(), 5);
+        assert_eq!(last.cursor, None);
+        let err = e.list_keys("n", "b", second.cursor).unwrap_err();
+        assert!(err.to_string().contains("unknown or expired"), "{err}");
+        assert!(e.list_keys("n", "b", Some(12345)).is_err());
+    }
+
+    #[test]
+    fn keys_deleted_during_a_listing_are_left_out() {
+        let e = Engine::new(limits());
+        for i in 0..30 {
+            e.set("n", "b", &format!("{i:02}"), b"").unwrap();
+        }
+        let first = e.list_keys("n", "b", None).unwrap();
+        e.delete("n", "b", "15");
+        let second = e.list_keys("n", "b", first.cursor).unwrap();
+        assert_eq!(second.keys.len(), 9);
+        assert!(!second.keys.contains(&"15".to_string()));
+    }
+
+    #[test]
+    fn open_listings_are_bounded() {
+        let e = Engine::new(limits());
+        for i in 0..20 {
+            e.set("n", "b", &format!("{i:02}"), b"").unwrap();
+        }
+        let first = e.list_keys("n", "b", None).unwrap().cursor.unwrap();
+        for _ in 0..MAX_OPEN_LISTINGS {
+            e.list_keys("n", "b", None).unwrap();
+        }
+        assert_eq!(e.listings.open.lock().unwrap().len(), MAX_OPEN_LISTINGS);
+        assert!(
+            e.list_keys("n", "b", Some(first)).is_err(),
+            "the oldest was evicted"
+        );
+    }
+
+    /// One step of a random workload, for the model test below.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(u8, u8, Vec<u8>),
+        Delete(u8, u8),
+        Increment(u8, u8, u64),
+        SetMany(u8, Vec<(u8, Vec<u8>)>),
+        DeleteMany(u8, Vec<u8>),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let value = prop::collection::vec(any::<u8>(), 0..24);
+        prop_oneof![
+            (0..3u8, 0..12u8, value.clone()).prop_map(|(b, k, v)| Op::Set(b, k, v)),
+            (0..3u8, 0..12u8).prop_map(|(b, k)| Op::Delete(b, k)),
+            (0..3u8, 0..12u8, 0..1000u64).prop_map(|(b, k, d)| Op::Increment(b, k, d)),
+            (0..3u8, prop::collection::vec((0..12u8, value), 0..6))
+                .prop_map(|(b, kv)| Op::SetMany(b, kv)),
+            (0..3u8, prop::collection::vec(0..12u8, 0..6)).prop_map(|(b, k)| Op::DeleteMany(b, k)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The engine agrees with a BTreeMap model on every read, the usage figures and the
+        /// limits, for random workloads under tight limits.
+        #[test]
+        fn engine_matches_a_model(ops in proptest::collection::vec(op(), 1..120)) {
+            let limits = Limits { max_keys: 20, max_total_bytes: 300, max_value_bytes: 20, ..limits() };
+            let e = Engine::new(limits);
+            let mut model: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
+            let size = |m: &BTreeMap<(String, String), Vec<u8>>| -> u64 {
+                m.iter().map(|((_, k), v)| (k.len() + v.len()) as u64).sum()
+            };
+            for op in ops {
+                match op {
+                    Op::Set(b, k, v) => {
+                        let (b, k) = (b.to_string(), format!("k{k}"));
+                        let mut next = model.clone();
+                        next.insert((b.clone(), k.clone()), v.clone());
+                        let ok = v.len() <= 20 && next.len() <= 20 && size(&next) <= 300;
+                        proptest::prop_assert_eq!(e.set("n", &b, &k, &v).is_ok(), ok);
+                        if ok { model = next; }
+                    }
+                    Op::Delete(b, k) => {
+                        e.delete("n", &b.to_string(), &format!("k{k}"));
+                        model.remove(&(b.to_string(), format!("k{k}")));
+                    }
+                    Op::Increment(b, k, d) => {
+                        let (b, k) = (b.to_string(), format!("k{k}"));
+                        let current = match model.get(&(b.clone(), k.clone())) {
+                            None => Some(0),
+                            Some(v) => parse_counter(v),
+                        };
+                        let expect = current.and_then(|c| c.checked_add(d)).and_then(|n| {
+                            let mut next = model.clone();
+                            next.insert((b.clone(), k.clone()), n.to_string().into_bytes());
+                            (next.len() <= 20 && size(&next) <= 300).then_some((n, next))
+                        });
+                        let got = e.increment("n", &b, &k, d);
+                        proptest::prop_assert_eq!(got.as_ref().ok().copied(), expect.as_ref().map(|(n, _)| *n));
+                        if let Some((_, next)) = expect { model = next; }
+                    }
+                    Op::SetMany(b, kv) => {
+                        let b = b.to_string();
+                        let pairs: Vec<(String, Vec<u8>)> = kv.into_iter().map(|(k, v)| (format!("k{k}"), v)).collect();
+                        let mut next = model.clone();
+                        for (k, v) in &pairs { next.insert((b.clone(), k.clone()), v.clone()); }
+                        let ok = pairs.iter().all(|(_, v)| v.len() <= 20) && next.len() <= 20 && size(&next) <= 300;
+                        let got = e.set_many("n", &b, pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+                        proptest::prop_assert_eq!(got.is_ok(), ok);
+                        if ok { model = next; }
+                    }
+                    Op::DeleteMany(b, keys) => {
+                        let keys: Vec<String> = keys.into_iter().map(|k| format!("k{k}")).collect();
+                        e.delete_many("n", &b.to_string(), keys.iter().map(String::as_str));
+                        for k in keys { model.remove(&(b.to_string(), k)); }
+                    }
+                }
+                let usage = e.usage();
+                proptest::prop_assert_eq!(usage.keys, model.len() as u64);
+                proptest::prop_assert_eq!(usage.bytes, size(&model));
+            }
+            for b in 0..3u8 {
+                let b = b.to_string();
+                let want: Vec<String> = model.keys().filter(|(mb, _)| *mb == b).map(|(_, k)| k.clone()).collect();
+                proptest::prop_assert_eq!(list_all(&e, "n", &b), want.clone());
+                for k in want {
+                    proptest::prop_assert_eq!(e.get("n", &b, &k).map(|v| v.to_vec()), model.get(&(b.clone(), k.clone())).cloned());
+                }
+            }
+            let buckets = model.keys().map(|(b, _)| b.clone()).collect::<std::collections::BTreeSet<_>>().len();
+            proptest::prop_assert_eq!(e.usage().buckets, buckets);
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The data plane: accepting wRPC invocations and running each in a task of its own.
+//!
+//! This replaces the `serve` function that `wit_bindgen_wrpc::generate!` writes (and the SDK's
+//! `serve_provider_exports` that drives it), keeping its shape: one accept stream per exported
+//! function, each routed to the generated `Handler` trait method. We do not use the generated
+//! one because of what it does with a bad invocation (../shared/CONTRACT.md §7): it decodes
+//! parameters *inside* the accept stream (`wrpc_transport::ServeExt::serve_values` uses
+//! `and_then`), so an invocation whose parameters never complete stops that function's stream
+//! for good, and every later call to it hangs. Here the accept stream only accepts; decoding
+//! happens in the invocation's own task, bounded in time (`request_timeout_ms`) and size
+//! (`max_request_bytes`). The SDK's loop also aborts in-flight calls when it stops; ours stops
+//! accepting, then lets them finish.
+//!
+//! A reader following one `set`: NATS subject `{lattice}.{provider}.wrpc.0.0.1.
+//! wrpc:keyvalue/store@0.2.0-draft.set` → [`serve`] accepts → [`route`]'s task decodes
+//! `(bucket, key, value)` → `store::Handler::set` in `provider.rs` → `Engine::set` in
+//! `engine.rs` → result encoded back on the caller's `….results` subject.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use futures::{SinkExt as _, Stream, StreamExt as _, TryStreamExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+use wasmcloud_provider_sdk::Context;
+use wrpc_transport::{Serve, TupleDecode, TupleEncode};
+
+use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
+use crate::provider::KvProvider;
+
+/// WIT instance names of what we export.
+pub const STORE: &str = "wrpc:keyvalue/store@0.2.0-draft";
+/// See [`STORE`].
+pub const ATOMICS: &str = "wrpc:keyvalue/atomics@0.2.0-draft";
+/// See [`STORE`].
+pub const BATCH: &str = "wrpc:keyvalue/batch@0.2.0-draft";
+
+/// How long a stop waits for in-flight calls.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(8);
+
+type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+type Accepted = (&'static str, &'static str, anyhow::Result<Call>);
+type Invocations = Pin<Box<dyn Stream<Item = Accepted> + Send>>;
+
+/// Serves store, atomics and batch until [`KvProvider::stop`], then stops accepting, waits up
+/// to [`DRAIN_GRACE`] for in-flight calls and answers.
+pub async fn serve<C>(client: &C, provider: KvProvider) -> anyhow::Result<()>
+where
+    C: Serve<Context = Option<Context>>,
+{
+    let p = &provider;
+    let routes = vec![
+        route(client, p, STORE, "get", |p, cx, (bucket, key)| async move {
+            store::Handler::get(&p, cx, bucket, key).await.map(|r| (r,))
+        })
+        .await?,
+        route(
+            client,
+            p,
+            STORE,
+            "set",
+            |p, cx, (bucket, key, value)| async move {
+                store::Handler::set(&p, cx, bucket, key, value)
+                    .await
+                    .map(|r| (r,))
+            },
+        )
+        .await?,
+        route(
+            client,
+            p,
+            STORE,
+            "delete",
+            |p, cx, (bucket, key)| async move {
+                store::Handler::delete(&p, cx, bucket, key)
+                    .await
+                    .map(|r| (r,))
+            },
+        )
+        .await?,
+        route(
+            client,
+            p,
+            STORE,
+            "exists",
+            |p, cx, (bucket, key)| async move {
+                store::Handler::exists(&p, cx, bucket, key)
+                    .await
+                    .map(|r| (r,))
+            },
+        )
+        .await?,
+        route(
+            client,
+            p,
+            STORE,
+            "list-keys",
+            |p, cx, (bucket, cursor)| async move {
+                store::Handler::list_keys(&p, cx, bucket, cursor)
+                    .await
+                    .map(|r| (r,))
+            },
+        )
+        .await?,
+        route(
+            client,
+            p,
+            ATOMICS,
+            "increment",
+            |p, cx, (bucket, key, delta)| async move {
+                atomics::Handler::increment(&p, cx, bucket, key, delta)
+                    .await
+                    .map(|r| (r,))
+            },
+        )
+        .await?,
+        route(
+            client,
+            p,
+            BATCH,
+            "get-many",
+            |p, cx, (bucket, keys)| async move {
+                batch::Handler::get_many(&p, cx, bucket, keys)
+                    .await
+                    .map(|r| (r,))
+            },
+        )
+        .await?,
+        route(
+            client,
+            p,
+            BATCH,
+            "set-many",
+            |p, cx, (bucket, pairs)| async move {
+                batch::Handler::set_many(&p, cx, bucket, pairs)
+                    .await
+                    .map(|r| (r,))
+            },
+        )
+        .await?,
+        route(
+            client,
+            p,
+            BATCH,
+            "delete-many",
+            |p, cx, (bucket, keys)| async move {
+                batch::Handler::delete_many(&p, cx, bucket, keys)
+                    .await
+                    .map(|r| (r,))
+            },
+        )
+        .await?,
+    ];
+    info!("serving {STORE}, {ATOMICS} and {BATCH}");
+    let mut invocations = futures::stream::select_all(routes);
+    let calls = TaskTracker::new();
+    let ended = loop {
+        tokio::select! {
+            biased;
+            () = provider.stopping() => break false,
+            accepted = invocations.next() => match accepted {
+                Some((instance, func, Ok(call))) => {
+                    calls.spawn(async move {
+                        if let Err(err) = call.await {
+                            warn!(instance, func, "invocation failed: {err:#}");
+                        }
+                    });
+                }
+                // No reply subject, or the transport could not set the call up.
+                Some((instance, func, Err(err))) => {
+                    debug!(instance, func, "invocation refused: {err:#}");
+                }
+                None => break true,
+            },
+        }
+    };
+    // Dropping the accept streams unsubscribes: no new calls reach us from here on, and other
+    // instances in the queue group take them.
+    drop(invocations);
+    calls.close();
+    if !calls.is_empty() {
+        info!(in_flight = calls.len(), "waiting for in-flight calls");
+    }
+    if tokio::time::timeout(DRAIN_GRACE, calls.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = calls.len(),
+            "in-flight calls did not finish within {DRAIN_GRACE:?}"
+        );
+    }
+    provider.mark_drained();
+    if ended {
+        error!("every invocation subscription ended; the NATS connection is gone");
+        return Err(anyhow!("invocation subscriptions ended"));
+    }
+    Ok(())
+}
+
+/// Subscribes to one function and turns each invocation into a [`Call`]: decode the
+/// parameters within the request bounds, run `handle`, encode the results.
+async fn route<C, P, R, F, Fut>(
+    client: &C,
+    provider: &KvProvider,
+    instance: &'static str,
+    func: &'static str,
+    handle: F,
+) -> anyhow::Result<Invocations>
+where
+    C: Serve<Context = Option<Context>>,
+    P: TupleDecode<C::Incoming> + Send + 'static,
+    <P::Decoder as tokio_util::codec::Decoder>::Error: std::error::Error + Send + Sync + 'static,
+    R: TupleEncode<C::Outgoing> + Send + 'static,
+    <R::Encoder as tokio_util::codec::Encoder<R>>::Error: std::error::Error + Send + Sync + 'static,
+    F: Fn(KvProvider, Option<Context>, P) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
+{
+    let no_async_params: Arc<[Box<[Option<usize>]>]> = Arc::from([]);
+    let accepted = client
+        .serve(instance, func, no_async_params)
+        .await
+        .with_context(|| format!("failed to subscribe to {instance}.{func}"))?;
+    let provider = provider.clone();
+    Ok(Box::pin(accepted.map(move |accepted| {
+        let call = accepted.map(|(cx, outgoing, incoming)| {
+            let (provider, handle) = (provider.clone(), handle.clone());
+            Box::pin(async move {
+                let config = provider.config();
+                let params = tokio::time::timeout(
+                    config.request_timeout,
+                    read_params::<C, P>(incoming, config.max_request_bytes),
+                )
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "parameters did not arrive within request_timeout_ms={}",
+                        config.request_timeout.as_millis()
+                    )
+                })??;
+                let results = handle(provider, cx, params).await?;
+                write_results::<C, R>(outgoing, results).await
+            }) as Call
+        });
+        (instance, func, call)
+    })))
+}
+
+/// Reads one invocation's parameters, refusing more than `max_bytes`.
+async fn read_params<C, P>(incoming: C::Incoming, max_bytes: usize) -> anyhow::Result<P>
+where
+    C: Serve,
+    P: TupleDecode<C::Incoming>,
+    <P::Decoder as tokio_util::codec::Decoder>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let limit = u64::try_from(max_bytes).unwrap_or(u64::MAX);
+    let mut params = FramedRead::new(incoming.take(limit), P::Decoder::default());
+    let decoded = params.try_next().await;
+    if params.get_ref().limit() == 0 {
+        return Err(anyhow!(
+            "parameters are larger than max_request_bytes={max_bytes}"
+        ));
+    }
+    decoded
+        .context("failed to decode parameters")?
+        .context("parameters ended before they were complete")
+}
+
+/// Writes the results and closes the result stream.
+async fn write_results<C, R>(outgoing: C::Outgoing, results: R) -> anyhow::Result<()>
+where
+    C: Serve,
+    R: TupleEncode<C::Outgoing>,
+    <R::Encoder as tokio_util::codec::Encoder<R>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let mut framed = FramedWrite::new(outgoing, R::Encoder::default());
+    framed
+        .send(results)
+        .await
+        .context("failed to send results")?;
+    framed
+        .into_inner()
+        .shutdown()
+        .await
+        .context("failed to close the result stream")
+}
