@@ -38,7 +38,7 @@ pub use provider::KvProvider;
 pub const NAME: &str = "keyvalue-inmemory";
 
 /// Runs the provider as the host starts it: host data from stdin, control plane through the
-/// SDK, data plane through [`serve::serve`]. Answers after a host shutdown request, SIGTERM or
+/// SDK, data plane through [`serve::Server`]. Answers after a host shutdown request, SIGTERM or
 /// SIGINT, once in-flight calls finished.
 pub async fn run() -> anyhow::Result<()> {
     check_host_data()?;
@@ -51,7 +51,15 @@ pub async fn run() -> anyhow::Result<()> {
         .get_wrpc_client(connection.provider_key())
         .await
         .context("failed to create the wRPC server")?;
-    let serving = serve::serve(&client, provider.clone());
+    // Subscribe the data plane before the control loop first runs: the host (and our tests)
+    // take the first health answer to mean calls can be sent.
+    let server = serve::Server::subscribe(&client, provider.clone()).await?;
+    connection
+        .nats
+        .flush()
+        .await
+        .context("failed to flush the data-plane subscriptions")?;
+    let serving = server.run();
     tokio::pin!(control, serving);
     tokio::select! {
         () = &mut control => info!("control loop ended"),

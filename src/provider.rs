@@ -121,10 +121,19 @@ impl KvProvider {
             keys,
             bytes,
         } = self.inner.engine.usage();
-        let limit = self.inner.engine.limits().max_total_bytes;
+        let config = self.config();
+        let l = config.limits;
         format!(
-            "{} links, {namespaces} namespaces, {buckets} buckets, {keys} keys, {bytes} of {limit} bytes",
-            self.inner.links.len()
+            "{} links, {namespaces} namespaces, {buckets} buckets, {keys} keys, {bytes} bytes; \
+             limits: max_key_bytes={} max_value_bytes={} max_keys={} max_total_bytes={} \
+             list_page_size={} allow_unlinked={}",
+            self.inner.links.len(),
+            l.max_key_bytes,
+            l.max_value_bytes,
+            l.max_keys,
+            l.max_total_bytes,
+            l.list_page_size,
+            config.allow_unlinked,
         )
     }
 

@@ -12,7 +12,7 @@
 //! accepting, then lets them finish.
 //!
 //! A reader following one `set`: NATS subject `{lattice}.{provider}.wrpc.0.0.1.
-//! wrpc:keyvalue/store@0.2.0-draft.set` → [`serve`] accepts → [`route`]'s task decodes
+//! wrpc:keyvalue/store@0.2.0-draft.set` → [`Server::run`] accepts → [`route`]'s task decodes
 //! `(bucket, key, value)` → `store::Handler::set` in `provider.rs` → `Engine::set` in
 //! `engine.rs` → result encoded back on the caller's `….results` subject.
 
@@ -47,160 +47,180 @@ type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 type Accepted = (&'static str, &'static str, anyhow::Result<Call>);
 type Invocations = Pin<Box<dyn Stream<Item = Accepted> + Send>>;
 
-/// Serves store, atomics and batch until [`KvProvider::stop`], then stops accepting, waits up
-/// to [`DRAIN_GRACE`] for in-flight calls and answers.
-pub async fn serve<C>(client: &C, provider: KvProvider) -> anyhow::Result<()>
-where
-    C: Serve<Context = Option<Context>>,
-{
-    let p = &provider;
-    let routes = vec![
-        route(client, p, STORE, "get", |p, cx, (bucket, key)| async move {
-            store::Handler::get(&p, cx, bucket, key).await.map(|r| (r,))
-        })
-        .await?,
-        route(
-            client,
-            p,
-            STORE,
-            "set",
-            |p, cx, (bucket, key, value)| async move {
-                store::Handler::set(&p, cx, bucket, key, value)
-                    .await
-                    .map(|r| (r,))
-            },
-        )
-        .await?,
-        route(
-            client,
-            p,
-            STORE,
-            "delete",
-            |p, cx, (bucket, key)| async move {
-                store::Handler::delete(&p, cx, bucket, key)
-                    .await
-                    .map(|r| (r,))
-            },
-        )
-        .await?,
-        route(
-            client,
-            p,
-            STORE,
-            "exists",
-            |p, cx, (bucket, key)| async move {
-                store::Handler::exists(&p, cx, bucket, key)
-                    .await
-                    .map(|r| (r,))
-            },
-        )
-        .await?,
-        route(
-            client,
-            p,
-            STORE,
-            "list-keys",
-            |p, cx, (bucket, cursor)| async move {
-                store::Handler::list_keys(&p, cx, bucket, cursor)
-                    .await
-                    .map(|r| (r,))
-            },
-        )
-        .await?,
-        route(
-            client,
-            p,
-            ATOMICS,
-            "increment",
-            |p, cx, (bucket, key, delta)| async move {
-                atomics::Handler::increment(&p, cx, bucket, key, delta)
-                    .await
-                    .map(|r| (r,))
-            },
-        )
-        .await?,
-        route(
-            client,
-            p,
-            BATCH,
-            "get-many",
-            |p, cx, (bucket, keys)| async move {
-                batch::Handler::get_many(&p, cx, bucket, keys)
-                    .await
-                    .map(|r| (r,))
-            },
-        )
-        .await?,
-        route(
-            client,
-            p,
-            BATCH,
-            "set-many",
-            |p, cx, (bucket, pairs)| async move {
-                batch::Handler::set_many(&p, cx, bucket, pairs)
-                    .await
-                    .map(|r| (r,))
-            },
-        )
-        .await?,
-        route(
-            client,
-            p,
-            BATCH,
-            "delete-many",
-            |p, cx, (bucket, keys)| async move {
-                batch::Handler::delete_many(&p, cx, bucket, keys)
-                    .await
-                    .map(|r| (r,))
-            },
-        )
-        .await?,
-    ];
-    info!("serving {STORE}, {ATOMICS} and {BATCH}");
-    let mut invocations = futures::stream::select_all(routes);
-    let calls = TaskTracker::new();
-    let ended = loop {
-        tokio::select! {
-            biased;
-            () = provider.stopping() => break false,
-            accepted = invocations.next() => match accepted {
-                Some((instance, func, Ok(call))) => {
-                    calls.spawn(async move {
-                        if let Err(err) = call.await {
-                            warn!(instance, func, "invocation failed: {err:#}");
-                        }
-                    });
-                }
-                // No reply subject, or the transport could not set the call up.
-                Some((instance, func, Err(err))) => {
-                    debug!(instance, func, "invocation refused: {err:#}");
-                }
-                None => break true,
-            },
-        }
-    };
-    // Dropping the accept streams unsubscribes: no new calls reach us from here on, and other
-    // instances in the queue group take them.
-    drop(invocations);
-    calls.close();
-    if !calls.is_empty() {
-        info!(in_flight = calls.len(), "waiting for in-flight calls");
-    }
-    if tokio::time::timeout(DRAIN_GRACE, calls.wait())
-        .await
-        .is_err()
+/// The subscribed functions, ready to serve.
+pub struct Server {
+    provider: KvProvider,
+    invocations: futures::stream::SelectAll<Invocations>,
+}
+
+impl Server {
+    /// Subscribes to every function of store, atomics and batch. Calls that arrive before
+    /// [`Server::run`] wait in their subscriptions.
+    pub async fn subscribe<C>(client: &C, provider: KvProvider) -> anyhow::Result<Self>
+    where
+        C: Serve<Context = Option<Context>>,
     {
-        warn!(
-            left = calls.len(),
-            "in-flight calls did not finish within {DRAIN_GRACE:?}"
-        );
+        let p = &provider;
+        let routes = vec![
+            route(client, p, STORE, "get", |p, cx, (bucket, key)| async move {
+                store::Handler::get(&p, cx, bucket, key).await.map(|r| (r,))
+            })
+            .await?,
+            route(
+                client,
+                p,
+                STORE,
+                "set",
+                |p, cx, (bucket, key, value)| async move {
+                    store::Handler::set(&p, cx, bucket, key, value)
+                        .await
+                        .map(|r| (r,))
+                },
+            )
+            .await?,
+            route(
+                client,
+                p,
+                STORE,
+                "delete",
+                |p, cx, (bucket, key)| async move {
+                    store::Handler::delete(&p, cx, bucket, key)
+                        .await
+                        .map(|r| (r,))
+                },
+            )
+            .await?,
+            route(
+                client,
+                p,
+                STORE,
+                "exists",
+                |p, cx, (bucket, key)| async move {
+                    store::Handler::exists(&p, cx, bucket, key)
+                        .await
+                        .map(|r| (r,))
+                },
+            )
+            .await?,
+            route(
+                client,
+                p,
+                STORE,
+                "list-keys",
+                |p, cx, (bucket, cursor)| async move {
+                    store::Handler::list_keys(&p, cx, bucket, cursor)
+                        .await
+                        .map(|r| (r,))
+                },
+            )
+            .await?,
+            route(
+                client,
+                p,
+                ATOMICS,
+                "increment",
+                |p, cx, (bucket, key, delta)| async move {
+                    atomics::Handler::increment(&p, cx, bucket, key, delta)
+                        .await
+                        .map(|r| (r,))
+                },
+            )
+            .await?,
+            route(
+                client,
+                p,
+                BATCH,
+                "get-many",
+                |p, cx, (bucket, keys)| async move {
+                    batch::Handler::get_many(&p, cx, bucket, keys)
+                        .await
+                        .map(|r| (r,))
+                },
+            )
+            .await?,
+            route(
+                client,
+                p,
+                BATCH,
+                "set-many",
+                |p, cx, (bucket, pairs)| async move {
+                    batch::Handler::set_many(&p, cx, bucket, pairs)
+                        .await
+                        .map(|r| (r,))
+                },
+            )
+            .await?,
+            route(
+                client,
+                p,
+                BATCH,
+                "delete-many",
+                |p, cx, (bucket, keys)| async move {
+                    batch::Handler::delete_many(&p, cx, bucket, keys)
+                        .await
+                        .map(|r| (r,))
+                },
+            )
+            .await?,
+        ];
+        Ok(Self {
+            invocations: futures::stream::select_all(routes),
+            provider,
+        })
     }
-    provider.mark_drained();
-    if ended {
-        error!("every invocation subscription ended; the NATS connection is gone");
-        return Err(anyhow!("invocation subscriptions ended"));
+
+    /// Serves until [`KvProvider::stop`], then stops accepting, waits up to [`DRAIN_GRACE`]
+    /// for in-flight calls and answers.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Self {
+            provider,
+            mut invocations,
+        } = self;
+        info!("serving {STORE}, {ATOMICS} and {BATCH}");
+        let calls = TaskTracker::new();
+        let ended = loop {
+            tokio::select! {
+                biased;
+                () = provider.stopping() => break false,
+                accepted = invocations.next() => match accepted {
+                    Some((instance, func, Ok(call))) => {
+                        calls.spawn(async move {
+                            if let Err(err) = call.await {
+                                warn!(instance, func, "invocation failed: {err:#}");
+                            }
+                        });
+                    }
+                    // No reply subject, or the transport could not set the call up.
+                    Some((instance, func, Err(err))) => {
+                        debug!(instance, func, "invocation refused: {err:#}");
+                    }
+                    None => break true,
+                },
+            }
+        };
+        // Dropping the accept streams unsubscribes: no new calls reach us from here on, and
+        // other instances in the queue group take them.
+        drop(invocations);
+        calls.close();
+        if !calls.is_empty() {
+            info!(in_flight = calls.len(), "waiting for in-flight calls");
+        }
+        if tokio::time::timeout(DRAIN_GRACE, calls.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = calls.len(),
+                "in-flight calls did not finish within {DRAIN_GRACE:?}"
+            );
+        }
+        provider.mark_drained();
+        if ended {
+            error!("every invocation subscription ended; the NATS connection is gone");
+            return Err(anyhow!("invocation subscriptions ended"));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Subscribes to one function and turns each invocation into a [`Call`]: decode the

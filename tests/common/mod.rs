@@ -1,0 +1,510 @@
+//! Black-box test harness: a real `nats-server` on a free loopback port, the real provider
+//! binary started as the host starts it (base64 host data on stdin, environment cleared), the
+//! control subjects the host publishes on, and a wRPC client generated from our `wit/`.
+//!
+//! Every wait here is bounded: a broken provider fails a test, it never hangs one.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats as nats;
+use base64::Engine as _;
+use serde_json::json;
+
+pub mod wire;
+
+/// Client bindings of `wrpc:keyvalue/imports`, generated from our `wit/`.
+pub mod kv {
+    wit_bindgen_wrpc::generate!({
+        world: "wrpc:keyvalue/imports",
+        additional_derives: [PartialEq, Eq],
+    });
+}
+
+pub use kv::wrpc::keyvalue::{atomics, batch, store};
+
+/// How long any one call or wait may take before the test fails.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The lattice every test provider joins.
+pub const LATTICE: &str = "test-lattice";
+/// The host id in host data; shutdown requests must name it.
+pub const HOST_ID: &str = "NTESTHOST";
+
+/// Where the nats-server binary is: `NATS_SERVER_BIN`, the copy `cargo xtask` provisions, or
+/// `PATH`.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(bin);
+    }
+    let provisioned =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/nats-server/bin/nats-server");
+    if provisioned.exists() {
+        return provisioned;
+    }
+    if let Some(found) = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.exists())
+    {
+        return found;
+    }
+    panic!(
+        "no nats-server found: run the tests with `cargo xtask test` (it provisions one), \
+         or set NATS_SERVER_BIN"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// A nats-server of our own on a free loopback port; killed on drop.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    /// Starts on `port` (for restarts on the same port).
+    pub fn start_on(port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("failed to start nats-server");
+        let server = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A link from `source` to the provider, as the host sends it.
+pub fn link(
+    provider_key: &str,
+    source: &str,
+    name: &str,
+    namespace: Option<&str>,
+) -> serde_json::Value {
+    let target_config: HashMap<&str, &str> =
+        namespace.map(|ns| ("namespace", ns)).into_iter().collect();
+    json!({
+        "source_id": source,
+        "target": provider_key,
+        "name": name,
+        "wit_namespace": "wasi",
+        "wit_package": "keyvalue",
+        "interfaces": ["store", "atomics", "batch"],
+        "source_config": {},
+        "target_config": target_config,
+    })
+}
+
+/// The provider binary, running; killed on drop if still alive.
+pub struct Provider {
+    child: Child,
+    pub key: String,
+    pub nats: nats::Client,
+    pub wrpc: wire::Transport,
+}
+
+impl Provider {
+    /// Starts the provider with provider `config` and the links in host data, and waits until
+    /// it answers health.
+    pub async fn start(
+        server: &NatsServer,
+        config: &[(&str, &str)],
+        links: &[(&str, &str, Option<&str>)],
+    ) -> Self {
+        let key = format!("VKV{}", free_port());
+        let config: HashMap<&str, &str> = config.iter().copied().collect();
+        let links: Vec<_> = links
+            .iter()
+            .map(|(source, name, ns)| link(&key, source, name, *ns))
+            .collect();
+        let host_data = json!({
+            "host_id": HOST_ID,
+            "lattice_rpc_prefix": LATTICE,
+            "lattice_rpc_url": server.url(),
+            "provider_key": key,
+            "instance_id": "test-instance",
+            "env_values": {},
+            "link_definitions": links,
+            "config": config,
+        });
+        let child = spawn_with_host_data(&host_data.to_string());
+        let nats = nats::connect(server.url()).await.expect("test NATS client");
+        let wrpc = wire::Transport {
+            nats: nats.clone(),
+            prefix: format!("{LATTICE}.{key}"),
+        };
+        let provider = Self {
+            child,
+            key,
+            nats,
+            wrpc,
+        };
+        provider.wait_for_health(|_| true).await;
+        provider
+    }
+
+    fn subject(&self, suffix: &str) -> String {
+        format!("wasmbus.rpc.{LATTICE}.{}.{suffix}", self.key)
+    }
+
+    /// The health message, or `None` when no answer came in time.
+    pub async fn try_health(&self) -> Option<String> {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.nats.request(self.subject("health"), "{}".into()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let body: serde_json::Value =
+            serde_json::from_slice(&reply.payload).expect("health reply is JSON");
+        assert_eq!(body["healthy"], true, "{body}");
+        Some(body["message"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Waits until a health message satisfies `ok`; answers it.
+    pub async fn wait_for_health(&self, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let mut last = None;
+        loop {
+            if let Some(message) = self.try_health().await {
+                if ok(&message) {
+                    return message;
+                }
+                last = Some(message);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "health never became as expected; last: {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Puts a link and waits until the provider counts `expect_links` links.
+    pub async fn put_link(
+        &self,
+        source: &str,
+        name: &str,
+        namespace: Option<&str>,
+        expect_links: usize,
+    ) {
+        let body = link(&self.key, source, name, namespace).to_string();
+        self.nats
+            .publish(self.subject("linkdefs.put"), body.into())
+            .await
+            .unwrap();
+        self.wait_for_health(|m| m.starts_with(&format!("{expect_links} links")))
+            .await;
+    }
+
+    /// Deletes a link and waits until the provider counts `expect_links` links.
+    pub async fn delete_link(&self, source: &str, name: &str, expect_links: usize) {
+        let body = link(&self.key, source, name, None).to_string();
+        self.nats
+            .publish(self.subject("linkdefs.del"), body.into())
+            .await
+            .unwrap();
+        self.wait_for_health(|m| m.starts_with(&format!("{expect_links} links")))
+            .await;
+    }
+
+    /// Sends the full provider config and waits until health shows `expect` in force.
+    pub async fn update_config(&self, config: &[(&str, &str)], expect: &str) {
+        let map: HashMap<&str, &str> = config.iter().copied().collect();
+        let body = serde_json::to_vec(&map).unwrap();
+        self.nats
+            .publish(self.subject("config.update"), body.into())
+            .await
+            .unwrap();
+        self.wait_for_health(|m| m.contains(expect)).await;
+    }
+
+    /// Publishes raw bytes on a control subject (`health`, `linkdefs.put`, …).
+    pub async fn publish_control(&self, suffix: &str, payload: Vec<u8>) {
+        self.nats
+            .publish(self.subject(suffix), payload.into())
+            .await
+            .unwrap();
+    }
+
+    /// The data-plane subject of one function.
+    pub fn function_subject(&self, instance: &str, func: &str) -> String {
+        format!("{LATTICE}.{}.wrpc.0.0.1.{instance}.{func}", self.key)
+    }
+
+    /// The host's shutdown request; answers the reply.
+    pub async fn request_shutdown(&self) -> String {
+        let body = json!({ "host_id": HOST_ID }).to_string();
+        let reply = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.nats
+                .request(self.subject("default.shutdown"), body.into()),
+        )
+        .await
+        .expect("shutdown reply timed out")
+        .expect("shutdown request failed");
+        String::from_utf8_lossy(&reply.payload).into_owned()
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; answers its status.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + CALL_TIMEOUT + CALL_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "provider did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// A caller: the headers a host sends for component `source` over link `link_name`.
+    pub fn as_component(&self, source: &str, link_name: &str) -> Caller<'_> {
+        let mut headers = nats::HeaderMap::new();
+        headers.insert("source-id", source);
+        headers.insert("link-name", link_name);
+        Caller {
+            wrpc: &self.wrpc,
+            headers: Some(headers),
+        }
+    }
+
+    /// A caller that sends no headers at all.
+    pub fn anonymous(&self) -> Caller<'_> {
+        Caller {
+            wrpc: &self.wrpc,
+            headers: None,
+        }
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns the provider binary as the host does: environment cleared but for `RUST_LOG`, one
+/// line of base64 host data on stdin, then stdin closed.
+pub fn spawn_with_host_data(json: &str) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keyvalue-inmemory"));
+    command
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    if let Some(level) = std::env::var_os("RUST_LOG") {
+        command.env("RUST_LOG", level);
+    } else {
+        command.stderr(Stdio::null());
+    }
+    let mut child = command
+        .spawn()
+        .expect("failed to start the provider binary");
+    let encoded = base64::engine::general_purpose::STANDARD.encode(json);
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{encoded}").expect("failed to write host data");
+    drop(stdin);
+    child
+}
+
+/// Calls made as one component; every call carries [`CALL_TIMEOUT`].
+pub struct Caller<'a> {
+    wrpc: &'a wire::Transport,
+    headers: Option<nats::HeaderMap>,
+}
+
+/// Runs one call with the timeout; a transport failure or a timeout fails the test.
+macro_rules! call {
+    ($fut:expr) => {
+        tokio::time::timeout(CALL_TIMEOUT, $fut)
+            .await
+            .expect("call timed out")
+            .expect("call failed")
+    };
+}
+
+impl Caller<'_> {
+    fn cx(&self) -> Option<nats::HeaderMap> {
+        self.headers.clone()
+    }
+
+    pub async fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, store::Error> {
+        call!(store::get(self.wrpc, self.cx(), bucket, key)).map(|v| v.map(|b| b.to_vec()))
+    }
+
+    pub async fn set(&self, bucket: &str, key: &str, value: &[u8]) -> Result<(), store::Error> {
+        call!(store::set(
+            self.wrpc,
+            self.cx(),
+            bucket,
+            key,
+            &bytes::Bytes::copy_from_slice(value)
+        ))
+    }
+
+    pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), store::Error> {
+        call!(store::delete(self.wrpc, self.cx(), bucket, key))
+    }
+
+    pub async fn exists(&self, bucket: &str, key: &str) -> Result<bool, store::Error> {
+        call!(store::exists(self.wrpc, self.cx(), bucket, key))
+    }
+
+    pub async fn list_keys(
+        &self,
+        bucket: &str,
+        cursor: Option<u64>,
+    ) -> Result<store::KeyResponse, store::Error> {
+        call!(store::list_keys(self.wrpc, self.cx(), bucket, cursor))
+    }
+
+    pub async fn increment(
+        &self,
+        bucket: &str,
+        key: &str,
+        delta: u64,
+    ) -> Result<u64, store::Error> {
+        call!(atomics::increment(self.wrpc, self.cx(), bucket, key, delta))
+    }
+
+    pub async fn get_many(
+        &self,
+        bucket: &str,
+        keys: &[&str],
+    ) -> Result<Vec<Option<(String, Vec<u8>)>>, store::Error> {
+        call!(batch::get_many(self.wrpc, self.cx(), bucket, keys)).map(|vs| {
+            vs.into_iter()
+                .map(|v| v.map(|(k, v)| (k, v.to_vec())))
+                .collect()
+        })
+    }
+
+    pub async fn set_many(
+        &self,
+        bucket: &str,
+        pairs: &[(&str, &[u8])],
+    ) -> Result<(), store::Error> {
+        let values: Vec<bytes::Bytes> = pairs
+            .iter()
+            .map(|(_, v)| bytes::Bytes::copy_from_slice(v))
+            .collect();
+        let pairs: Vec<(&str, &bytes::Bytes)> = pairs
+            .iter()
+            .zip(&values)
+            .map(|((k, _), v)| (*k, v))
+            .collect();
+        call!(batch::set_many(self.wrpc, self.cx(), bucket, &pairs))
+    }
+
+    pub async fn delete_many(&self, bucket: &str, keys: &[&str]) -> Result<(), store::Error> {
+        call!(batch::delete_many(self.wrpc, self.cx(), bucket, keys))
+    }
+
+    /// All keys of a bucket, page by page; panics on a page over `page_size` keys.
+    pub async fn list_all(&self, bucket: &str, page_size: usize) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self.list_keys(bucket, cursor).await.expect("list-keys");
+            assert!(
+                page.keys.len() <= page_size,
+                "page of {} keys",
+                page.keys.len()
+            );
+            keys.extend(page.keys);
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return keys,
+            }
+        }
+    }
+}
+
+/// The message of an `other` error; panics on any other answer.
+pub fn other_message<T: std::fmt::Debug>(result: Result<T, store::Error>) -> String {
+    match result {
+        Err(store::Error::Other(message)) => message,
+        other => panic!("expected an `other` error, got {other:?}"),
+    }
+}
+
+/// Whether the answer is `access-denied`.
+pub fn is_denied<T>(result: &Result<T, store::Error>) -> bool {
+    matches!(result, Err(store::Error::AccessDenied))
+}
+
+/// wRPC value encoding of a string or byte list: LEB128 length, then the bytes.
+pub fn encode_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut n = bytes.len() as u64;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(bytes);
+}

@@ -1,0 +1,145 @@
+//! A wRPC-over-NATS client transport for tests, free of the reply race.
+//!
+//! Why not the `wrpc-transport-nats` client: both 0.29 (the host's) and 0.31 route every
+//! reply through one demultiplexing task and lose calls under load. Captured here with a NATS
+//! subscriber on `>` (see the note on the core issue): for each lost call the provider had
+//! published the handshake and both result messages on the client's inbox, and the client
+//! never sent its end-of-parameters message, i.e. the client dropped the handshake it had been
+//! delivered. This transport subscribes to its result subject with a NATS subscription of its
+//! own *before* it publishes the invocation, on the same connection, so the server cannot
+//! answer before the subscription exists.
+//!
+//! Wire protocol (what the server sees is what any wRPC client sends): publish the encoded
+//! parameters to `{prefix}.wrpc.0.0.1.{instance}.{func}` with reply subject `R` and headers;
+//! the server answers a handshake on `R` and the encoded results on `R.results`, closed by an
+//! empty message. Parameters must fit one NATS message (asynchronous parameters and
+//! results, which no keyvalue function has, are not supported).
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use anyhow::{ensure, Context as _};
+use bytes::{Buf as _, Bytes};
+use futures::StreamExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The transport: a NATS connection and the `{lattice}.{provider}` prefix of the target.
+#[derive(Clone)]
+pub struct Transport {
+    pub nats: async_nats::Client,
+    pub prefix: String,
+}
+
+impl wrpc_transport::Invoke for Transport {
+    type Context = Option<async_nats::HeaderMap>;
+    type Outgoing = NoParams;
+    type Incoming = Results;
+
+    async fn invoke<P>(
+        &self,
+        cx: Self::Context,
+        instance: &str,
+        func: &str,
+        params: Bytes,
+        paths: impl AsRef<[P]> + Send,
+    ) -> anyhow::Result<(NoParams, Results)>
+    where
+        P: AsRef<[Option<usize>]> + Send + Sync,
+    {
+        ensure!(
+            paths.as_ref().is_empty(),
+            "asynchronous results are not supported"
+        );
+        ensure!(
+            params.len() < self.nats.server_info().max_payload,
+            "parameters of {} bytes do not fit one NATS message",
+            params.len()
+        );
+        let reply = self.nats.new_inbox();
+        let results = self
+            .nats
+            .subscribe(format!("{reply}.results"))
+            .await
+            .context("failed to subscribe to results")?;
+        let subject = format!("{}.wrpc.0.0.1.{instance}.{func}", self.prefix);
+        match cx {
+            Some(headers) => {
+                self.nats
+                    .publish_with_reply_and_headers(subject, reply, headers, params)
+                    .await
+            }
+            None => self.nats.publish_with_reply(subject, reply, params).await,
+        }
+        .context("failed to publish the invocation")?;
+        Ok((
+            NoParams,
+            Results {
+                sub: results,
+                buffer: Bytes::new(),
+                done: false,
+            },
+        ))
+    }
+}
+
+/// All parameters went with the invocation: nothing more to write.
+pub struct NoParams;
+
+impl AsyncWrite for NoParams {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Err(std::io::Error::other(
+            "asynchronous parameters are not supported",
+        )))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl wrpc_transport::Index<NoParams> for NoParams {
+    fn index(&self, _: &[usize]) -> anyhow::Result<NoParams> {
+        anyhow::bail!("asynchronous parameters are not supported")
+    }
+}
+
+/// The result stream: message payloads in order, ended by an empty message.
+pub struct Results {
+    sub: async_nats::Subscriber,
+    buffer: Bytes,
+    done: bool,
+}
+
+impl AsyncRead for Results {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.buffer.is_empty() && !self.done {
+            match ready!(self.sub.poll_next_unpin(cx)) {
+                Some(msg) if msg.payload.is_empty() => self.done = true,
+                Some(msg) => self.buffer = msg.payload,
+                None => self.done = true,
+            }
+        }
+        let n = self.buffer.len().min(out.remaining());
+        out.put_slice(&self.buffer[..n]);
+        self.buffer.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl wrpc_transport::Index<Results> for Results {
+    fn index(&self, _: &[usize]) -> anyhow::Result<Results> {
+        anyhow::bail!("asynchronous results are not supported")
+    }
+}
