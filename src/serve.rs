@@ -236,7 +236,7 @@ where
     C: Serve<Context = Option<Context>>,
     P: TupleDecode<C::Incoming> + Send + 'static,
     <P::Decoder as tokio_util::codec::Decoder>::Error: std::error::Error + Send + Sync + 'static,
-    R: TupleEncode<C::Outgoing> + Send + 'static,
+    R: TupleEncode<C::Outgoing> + Refusal + Send + 'static,
     <R::Encoder as tokio_util::codec::Encoder<R>>::Error: std::error::Error + Send + Sync + 'static,
     F: Fn(KvProvider, Option<Context>, P) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
@@ -257,18 +257,38 @@ where
                     read_params::<C, P>(incoming, config.max_request_bytes),
                 )
                 .await
-                .map_err(|_| {
-                    anyhow!(
+                .unwrap_or_else(|_| {
+                    Err(anyhow!(
                         "parameters did not arrive within request_timeout_ms={}",
                         config.request_timeout.as_millis()
-                    )
-                })??;
-                let results = handle(provider, cx, params).await?;
+                    ))
+                });
+                let results = match params {
+                    Ok(params) => handle(provider, cx, params).await?,
+                    // Tell the caller why, as an error value, rather than leave it to time out.
+                    Err(err) => {
+                        let refusal = format!("invalid {instance}.{func} invocation: {err:#}");
+                        warn!("{refusal}");
+                        R::refused(refusal)
+                    }
+                };
                 write_results::<C, R>(outgoing, results).await
             }) as Call
         });
         (instance, func, call)
     })))
+}
+
+/// Results that can carry a refusal: every keyvalue function answers `result<_, error>`.
+pub trait Refusal {
+    /// The answer to an invocation we could not read.
+    fn refused(message: String) -> Self;
+}
+
+impl<T> Refusal for (Result<T, store::Error>,) {
+    fn refused(message: String) -> Self {
+        (Err(store::Error::Other(message)),)
+    }
 }
 
 /// Reads one invocation's parameters, refusing more than `max_bytes`.
