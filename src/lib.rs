@@ -13,9 +13,11 @@
 //! - [`links`]: active links and the namespace each one's calls use.
 //! - [`provider`]: the SDK control-plane callbacks and the generated wRPC handler traits.
 //! - [`serve`]: accepting invocations, one task each, with bounded parameter decoding.
-//! - [`bindings`]: what `wit_bindgen_wrpc::generate!` makes of `wit/`.
+//! - [`client`]: a race-free wRPC client of the same interfaces, for tests and tools.
+//! - [`bindings`]: what `wit_bindgen_wrpc::generate!` makes of `wit/` (world `provider`).
 //! - [`run`]: start-up and shutdown, called by `main.rs`.
 
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod links;

@@ -17,17 +17,7 @@ use async_nats as nats;
 use base64::Engine as _;
 use serde_json::json;
 
-pub mod wire;
-
-/// Client bindings of `wrpc:keyvalue/imports`, generated from our `wit/`.
-pub mod kv {
-    wit_bindgen_wrpc::generate!({
-        world: "wrpc:keyvalue/imports",
-        additional_derives: [PartialEq, Eq],
-    });
-}
-
-pub use kv::wrpc::keyvalue::{atomics, batch, store};
+pub use keyvalue_inmemory::client::{atomics, batch, store, Transport};
 
 /// How long any one call or wait may take before the test fails.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,7 +135,7 @@ pub struct Provider {
     child: Child,
     pub key: String,
     pub nats: nats::Client,
-    pub wrpc: wire::Transport,
+    pub wrpc: Transport,
 }
 
 impl Provider {
@@ -174,10 +164,7 @@ impl Provider {
         });
         let child = spawn_with_host_data(&host_data.to_string());
         let nats = nats::connect(server.url()).await.expect("test NATS client");
-        let wrpc = wire::Transport {
-            nats: nats.clone(),
-            prefix: format!("{LATTICE}.{key}"),
-        };
+        let wrpc = Transport::new(nats.clone(), LATTICE, &key);
         let provider = Self {
             child,
             key,
@@ -320,12 +307,11 @@ impl Provider {
 
     /// A caller: the headers a host sends for component `source` over link `link_name`.
     pub fn as_component(&self, source: &str, link_name: &str) -> Caller<'_> {
-        let mut headers = nats::HeaderMap::new();
-        headers.insert("source-id", source);
-        headers.insert("link-name", link_name);
         Caller {
             wrpc: &self.wrpc,
-            headers: Some(headers),
+            headers: Some(keyvalue_inmemory::client::component_headers(
+                source, link_name,
+            )),
         }
     }
 
@@ -370,7 +356,7 @@ pub fn spawn_with_host_data(json: &str) -> Child {
 
 /// Calls made as one component; every call carries [`CALL_TIMEOUT`].
 pub struct Caller<'a> {
-    wrpc: &'a wire::Transport,
+    wrpc: &'a Transport,
     headers: Option<nats::HeaderMap>,
 }
 

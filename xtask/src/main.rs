@@ -1,1 +1,92 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's automation, in plain Rust (see README.md).
+//!
+//! One module per task. Every external command is echoed before it runs.
+
+mod call;
+mod nats;
+mod run;
+mod test;
+
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+/// Tasks for building, running and testing keyvalue-inmemory.
+#[derive(Parser)]
+#[command(name = "cargo xtask", version)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run the provider as a wasmCloud host would, against a real nats-server.
+    Run(run::Args),
+    /// Run the whole test suite (provisions nats-server first).
+    Test(test::Args),
+    /// Call a running provider over wRPC, as a linked component would.
+    Call(call::Args),
+    /// Print the path of a nats-server binary, installing one if none is found.
+    NatsServer,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Run(args) => run::run(args),
+        Task::Test(args) => test::run(args),
+        Task::Call(args) => call::run(args),
+        Task::NatsServer => nats::server_binary().map(|path| {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }),
+    };
+    result.unwrap_or_else(|err| {
+        eprintln!("error: {err:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// The workspace root.
+pub fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Prints a command the way a shell would show it, before running it.
+pub fn echo(command: &Command) {
+    let mut line = String::from("$");
+    for (key, value) in command.get_envs() {
+        if let Some(value) = value {
+            line.push_str(&format!(
+                " {}={}",
+                key.to_string_lossy(),
+                value.to_string_lossy()
+            ));
+        }
+    }
+    line.push(' ');
+    line.push_str(&command.get_program().to_string_lossy());
+    for arg in command.get_args() {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    eprintln!("{line}");
+}
+
+/// Runs a command to completion, echoed; fails on a non-zero exit.
+pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
+    echo(command);
+    let status = command
+        .status()
+        .map_err(|err| anyhow::anyhow!("cannot run {:?}: {err}", command.get_program()))?;
+    anyhow::ensure!(
+        status.success(),
+        "{:?} failed: {status}",
+        command.get_program()
+    );
+    Ok(())
+}

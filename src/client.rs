@@ -1,4 +1,13 @@
-//! A wRPC-over-NATS client transport for tests, free of the reply race.
+//! A wRPC-over-NATS client of the keyvalue interfaces, free of the reply race; used by the
+//! tests, `cargo xtask call` and the benchmarks.
+//!
+//! ```no_run
+//! # async fn demo(nats: async_nats::Client) -> anyhow::Result<()> {
+//! use keyvalue_inmemory::client::{store, Transport};
+//! let kv = Transport::new(nats, "default", "my-provider-key");
+//! store::set(&kv, None, "bucket", "key", &"value".into()).await??;
+//! # Ok(()) }
+//! ```
 //!
 //! Why not the `wrpc-transport-nats` client: both 0.29 (the host's) and 0.31 route every
 //! reply through one demultiplexing task and lose calls under load. Captured here with a NATS
@@ -23,11 +32,42 @@ use bytes::{Buf as _, Bytes};
 use futures::StreamExt as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+pub use bindings::wrpc::keyvalue::{atomics, batch, store};
+
+/// Client bindings of `wrpc:keyvalue/imports`, generated from `wit/`.
+pub mod bindings {
+    wit_bindgen_wrpc::generate!({
+        world: "wrpc:keyvalue/imports",
+        additional_derives: [PartialEq, Eq],
+    });
+}
+
 /// The transport: a NATS connection and the `{lattice}.{provider}` prefix of the target.
-#[derive(Clone)]
+/// Its invocation context is the NATS headers to send (`source-id`, `link-name`, …).
+#[derive(Clone, Debug)]
 pub struct Transport {
+    /// The connection calls go out on.
     pub nats: async_nats::Client,
+    /// `{lattice}.{provider_key}`.
     pub prefix: String,
+}
+
+impl Transport {
+    /// A transport calling provider `provider_key` in `lattice`.
+    pub fn new(nats: async_nats::Client, lattice: &str, provider_key: &str) -> Self {
+        Self {
+            nats,
+            prefix: format!("{lattice}.{provider_key}"),
+        }
+    }
+}
+
+/// The headers the 1.x host sends with a component's call.
+pub fn component_headers(source_id: &str, link_name: &str) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("source-id", source_id);
+    headers.insert("link-name", link_name);
+    headers
 }
 
 impl wrpc_transport::Invoke for Transport {

@@ -1,0 +1,189 @@
+//! `cargo xtask run`: the provider as a wasmCloud 1.x host runs it, without a host.
+//!
+//! Starts (or reuses) a nats-server, builds the provider, starts the binary with complete host
+//! data on stdin (environment cleared but for `RUST_LOG` and `OTEL_*`, as the host does), waits
+//! for its health answer, and prints how to call it. Ctrl-C sends the host's shutdown request,
+//! then stops nats-server.
+
+use std::io::Write as _;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::{echo, nats, root, run_command};
+
+/// Simulates the host: host data on stdin, links, health, shutdown.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Use this NATS server instead of starting one (e.g. nats://127.0.0.1:4222).
+    #[arg(long)]
+    nats: Option<String>,
+    /// Build and run the release binary.
+    #[arg(long)]
+    release: bool,
+    /// Lattice name (the host's `lattice_rpc_prefix`).
+    #[arg(long, default_value = "default")]
+    lattice: String,
+    /// The provider's key in the lattice.
+    #[arg(long, default_value = "keyvalue-inmemory")]
+    provider_key: String,
+    /// The component the demo link comes from.
+    #[arg(long, default_value = "demo-component")]
+    source: String,
+    /// The `namespace` of the demo link.
+    #[arg(long, default_value = "demo")]
+    namespace: String,
+    /// Provider config, `key=value`, repeatable (see README's config table).
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    config: Vec<String>,
+}
+
+const HOST_ID: &str = "NXTASKRUNHOST";
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut config = serde_json::Map::new();
+    for pair in &args.config {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("--config {pair:?} is not KEY=VALUE"))?;
+        config.insert(k.to_owned(), v.into());
+    }
+    let server = match &args.nats {
+        Some(_) => None,
+        None => Some(nats::Server::start()?),
+    };
+    let url = args
+        .nats
+        .clone()
+        .or_else(|| server.as_ref().map(nats::Server::url))
+        .unwrap_or_default();
+
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.current_dir(root()).args([
+        "build",
+        "--package",
+        "keyvalue-inmemory",
+        "--bin",
+        "keyvalue-inmemory",
+    ]);
+    if args.release {
+        build.arg("--release");
+    }
+    run_command(&mut build)?;
+    let binary = root()
+        .join("target")
+        .join(if args.release { "release" } else { "debug" })
+        .join("keyvalue-inmemory");
+
+    let host_data = json!({
+        "host_id": HOST_ID,
+        "lattice_rpc_prefix": args.lattice,
+        "lattice_rpc_url": url,
+        "provider_key": args.provider_key,
+        "instance_id": "xtask-run",
+        "env_values": {},
+        "config": config,
+        "link_definitions": [{
+            "source_id": args.source,
+            "target": args.provider_key,
+            "name": "default",
+            "wit_namespace": "wasi",
+            "wit_package": "keyvalue",
+            "interfaces": ["store", "atomics", "batch"],
+            "source_config": {},
+            "target_config": { "namespace": args.namespace },
+        }],
+    });
+    let mut command = Command::new(&binary);
+    command.env_clear().stdin(Stdio::piped());
+    for (key, value) in std::env::vars() {
+        if key == "RUST_LOG" || key.starts_with("OTEL_") {
+            command.env(key, value);
+        }
+    }
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    echo(&command);
+    let mut provider = command.spawn().context("cannot start the provider")?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(host_data.to_string());
+    let mut stdin = provider.stdin.take().context("provider stdin")?;
+    writeln!(stdin, "{encoded}")?;
+    drop(stdin);
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let outcome = runtime.block_on(async {
+        let nats = async_nats::connect(&url).await.with_context(|| format!("cannot connect to {url}"))?;
+        let health = format!("wasmbus.rpc.{}.{}.health", args.lattice, args.provider_key);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let answer = loop {
+            if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_millis(500), nats.request(health.clone(), "{}".into())).await {
+                break String::from_utf8_lossy(&reply.payload).into_owned();
+            }
+            anyhow::ensure!(provider.try_wait()?.is_none(), "the provider exited during start-up");
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the provider did not answer health within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let call = format!(
+            "cargo xtask call --nats {url} --lattice {} --provider-key {} --source {}",
+            args.lattice, args.provider_key, args.source
+        );
+        println!(
+            "\nkeyvalue-inmemory is up.\n  NATS:    {url}\n  health:  {answer}\n\
+             It serves {source}'s calls in namespace {ns:?}. Try, in another terminal:\n  \
+             {call} set greetings hello world\n  {call} get greetings hello\n  \
+             {call} increment counters hits 1\n  {call} list-keys greetings\n  {call} health\n\
+             Ctrl-C sends the host's shutdown request and stops everything.",
+            source = args.source,
+            ns = args.namespace,
+        );
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("stopping: sending the host's shutdown request");
+                let subject = format!("wasmbus.rpc.{}.{}.default.shutdown", args.lattice, args.provider_key);
+                let body = json!({ "host_id": HOST_ID }).to_string();
+                match tokio::time::timeout(Duration::from_secs(15), nats.request(subject, body.into())).await {
+                    Ok(Ok(reply)) => eprintln!("provider answered: {}", String::from_utf8_lossy(&reply.payload)),
+                    _ => eprintln!("no answer to the shutdown request"),
+                }
+            }
+            () = wait_exit(&mut provider) => eprintln!("the provider exited on its own"),
+        }
+        anyhow::Ok(())
+    });
+    let status = stop(&mut provider)?;
+    drop(server);
+    outcome?;
+    eprintln!("provider exit status: {status}");
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn wait_exit(child: &mut std::process::Child) {
+    while matches!(child.try_wait(), Ok(None)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits up to 15 s for the provider to exit (sending SIGTERM if it is still running), then
+/// kills it.
+fn stop(child: &mut std::process::Child) -> anyhow::Result<std::process::ExitStatus> {
+    if child.try_wait()?.is_none() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+    }
+    for _ in 0..150 {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("the provider did not exit; killing it");
+    child.kill()?;
+    Ok(child.wait()?)
+}
