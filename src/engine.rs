@@ -117,6 +117,19 @@ pub enum EngineError {
     UnknownCursor(u64),
 }
 
+impl EngineError {
+    /// The config key of the limit this error reports, if it reports one.
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            EngineError::KeyTooLarge { .. } => Some("max_key_bytes"),
+            EngineError::ValueTooLarge { .. } => Some("max_value_bytes"),
+            EngineError::TooManyKeys { .. } => Some("max_keys"),
+            EngineError::OutOfSpace { .. } => Some("max_total_bytes"),
+            _ => None,
+        }
+    }
+}
+
 /// One page of a key listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPage {
@@ -431,6 +444,15 @@ impl Engine {
             usage.keys += ns.keys.load(Ordering::Relaxed);
         }
         usage
+    }
+
+    /// Names of up to `limit` namespaces, in no particular order.
+    pub fn namespaces(&self, limit: usize) -> Vec<String> {
+        self.namespaces
+            .iter()
+            .take(limit)
+            .map(|ns| ns.key().to_string())
+            .collect()
     }
 
     /// Keys and bytes of one namespace; zeros for one never written.

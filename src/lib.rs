@@ -12,7 +12,9 @@
 //! - [`config`]: provider config keys, defaults and parsing.
 //! - [`links`]: active links and the namespace each one's calls use.
 //! - [`provider`]: the SDK control-plane callbacks and the generated wRPC handler traits.
-//! - [`serve`]: accepting invocations, one task each, with bounded parameter decoding.
+//! - [`serve`]: accepting invocations, one task each, with bounded parameter decoding; the
+//!   span and metrics of each call.
+//! - [`telemetry`]: logs, OTLP traces and metrics as the host configures them.
 //! - [`client`]: a race-free wRPC client of the same interfaces, for tests and tools.
 //! - [`bindings`]: what `wit_bindgen_wrpc::generate!` makes of `wit/` (world `provider`).
 //! - [`run`]: start-up and shutdown, called by `main.rs`.
@@ -23,6 +25,7 @@ pub mod engine;
 pub mod links;
 pub mod provider;
 pub mod serve;
+pub mod telemetry;
 
 /// Bindings generated from `wit/` (world `provider`).
 pub mod bindings {
@@ -43,8 +46,19 @@ pub const NAME: &str = "keyvalue-inmemory";
 /// SDK, data plane through [`serve::Server`]. Answers after a host shutdown request, SIGTERM or
 /// SIGINT, once in-flight calls finished.
 pub async fn run() -> anyhow::Result<()> {
-    check_host_data()?;
+    let host_data = check_host_data()?;
+    let telemetry = telemetry::init(host_data)?;
+    let served = serve_until_stopped().await;
+    if let Err(err) = &served {
+        tracing::error!("{err:#}");
+    }
+    telemetry.shutdown().await;
+    served
+}
+
+async fn serve_until_stopped() -> anyhow::Result<()> {
     let provider = KvProvider::default();
+    telemetry::register_usage_gauges(&provider);
     let control = wasmcloud_provider_sdk::run_provider(provider.clone(), NAME)
         .await
         .context("failed to start the provider")?;
@@ -86,15 +100,15 @@ pub async fn run() -> anyhow::Result<()> {
     served
 }
 
-/// Fails with a clear message where the SDK would panic on host data it cannot use.
-fn check_host_data() -> anyhow::Result<()> {
+/// Loads host data; fails with a clear message where the SDK would panic on what it holds.
+fn check_host_data() -> anyhow::Result<&'static wasmcloud_provider_sdk::HostData> {
     let host_data = wasmcloud_provider_sdk::load_host_data().context("failed to load host data")?;
     let seed = host_data.lattice_rpc_user_seed.trim();
     if !seed.is_empty() {
         nkeys::KeyPair::from_seed(seed)
             .context("host data field lattice_rpc_user_seed is not a valid NATS nkey seed")?;
     }
-    Ok(())
+    Ok(host_data)
 }
 
 async fn stop_signal() {

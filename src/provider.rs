@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Span};
 use wasmcloud_provider_sdk::{
     Context, HealthCheckRequest, HealthCheckResponse, LinkConfig, LinkDeleteInfo, Provider,
     ProviderConfigUpdate, ProviderInitConfig,
@@ -21,6 +21,7 @@ use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
 use crate::config::{Config, LINK_NAMESPACE};
 use crate::engine::{Engine, EngineError, Usage};
 use crate::links::LinkTable;
+use crate::telemetry;
 
 /// Namespace of unlinked calls that name no source (with `allow_unlinked=true`).
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -161,15 +162,35 @@ impl From<EngineError> for store::Error {
     }
 }
 
-/// Runs `op` in the caller's namespace, or answers `access-denied`.
+/// Runs `op` on `keys` keys of `bucket` in the caller's namespace, or answers
+/// `access-denied`. Puts what the call touched on its span (never values), and counts limit
+/// refusals.
 fn in_namespace<T>(
     provider: &KvProvider,
     cx: &Option<Context>,
+    bucket: &str,
+    keys: usize,
     op: impl FnOnce(&Engine, &str) -> Result<T, EngineError>,
 ) -> anyhow::Result<Result<T, store::Error>> {
-    Ok(provider
-        .namespace(cx)
-        .and_then(|ns| op(&provider.inner.engine, &ns).map_err(store::Error::from)))
+    let span = Span::current();
+    span.record("keyvalue.bucket", bucket);
+    span.record("keyvalue.keys", keys);
+    let ns = match provider.namespace(cx) {
+        Ok(ns) => ns,
+        Err(denied) => return Ok(Err(denied)),
+    };
+    span.record("keyvalue.namespace", &*ns);
+    Ok(op(&provider.inner.engine, &ns).map_err(|err| {
+        if let Some(limit) = err.limit() {
+            telemetry::metrics().rejection(limit);
+        }
+        store::Error::from(err)
+    }))
+}
+
+/// Puts a byte count on the call's span.
+fn record_bytes(field: &'static str, bytes: usize) {
+    Span::current().record(field, bytes);
 }
 
 impl store::Handler<Option<Context>> for KvProvider {
@@ -179,7 +200,11 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key: String,
     ) -> anyhow::Result<Result<Option<Bytes>, store::Error>> {
-        in_namespace(self, &cx, |e, ns| Ok(e.get(ns, &bucket, &key)))
+        in_namespace(self, &cx, &bucket, 1, |e, ns| {
+            let value = e.get(ns, &bucket, &key);
+            record_bytes("keyvalue.bytes_out", value.as_ref().map_or(0, Bytes::len));
+            Ok(value)
+        })
     }
 
     async fn set(
@@ -189,7 +214,10 @@ impl store::Handler<Option<Context>> for KvProvider {
         key: String,
         value: Bytes,
     ) -> anyhow::Result<Result<(), store::Error>> {
-        in_namespace(self, &cx, |e, ns| e.set(ns, &bucket, &key, &value))
+        record_bytes("keyvalue.bytes_in", value.len());
+        in_namespace(self, &cx, &bucket, 1, |e, ns| {
+            e.set(ns, &bucket, &key, &value)
+        })
     }
 
     async fn delete(
@@ -198,7 +226,7 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key: String,
     ) -> anyhow::Result<Result<(), store::Error>> {
-        in_namespace(self, &cx, |e, ns| {
+        in_namespace(self, &cx, &bucket, 1, |e, ns| {
             e.delete(ns, &bucket, &key);
             Ok(())
         })
@@ -210,7 +238,9 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key: String,
     ) -> anyhow::Result<Result<bool, store::Error>> {
-        in_namespace(self, &cx, |e, ns| Ok(e.exists(ns, &bucket, &key)))
+        in_namespace(self, &cx, &bucket, 1, |e, ns| {
+            Ok(e.exists(ns, &bucket, &key))
+        })
     }
 
     async fn list_keys(
@@ -219,8 +249,9 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         cursor: Option<u64>,
     ) -> anyhow::Result<Result<store::KeyResponse, store::Error>> {
-        in_namespace(self, &cx, |e, ns| {
+        in_namespace(self, &cx, &bucket, 0, |e, ns| {
             let page = e.list_keys(ns, &bucket, cursor)?;
+            Span::current().record("keyvalue.keys", page.keys.len());
             Ok(store::KeyResponse {
                 keys: page.keys,
                 cursor: page.cursor,
@@ -237,7 +268,9 @@ impl atomics::Handler<Option<Context>> for KvProvider {
         key: String,
         delta: u64,
     ) -> anyhow::Result<Result<u64, store::Error>> {
-        in_namespace(self, &cx, |e, ns| e.increment(ns, &bucket, &key, delta))
+        in_namespace(self, &cx, &bucket, 1, |e, ns| {
+            e.increment(ns, &bucket, &key, delta)
+        })
     }
 }
 
@@ -248,7 +281,12 @@ impl batch::Handler<Option<Context>> for KvProvider {
         bucket: String,
         keys: Vec<String>,
     ) -> anyhow::Result<Result<Vec<Option<(String, Bytes)>>, store::Error>> {
-        in_namespace(self, &cx, |e, ns| Ok(e.get_many(ns, &bucket, &keys)))
+        in_namespace(self, &cx, &bucket, keys.len(), |e, ns| {
+            let values = e.get_many(ns, &bucket, &keys);
+            let bytes = values.iter().flatten().map(|(_, v)| v.len()).sum();
+            record_bytes("keyvalue.bytes_out", bytes);
+            Ok(values)
+        })
     }
 
     async fn set_many(
@@ -257,7 +295,11 @@ impl batch::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key_values: Vec<(String, Bytes)>,
     ) -> anyhow::Result<Result<(), store::Error>> {
-        in_namespace(self, &cx, |e, ns| {
+        record_bytes(
+            "keyvalue.bytes_in",
+            key_values.iter().map(|(_, v)| v.len()).sum(),
+        );
+        in_namespace(self, &cx, &bucket, key_values.len(), |e, ns| {
             e.set_many(
                 ns,
                 &bucket,
@@ -272,7 +314,7 @@ impl batch::Handler<Option<Context>> for KvProvider {
         bucket: String,
         keys: Vec<String>,
     ) -> anyhow::Result<Result<(), store::Error>> {
-        in_namespace(self, &cx, |e, ns| {
+        in_namespace(self, &cx, &bucket, keys.len(), |e, ns| {
             e.delete_many(ns, &bucket, keys.iter().map(String::as_str));
             Ok(())
         })

@@ -19,19 +19,23 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use futures::{SinkExt as _, Stream, StreamExt as _, TryStreamExt as _};
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument as _, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use wasmcloud_provider_sdk::Context;
 use wrpc_transport::{Serve, TupleDecode, TupleEncode};
 
 use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
 use crate::provider::KvProvider;
+use crate::telemetry::{self, CALL_TARGET};
 
 /// WIT instance names of what we export.
 pub const STORE: &str = "wrpc:keyvalue/store@0.2.0-draft";
@@ -236,7 +240,7 @@ where
     C: Serve<Context = Option<Context>>,
     P: TupleDecode<C::Incoming> + Send + 'static,
     <P::Decoder as tokio_util::codec::Decoder>::Error: std::error::Error + Send + Sync + 'static,
-    R: TupleEncode<C::Outgoing> + Refusal + Send + 'static,
+    R: TupleEncode<C::Outgoing> + Answer + Send + 'static,
     <R::Encoder as tokio_util::codec::Encoder<R>>::Error: std::error::Error + Send + Sync + 'static,
     F: Fn(KvProvider, Option<Context>, P) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
@@ -247,48 +251,166 @@ where
         .await
         .with_context(|| format!("failed to subscribe to {instance}.{func}"))?;
     let provider = provider.clone();
+    let operation = operation_name(func);
     Ok(Box::pin(accepted.map(move |accepted| {
         let call = accepted.map(|(cx, outgoing, incoming)| {
             let (provider, handle) = (provider.clone(), handle.clone());
-            Box::pin(async move {
-                let config = provider.config();
-                let params = tokio::time::timeout(
-                    config.request_timeout,
-                    read_params::<C, P>(incoming, config.max_request_bytes),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(anyhow!(
-                        "parameters did not arrive within request_timeout_ms={}",
-                        config.request_timeout.as_millis()
-                    ))
-                });
-                let results = match params {
-                    Ok(params) => handle(provider, cx, params).await?,
-                    // Tell the caller why, as an error value, rather than leave it to time out.
-                    Err(err) => {
-                        let refusal = format!("invalid {instance}.{func} invocation: {err:#}");
-                        warn!("{refusal}");
-                        R::refused(refusal)
-                    }
-                };
-                write_results::<C, R>(outgoing, results).await
-            }) as Call
+            let started = Instant::now();
+            let span = call_span(operation, instance, func, &cx);
+            let answered = span.clone();
+            Box::pin(
+                async move {
+                    let config = provider.config();
+                    let params = tokio::time::timeout(
+                        config.request_timeout,
+                        read_params::<C, P>(incoming, config.max_request_bytes),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow!(
+                            "parameters did not arrive within request_timeout_ms={}",
+                            config.request_timeout.as_millis()
+                        ))
+                    });
+                    let (results, outcome) = match params {
+                        Ok(params) => {
+                            let results = handle(provider, cx, params).await?;
+                            let outcome = results.outcome();
+                            (results, outcome)
+                        }
+                        // Tell the caller why, as an error value, rather than leave it to time out.
+                        Err(err) => {
+                            let refusal = format!("invalid {instance}.{func} invocation: {err:#}");
+                            warn!("{refusal}");
+                            let outcome = Outcome::Invalid(refusal.clone());
+                            (R::refused(refusal), outcome)
+                        }
+                    };
+                    outcome.record(&answered);
+                    let sent = write_results::<C, R>(outgoing, results).await;
+                    telemetry::metrics().call(operation, outcome.label(), started.elapsed());
+                    sent
+                }
+                .instrument(span),
+            ) as Call
         });
         (instance, func, call)
     })))
 }
 
-/// Results that can carry a refusal: every keyvalue function answers `result<_, error>`.
-pub trait Refusal {
+/// What every keyvalue function answers: `result<_, error>`.
+pub trait Answer {
     /// The answer to an invocation we could not read.
     fn refused(message: String) -> Self;
+    /// How the call went, for its span and metrics.
+    fn outcome(&self) -> Outcome;
 }
 
-impl<T> Refusal for (Result<T, store::Error>,) {
+impl<T> Answer for (Result<T, store::Error>,) {
     fn refused(message: String) -> Self {
         (Err(store::Error::Other(message)),)
     }
+
+    fn outcome(&self) -> Outcome {
+        match &self.0 {
+            Ok(_) => Outcome::Ok,
+            Err(store::Error::AccessDenied) => Outcome::Denied,
+            Err(store::Error::NoSuchStore) => Outcome::Error("no such store".into()),
+            Err(store::Error::Other(message)) => Outcome::Error(message.clone()),
+        }
+    }
+}
+
+/// How a call went.
+pub enum Outcome {
+    /// Answered `ok`.
+    Ok,
+    /// Answered `access-denied`.
+    Denied,
+    /// Answered with an error, with the message the caller got.
+    Error(String),
+    /// Its parameters could not be read; answered with an error saying why.
+    Invalid(String),
+}
+
+impl Outcome {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::Error(_) => "error",
+            Outcome::Invalid(_) => "invalid",
+        }
+    }
+
+    /// Puts the outcome on the call's span: an error status carries the caller's message.
+    fn record(&self, span: &Span) {
+        span.record("keyvalue.outcome", self.label());
+        let message = match self {
+            Outcome::Ok => return,
+            Outcome::Denied => "access denied",
+            Outcome::Error(message) | Outcome::Invalid(message) => message,
+        };
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", message);
+    }
+}
+
+/// The span name of a function: `keyvalue.get`, `keyvalue.set-many`, ….
+fn operation_name(func: &str) -> &'static str {
+    match func {
+        "get" => "keyvalue.get",
+        "set" => "keyvalue.set",
+        "delete" => "keyvalue.delete",
+        "exists" => "keyvalue.exists",
+        "list-keys" => "keyvalue.list-keys",
+        "increment" => "keyvalue.increment",
+        "get-many" => "keyvalue.get-many",
+        "set-many" => "keyvalue.set-many",
+        "delete-many" => "keyvalue.delete-many",
+        _ => "keyvalue.unknown",
+    }
+}
+
+/// The span of one call, child of the caller's span when the invocation carries a W3C
+/// `traceparent`. The parent is set before the span is first entered: with
+/// tracing-opentelemetry 0.32 entering starts the span, and a started span's parent cannot be
+/// changed any more.
+fn call_span(
+    operation: &'static str,
+    instance: &'static str,
+    func: &'static str,
+    cx: &Option<Context>,
+) -> Span {
+    let span = tracing::info_span!(
+        target: CALL_TARGET,
+        "keyvalue",
+        otel.name = operation,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        rpc.system = "wrpc",
+        rpc.service = instance,
+        rpc.method = func,
+        keyvalue.namespace = tracing::field::Empty,
+        keyvalue.bucket = tracing::field::Empty,
+        keyvalue.keys = tracing::field::Empty,
+        keyvalue.bytes_in = tracing::field::Empty,
+        keyvalue.bytes_out = tracing::field::Empty,
+        keyvalue.outcome = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        if let Some(headers) = cx.as_ref().map(|cx| &cx.tracing) {
+            if headers.contains_key("traceparent") {
+                let parent = TraceContextPropagator::new().extract(headers);
+                if let Err(err) = span.set_parent(parent) {
+                    debug!(%err, "cannot parent the call span");
+                }
+            }
+        }
+    }
+    span
 }
 
 /// Reads one invocation's parameters, refusing more than `max_bytes`.

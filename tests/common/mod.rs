@@ -146,13 +146,23 @@ impl Provider {
         config: &[(&str, &str)],
         links: &[(&str, &str, Option<&str>)],
     ) -> Self {
+        Self::start_with(server, serde_json::json!({}), config, links).await
+    }
+
+    /// Like [`Provider::start`], with more host data fields (e.g. `otel_config`).
+    pub async fn start_with(
+        server: &NatsServer,
+        extra_host_data: serde_json::Value,
+        config: &[(&str, &str)],
+        links: &[(&str, &str, Option<&str>)],
+    ) -> Self {
         let key = format!("VKV{}", free_port());
         let config: HashMap<&str, &str> = config.iter().copied().collect();
         let links: Vec<_> = links
             .iter()
             .map(|(source, name, ns)| link(&key, source, name, *ns))
             .collect();
-        let host_data = json!({
+        let mut host_data = json!({
             "host_id": HOST_ID,
             "lattice_rpc_prefix": LATTICE,
             "lattice_rpc_url": server.url(),
@@ -162,6 +172,11 @@ impl Provider {
             "link_definitions": links,
             "config": config,
         });
+        if let (Some(fields), Some(extra)) =
+            (host_data.as_object_mut(), extra_host_data.as_object())
+        {
+            fields.extend(extra.clone());
+        }
         let child = spawn_with_host_data(&host_data.to_string());
         let nats = nats::connect(server.url()).await.expect("test NATS client");
         let wrpc = Transport::new(nats.clone(), LATTICE, &key);
@@ -371,6 +386,14 @@ macro_rules! call {
 }
 
 impl Caller<'_> {
+    /// The same caller, sending one more header (e.g. `traceparent`).
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers
+            .get_or_insert_with(nats::HeaderMap::new)
+            .insert(name, value);
+        self
+    }
+
     fn cx(&self) -> Option<nats::HeaderMap> {
         self.headers.clone()
     }

@@ -1,0 +1,354 @@
+//! Logs, traces and metrics, configured the way a wasmCloud host configures providers.
+//!
+//! Sources, later ones winning: the host's `otel_config` and `log_level` in host data; the
+//! `OTEL_*` environment the host passes through (read by `opentelemetry-otlp` for whatever is
+//! not set explicitly); `OTEL_*` keys in the provider config (the same overrides the SDK's
+//! `initialize_observability!` honours).
+//!
+//! We do not use `initialize_observability!`, for three reasons measured on this stack
+//! (../shared/CONTRACT.md §7): its global level filter drops every span below the host's
+//! `log_level` before the OpenTelemetry layer sees it; it never flushes spans or metrics at
+//! exit; and it leaves the parenting of spans to `propagate_trace_for_ctx!`, which cannot
+//! parent a span that is already entered. Here each call's span gets its parent from the
+//! invocation's `traceparent` before it is first entered (see `serve.rs`), exporters run on the
+//! Tokio runtime (`*_with_async_runtime` processors: the thread-based batch processor with the
+//! async reqwest client that the SDK's features switch on panics with "no reactor running"),
+//! and [`Telemetry::shutdown`] flushes both signals.
+//!
+//! With telemetry off (the host's default) the per-call spans are disabled at their callsite
+//! (target [`CALL_TARGET`] is filtered out) and the metric instruments are no-ops.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+use wasmcloud_provider_sdk::core::logging::Level;
+use wasmcloud_provider_sdk::core::{OtelConfig, OtelProtocol};
+use wasmcloud_provider_sdk::HostData;
+
+use crate::provider::KvProvider;
+
+/// The tracing target of the per-call spans.
+pub const CALL_TARGET: &str = "keyvalue_inmemory::call";
+
+/// Exporters to flush at exit.
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+}
+
+/// Sets up logging to stderr and, when the host enables them, OTLP traces and metrics.
+/// Call from within the Tokio runtime: the exporters run on it.
+pub fn init(host_data: &HostData) -> anyhow::Result<Telemetry> {
+    let otel = otel_config(host_data);
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(crate::NAME)
+        .with_attribute(KeyValue::new(
+            "service.instance.id",
+            host_data.instance_id.clone(),
+        ))
+        .build();
+
+    let tracer = otel
+        .traces_enabled()
+        .then(|| tracer_provider(&otel, resource.clone()))
+        .transpose()?;
+    let meter = otel
+        .metrics_enabled()
+        .then(|| meter_provider(&otel, resource))
+        .transpose()?;
+    if let Some(meter) = &meter {
+        opentelemetry::global::set_meter_provider(meter.clone());
+    }
+
+    let traces = tracer.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(crate::NAME))
+            .with_filter(level_filter(&otel.trace_level))
+    });
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if host_data.structured_logging {
+        fmt.json()
+            .with_filter(log_filter(host_data.log_level.as_ref()))
+            .boxed()
+    } else {
+        fmt.with_filter(log_filter(host_data.log_level.as_ref()))
+            .boxed()
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(traces)
+        .try_init()
+        .context("failed to install the tracing subscriber")?;
+    Ok(Telemetry { tracer, meter })
+}
+
+impl Telemetry {
+    /// Exports what is still buffered and stops the exporters (bounded: 5 s).
+    pub async fn shutdown(self) {
+        let Self { tracer, meter } = self;
+        if tracer.is_none() && meter.is_none() {
+            return;
+        }
+        // The providers' shutdown blocks until their runtime tasks finish: keep it off the
+        // async workers.
+        let flush = tokio::task::spawn_blocking(move || {
+            if let Some(tracer) = tracer {
+                if let Err(err) = tracer.shutdown() {
+                    eprintln!("failed to flush traces: {err}");
+                }
+            }
+            if let Some(meter) = meter {
+                if let Err(err) = meter.shutdown() {
+                    eprintln!("failed to flush metrics: {err}");
+                }
+            }
+        });
+        if tokio::time::timeout(Duration::from_secs(5), flush)
+            .await
+            .is_err()
+        {
+            eprintln!("telemetry did not flush within 5 s");
+        }
+    }
+}
+
+/// The host's `otel_config` with the provider config's `OTEL_*` overrides applied.
+fn otel_config(host_data: &HostData) -> OtelConfig {
+    let mut otel = host_data.otel_config.clone();
+    for (key, value) in &host_data.config {
+        let value = Some(value.clone());
+        match key.to_ascii_uppercase().as_str() {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => otel.observability_endpoint = value,
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => otel.traces_endpoint = value,
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" => otel.metrics_endpoint = value,
+            "OTEL_TRACES_SAMPLER" => otel.traces_sampler = value,
+            "OTEL_TRACES_SAMPLER_ARG" => otel.traces_sampler_arg = value,
+            _ => {}
+        }
+    }
+    otel
+}
+
+fn tracing_level(level: &Level) -> tracing::Level {
+    match level {
+        Level::Error | Level::Critical => tracing::Level::ERROR,
+        Level::Warn => tracing::Level::WARN,
+        Level::Info => tracing::Level::INFO,
+        Level::Debug => tracing::Level::DEBUG,
+        Level::Trace => tracing::Level::TRACE,
+    }
+}
+
+/// Logs at the host's level (default info), `RUST_LOG` on top; call spans are for traces only.
+fn log_filter(level: Option<&Level>) -> EnvFilter {
+    let level = tracing_level(level.unwrap_or(&Level::Info));
+    let base = format!("{level},async_nats=info,{CALL_TARGET}=off");
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(extra) if !extra.trim().is_empty() => format!("{base},{extra}"),
+        _ => base,
+    };
+    EnvFilter::try_new(&directives).unwrap_or_else(|err| {
+        eprintln!("RUST_LOG is not a valid filter ({err}); logging at {level}");
+        EnvFilter::new(level.to_string())
+    })
+}
+
+/// Spans at the host's `trace_level` (default info, which includes the call spans).
+fn level_filter(level: &Level) -> tracing_subscriber::filter::LevelFilter {
+    tracing_level(level).into()
+}
+
+fn sampler(otel: &OtelConfig) -> Sampler {
+    let ratio = || {
+        otel.traces_sampler_arg
+            .as_deref()
+            .and_then(|r| r.parse::<f64>().ok())
+            .unwrap_or(1.0)
+    };
+    match otel.traces_sampler.as_deref() {
+        Some("always_on") => Sampler::AlwaysOn,
+        Some("always_off") => Sampler::AlwaysOff,
+        Some("traceidratio") => Sampler::TraceIdRatioBased(ratio()),
+        Some("parentbased_always_off") => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        Some("parentbased_traceidratio") => {
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio())))
+        }
+        _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+    }
+}
+
+fn tracer_provider(
+    otel: &OtelConfig,
+    resource: opentelemetry_sdk::Resource,
+) -> anyhow::Result<SdkTracerProvider> {
+    let endpoint = otel.traces_endpoint();
+    let exporter = match otel.protocol {
+        OtelProtocol::Http => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(reqwest::Client::new())
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint)
+            .build(),
+        OtelProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build(),
+    }
+    .context("failed to build the OTLP span exporter")?;
+    let mut batch = opentelemetry_sdk::trace::BatchConfigBuilder::default();
+    if let Some(size) = otel.max_batch_queue_size {
+        batch = batch.with_max_queue_size(size);
+    }
+    if let Some(n) = otel.concurrent_exports {
+        batch = batch.with_max_concurrent_exports(n);
+    }
+    let processor =
+        opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .with_batch_config(batch.build())
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_sampler(sampler(otel))
+        .with_resource(resource)
+        .with_span_processor(processor)
+        .build())
+}
+
+fn meter_provider(
+    otel: &OtelConfig,
+    resource: opentelemetry_sdk::Resource,
+) -> anyhow::Result<SdkMeterProvider> {
+    let endpoint = otel.metrics_endpoint();
+    let exporter = match otel.protocol {
+        OtelProtocol::Http => opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_http_client(reqwest::Client::new())
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint)
+            .build(),
+        OtelProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build(),
+    }
+    .context("failed to build the OTLP metric exporter")?;
+    let reader =
+        opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .build();
+    Ok(SdkMeterProvider::builder()
+        .with_resource(resource)
+        .with_reader(reader)
+        .build())
+}
+
+/// The metric instruments, made once from the global meter (a no-op one when metrics are off).
+pub struct Metrics {
+    calls: Counter<u64>,
+    duration: Histogram<f64>,
+    rejections: Counter<u64>,
+}
+
+/// The instruments.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let meter = meter();
+        Metrics {
+            calls: meter
+                .u64_counter("keyvalue.calls")
+                .with_description("wRPC calls served, by operation and outcome")
+                .build(),
+            duration: meter
+                .f64_histogram("keyvalue.call.duration")
+                .with_unit("s")
+                .with_description("Time from accepting a call to sending its answer")
+                .build(),
+            rejections: meter
+                .u64_counter("keyvalue.limit.rejections")
+                .with_description("Writes refused by a configured limit, by limit")
+                .build(),
+        }
+    })
+}
+
+fn meter() -> Meter {
+    opentelemetry::global::meter(crate::NAME)
+}
+
+impl Metrics {
+    /// One call served.
+    pub fn call(&self, operation: &'static str, outcome: &'static str, elapsed: Duration) {
+        let attributes = [
+            KeyValue::new("operation", operation),
+            KeyValue::new("outcome", outcome),
+        ];
+        self.calls.add(1, &attributes);
+        self.duration
+            .record(elapsed.as_secs_f64(), &attributes[..1]);
+    }
+
+    /// One write refused by the limit named by `config_key`.
+    pub fn rejection(&self, config_key: &'static str) {
+        self.rejections
+            .add(1, &[KeyValue::new("limit", config_key)]);
+    }
+}
+
+/// Most namespaces reported one by one in the per-namespace gauges (the store-wide figures
+/// always cover all of them).
+const NAMESPACE_GAUGE_LIMIT: usize = 64;
+
+/// Registers the live gauges: keys and bytes in the store, and per namespace.
+pub fn register_usage_gauges(provider: &KvProvider) {
+    let meter = meter();
+    let (keys, bytes) = (provider.clone(), provider.clone());
+    meter
+        .u64_observable_gauge("keyvalue.keys")
+        .with_description("Live keys, in all and per namespace")
+        .with_callback(move |gauge| {
+            let engine = keys.engine();
+            gauge.observe(engine.usage().keys, &[]);
+            for (ns, (k, _)) in per_namespace(engine) {
+                gauge.observe(k, &[KeyValue::new("namespace", ns)]);
+            }
+        })
+        .build();
+    meter
+        .u64_observable_gauge("keyvalue.bytes")
+        .with_unit("By")
+        .with_description("Key plus value bytes, in all and per namespace")
+        .with_callback(move |gauge| {
+            let engine = bytes.engine();
+            gauge.observe(engine.usage().bytes, &[]);
+            for (ns, (_, b)) in per_namespace(engine) {
+                gauge.observe(b, &[KeyValue::new("namespace", ns)]);
+            }
+        })
+        .build();
+}
+
+fn per_namespace(engine: &crate::engine::Engine) -> Vec<(String, (u64, u64))> {
+    engine
+        .namespaces(NAMESPACE_GAUGE_LIMIT)
+        .into_iter()
+        .map(|ns| {
+            let usage = engine.namespace_usage(&ns);
+            (ns, usage)
+        })
+        .collect()
+}
