@@ -2,6 +2,7 @@
 //!
 //! One module per task. Every external command is echoed before it runs.
 
+mod bench;
 mod call;
 mod nats;
 mod run;
@@ -27,8 +28,29 @@ enum Task {
     Test(test::Args),
     /// Call a running provider over wRPC, as a linked component would.
     Call(call::Args),
+    /// Measure the provider against a minimal wRPC server and raw NATS (release builds).
+    Bench(bench::Args),
     /// Print the path of a nats-server binary, installing one if none is found.
     NatsServer,
+    /// (internal) The measuring part of `bench`, run from the release build.
+    #[command(hide = true)]
+    BenchRun(bench::Args),
+    /// (internal) The minimal wRPC server `bench` compares against.
+    #[command(hide = true)]
+    BenchFloor {
+        #[arg(long)]
+        nats: String,
+        #[arg(long)]
+        prefix: String,
+    },
+    /// (internal) The raw NATS echo `bench` compares against.
+    #[command(hide = true)]
+    BenchEcho {
+        #[arg(long)]
+        nats: String,
+        #[arg(long)]
+        subject: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +59,10 @@ fn main() -> ExitCode {
         Task::Run(args) => run::run(args),
         Task::Test(args) => test::run(args),
         Task::Call(args) => call::run(args),
+        Task::Bench(args) => bench::run(args),
+        Task::BenchRun(args) => bench::run_release(args),
+        Task::BenchFloor { nats, prefix } => bench::floor(&nats, &prefix),
+        Task::BenchEcho { nats, subject } => bench::echo(&nats, &subject),
         Task::NatsServer => nats::server_binary().map(|path| {
             println!("{}", path.display());
             ExitCode::SUCCESS

@@ -41,7 +41,92 @@ pub struct Args {
     config: Vec<String>,
 }
 
-const HOST_ID: &str = "NXTASKRUNHOST";
+/// The host id in the host data we write; shutdown requests must name it.
+pub const HOST_ID: &str = "NXTASKRUNHOST";
+
+/// Starts a provider binary as the host does: complete host data (both required keys) as one
+/// base64 line on stdin, environment cleared but for `RUST_LOG` and `OTEL_*`, in a process
+/// group of its own. `links` are (source component, namespace) pairs.
+pub fn start_provider(
+    binary: &std::path::Path,
+    nats_url: &str,
+    lattice: &str,
+    provider_key: &str,
+    config: serde_json::Map<String, serde_json::Value>,
+    links: &[(&str, &str)],
+) -> anyhow::Result<std::process::Child> {
+    let links: Vec<_> = links
+        .iter()
+        .map(|(source, namespace)| {
+            json!({
+                "source_id": source,
+                "target": provider_key,
+                "name": "default",
+                "wit_namespace": "wasi",
+                "wit_package": "keyvalue",
+                "interfaces": ["store", "atomics", "batch"],
+                "source_config": {},
+                "target_config": { "namespace": namespace },
+            })
+        })
+        .collect();
+    let host_data = json!({
+        "host_id": HOST_ID,
+        "lattice_rpc_prefix": lattice,
+        "lattice_rpc_url": nats_url,
+        "provider_key": provider_key,
+        "instance_id": format!("xtask-{provider_key}"),
+        "env_values": {},
+        "config": config,
+        "link_definitions": links,
+    });
+    let mut command = Command::new(binary);
+    command.env_clear().stdin(Stdio::piped());
+    for (key, value) in std::env::vars() {
+        if key == "RUST_LOG" || key.starts_with("OTEL_") {
+            command.env(key, value);
+        }
+    }
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    echo(&command);
+    let mut provider = command
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(host_data.to_string());
+    let mut stdin = provider.stdin.take().context("provider stdin")?;
+    writeln!(stdin, "{encoded}")?;
+    Ok(provider)
+}
+
+/// Waits up to 30 s for the provider's first health answer.
+pub async fn wait_for_health(
+    nats: &async_nats::Client,
+    lattice: &str,
+    provider_key: &str,
+    provider: &mut std::process::Child,
+) -> anyhow::Result<String> {
+    let health = format!("wasmbus.rpc.{lattice}.{provider_key}.health");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Ok(reply)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            nats.request(health.clone(), "{}".into()),
+        )
+        .await
+        {
+            return Ok(String::from_utf8_lossy(&reply.payload).into_owned());
+        }
+        anyhow::ensure!(
+            provider.try_wait()?.is_none(),
+            "the provider exited during start-up"
+        );
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the provider did not answer health within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut config = serde_json::Map::new();
@@ -78,53 +163,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .join(if args.release { "release" } else { "debug" })
         .join("keyvalue-inmemory");
 
-    let host_data = json!({
-        "host_id": HOST_ID,
-        "lattice_rpc_prefix": args.lattice,
-        "lattice_rpc_url": url,
-        "provider_key": args.provider_key,
-        "instance_id": "xtask-run",
-        "env_values": {},
-        "config": config,
-        "link_definitions": [{
-            "source_id": args.source,
-            "target": args.provider_key,
-            "name": "default",
-            "wit_namespace": "wasi",
-            "wit_package": "keyvalue",
-            "interfaces": ["store", "atomics", "batch"],
-            "source_config": {},
-            "target_config": { "namespace": args.namespace },
-        }],
-    });
-    let mut command = Command::new(&binary);
-    command.env_clear().stdin(Stdio::piped());
-    for (key, value) in std::env::vars() {
-        if key == "RUST_LOG" || key.starts_with("OTEL_") {
-            command.env(key, value);
-        }
-    }
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    echo(&command);
-    let mut provider = command.spawn().context("cannot start the provider")?;
-    let encoded = base64::engine::general_purpose::STANDARD.encode(host_data.to_string());
-    let mut stdin = provider.stdin.take().context("provider stdin")?;
-    writeln!(stdin, "{encoded}")?;
-    drop(stdin);
+    let links = [(args.source.as_str(), args.namespace.as_str())];
+    let mut provider = start_provider(
+        &binary,
+        &url,
+        &args.lattice,
+        &args.provider_key,
+        config,
+        &links,
+    )?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     let outcome = runtime.block_on(async {
         let nats = async_nats::connect(&url).await.with_context(|| format!("cannot connect to {url}"))?;
-        let health = format!("wasmbus.rpc.{}.{}.health", args.lattice, args.provider_key);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let answer = loop {
-            if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_millis(500), nats.request(health.clone(), "{}".into())).await {
-                break String::from_utf8_lossy(&reply.payload).into_owned();
-            }
-            anyhow::ensure!(provider.try_wait()?.is_none(), "the provider exited during start-up");
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the provider did not answer health within 30 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let answer = wait_for_health(&nats, &args.lattice, &args.provider_key, &mut provider).await?;
         let call = format!(
             "cargo xtask call --nats {url} --lattice {} --provider-key {} --source {}",
             args.lattice, args.provider_key, args.source
@@ -171,7 +223,7 @@ async fn wait_exit(child: &mut std::process::Child) {
 
 /// Waits up to 15 s for the provider to exit (sending SIGTERM if it is still running), then
 /// kills it.
-fn stop(child: &mut std::process::Child) -> anyhow::Result<std::process::ExitStatus> {
+pub fn stop(child: &mut std::process::Child) -> anyhow::Result<std::process::ExitStatus> {
     if child.try_wait()?.is_none() {
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
