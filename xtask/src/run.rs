@@ -55,6 +55,27 @@ pub fn start_provider(
     config: serde_json::Map<String, serde_json::Value>,
     links: &[(&str, &str)],
 ) -> anyhow::Result<std::process::Child> {
+    start_provider_with(
+        binary,
+        nats_url,
+        lattice,
+        provider_key,
+        config,
+        links,
+        json!({}),
+    )
+}
+
+/// [`start_provider`] with more host data fields (e.g. `otel_config`).
+pub fn start_provider_with(
+    binary: &std::path::Path,
+    nats_url: &str,
+    lattice: &str,
+    provider_key: &str,
+    config: serde_json::Map<String, serde_json::Value>,
+    links: &[(&str, &str)],
+    extra_host_data: serde_json::Value,
+) -> anyhow::Result<std::process::Child> {
     let links: Vec<_> = links
         .iter()
         .map(|(source, namespace)| {
@@ -70,7 +91,7 @@ pub fn start_provider(
             })
         })
         .collect();
-    let host_data = json!({
+    let mut host_data = json!({
         "host_id": HOST_ID,
         "lattice_rpc_prefix": lattice,
         "lattice_rpc_url": nats_url,
@@ -80,6 +101,9 @@ pub fn start_provider(
         "config": config,
         "link_definitions": links,
     });
+    if let (Some(fields), Some(extra)) = (host_data.as_object_mut(), extra_host_data.as_object()) {
+        fields.extend(extra.clone());
+    }
     let mut command = Command::new(binary);
     command.env_clear().stdin(Stdio::piped());
     for (key, value) in std::env::vars() {

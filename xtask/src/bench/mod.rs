@@ -44,6 +44,10 @@ pub struct Args {
     /// Another provider binary to drive through the same client (e.g. keyvalue-redis).
     #[arg(long)]
     compare: Option<PathBuf>,
+    /// Turn the provider's OTLP traces and metrics on, exporting to a sink in this process
+    /// (to measure what telemetry costs).
+    #[arg(long)]
+    otel: bool,
     /// Provider config for --compare, `key=value`, repeatable.
     #[arg(long = "compare-config", value_name = "KEY=VALUE")]
     compare_config: Vec<String>,
@@ -76,6 +80,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     command.args(["--memory-keys", &args.memory_keys.to_string()]);
     if args.quick {
         command.arg("--quick");
+    }
+    if args.otel {
+        command.arg("--otel");
     }
     if let Some(bin) = &args.compare {
         command.arg("--compare").arg(bin);
@@ -314,7 +321,13 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
     let mut children = Killed(Vec::new());
     let config = limits.as_object().cloned().unwrap_or_default();
     let links = [("bench-component", "bench")];
-    let mut ours = run::start_provider(&binary, &url, LATTICE, "ours", config, &links)?;
+    let otel = if args.otel {
+        let sink = otlp_sink().await?;
+        json!({ "otel_config": { "enable_observability": true, "observability_endpoint": sink, "protocol": "Http" } })
+    } else {
+        json!({})
+    };
+    let mut ours = run::start_provider_with(&binary, &url, LATTICE, "ours", config, &links, otel)?;
     let health = run::wait_for_health(&nats, LATTICE, "ours", &mut ours).await;
     children.0.push(ours);
     health?;
@@ -553,8 +566,9 @@ fn report(
     let mut md = String::new();
     let mut rows = Vec::new();
     md.push_str(&format!(
-        "Command: `cargo xtask bench{}` ({} s a phase, {} rounds, medians; machine: {} cores).\n\n",
+        "Command: `cargo xtask bench{}{}` ({} s a phase, {} rounds, medians; machine: {} cores).\n\n",
         if args.quick { " --quick" } else { "" },
+        if args.otel { " --otel" } else { "" },
         args.seconds,
         args.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -642,6 +656,47 @@ fn report(
     println!("{md}");
     eprintln!("written to target/bench/report.md and report.json");
     Ok(())
+}
+
+/// An OTLP/HTTP sink: answers every request 200 and keeps nothing. Enough for an exporter to
+/// do all its work, and cheap. Answers its endpoint URL.
+async fn otlp_sink() -> anyhow::Result<String> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if stream.get_mut().write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(endpoint)
 }
 
 /// Entry of the `bench-floor` helper.
