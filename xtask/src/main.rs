@@ -5,6 +5,7 @@
 mod bench;
 mod call;
 mod nats;
+mod par;
 mod run;
 mod test;
 
@@ -28,6 +29,8 @@ enum Task {
     Test(test::Args),
     /// Call a running provider over wRPC, as a linked component would.
     Call(call::Args),
+    /// Build a signed provider archive (build/keyvalue-inmemory.par.gz) and check it.
+    Par(par::Args),
     /// Measure the provider against a minimal wRPC server and raw NATS (release builds).
     Bench(bench::Args),
     /// Print the path of a nats-server binary, installing one if none is found.
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Task::Run(args) => run::run(args),
         Task::Test(args) => test::run(args),
         Task::Call(args) => call::run(args),
+        Task::Par(args) => par::run(args),
         Task::Bench(args) => bench::run(args),
         Task::BenchRun(args) => bench::run_release(args),
         Task::BenchFloor { nats, prefix } => bench::floor(&nats, &prefix),
