@@ -11,13 +11,13 @@
 //! nats-server of its own and waits for its health answer.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use nkeys::KeyPair;
 use provider_archive::ProviderArchive;
 
-use crate::{nats, root, run, run_command};
+use crate::{nats, root, run};
 
 /// Builds and checks the provider archive.
 #[derive(clap::Args)]
@@ -49,24 +49,7 @@ pub fn target() -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.current_dir(root()).args([
-        "build",
-        "--locked",
-        "--package",
-        "keyvalue-inmemory",
-        "--bin",
-        "keyvalue-inmemory",
-    ]);
-    if args.release {
-        build.arg("--release");
-    }
-    run_command(&mut build)?;
-    let binary = root()
-        .join("target")
-        .join(if args.release { "release" } else { "debug" })
-        .join("keyvalue-inmemory");
+    let binary = run::build_provider(args.release)?;
     let path = write(
         &binary,
         &root().join(&args.out),
@@ -203,6 +186,7 @@ pub fn check(path: &Path, no_start: bool) -> anyhow::Result<()> {
         &claims.subject,
         Default::default(),
         &[],
+        serde_json::json!({}),
     )?;
     let answer = runtime.block_on(async {
         let client = async_nats::connect(&url).await?;

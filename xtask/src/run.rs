@@ -41,33 +41,35 @@ pub struct Args {
     config: Vec<String>,
 }
 
+/// Builds the provider binary (debug, or release); answers its path.
+pub fn build_provider(release: bool) -> anyhow::Result<std::path::PathBuf> {
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.current_dir(root()).args([
+        "build",
+        "--locked",
+        "--package",
+        "keyvalue-inmemory",
+        "--bin",
+        "keyvalue-inmemory",
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    run_command(&mut build)?;
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("keyvalue-inmemory"))
+}
+
 /// The host id in the host data we write; shutdown requests must name it.
 pub const HOST_ID: &str = "NXTASKRUNHOST";
 
-/// Starts a provider binary as the host does: complete host data (both required keys) as one
-/// base64 line on stdin, environment cleared but for `RUST_LOG` and `OTEL_*`, in a process
-/// group of its own. `links` are (source component, namespace) pairs.
+/// Starts a provider binary as the host does: complete host data (both required keys, plus
+/// the fields of `extra_host_data`, e.g. `otel_config`) as one base64 line on stdin,
+/// environment cleared but for `RUST_LOG` and `OTEL_*`, in a process group of its own.
+/// `links` are (source component, namespace) pairs.
 pub fn start_provider(
-    binary: &std::path::Path,
-    nats_url: &str,
-    lattice: &str,
-    provider_key: &str,
-    config: serde_json::Map<String, serde_json::Value>,
-    links: &[(&str, &str)],
-) -> anyhow::Result<std::process::Child> {
-    start_provider_with(
-        binary,
-        nats_url,
-        lattice,
-        provider_key,
-        config,
-        links,
-        json!({}),
-    )
-}
-
-/// [`start_provider`] with more host data fields (e.g. `otel_config`).
-pub fn start_provider_with(
     binary: &std::path::Path,
     nats_url: &str,
     lattice: &str,
@@ -170,22 +172,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .or_else(|| server.as_ref().map(nats::Server::url))
         .unwrap_or_default();
 
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(root()).args([
-        "build",
-        "--package",
-        "keyvalue-inmemory",
-        "--bin",
-        "keyvalue-inmemory",
-    ]);
-    if args.release {
-        build.arg("--release");
-    }
-    run_command(&mut build)?;
-    let binary = root()
-        .join("target")
-        .join(if args.release { "release" } else { "debug" })
-        .join("keyvalue-inmemory");
+    let binary = build_provider(args.release)?;
 
     let links = [(args.source.as_str(), args.namespace.as_str())];
     let mut provider = start_provider(
@@ -195,6 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         &args.provider_key,
         config,
         &links,
+        json!({}),
     )?;
 
     let runtime = tokio::runtime::Runtime::new()?;

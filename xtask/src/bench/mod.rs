@@ -327,7 +327,7 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         json!({})
     };
-    let mut ours = run::start_provider_with(&binary, &url, LATTICE, "ours", config, &links, otel)?;
+    let mut ours = run::start_provider(&binary, &url, LATTICE, "ours", config, &links, otel)?;
     let health = run::wait_for_health(&nats, LATTICE, "ours", &mut ours).await;
     children.0.push(ours);
     health?;
@@ -357,7 +357,8 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
                 .context("--compare-config takes KEY=VALUE")?;
             config.insert(k.into(), v.into());
         }
-        let mut compare = run::start_provider(bin, &url, LATTICE, "compare", config, &links)?;
+        let mut compare =
+            run::start_provider(bin, &url, LATTICE, "compare", config, &links, json!({}))?;
         let health = run::wait_for_health(&nats, LATTICE, "compare", &mut compare).await;
         children.0.push(compare);
         health?;
@@ -503,6 +504,7 @@ async fn memory_and_listing(
         "memory",
         config.as_object().cloned().unwrap_or_default(),
         &[("bench-component", "bench")],
+        json!({}),
     )?;
     run::wait_for_health(nats, LATTICE, "memory", &mut child).await?;
     let kv = Transport {
