@@ -34,6 +34,9 @@ pub struct Args {
     /// Write `.par` instead of `.par.gz`.
     #[arg(long)]
     uncompressed: bool,
+    /// Package this binary instead of building one (CI passes the one its tests built).
+    #[arg(long)]
+    binary: Option<PathBuf>,
     /// Skip starting the extracted binary.
     #[arg(long)]
     no_start: bool,
@@ -49,7 +52,10 @@ pub fn target() -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let binary = run::build_provider(args.release)?;
+    let binary = match args.binary {
+        Some(binary) => binary,
+        None => run::build_provider(args.release)?,
+    };
     let path = write(
         &binary,
         &root().join(&args.out),
