@@ -64,108 +64,40 @@ impl Server {
     where
         C: Serve<Context = Option<Context>>,
     {
-        let p = &provider;
+        // One accept stream per function, each routed to its generated `Handler` method.
+        macro_rules! route {
+            ($instance:expr, $func:literal, $handler:path, ($($param:ident),+)) => {
+                route(client, &provider, $instance, $func, |p, cx, ($($param),+)| async move {
+                    $handler(&p, cx, $($param),+).await.map(|r| (r,))
+                })
+                .await?
+            };
+        }
         let routes = vec![
-            route(client, p, STORE, "get", |p, cx, (bucket, key)| async move {
-                store::Handler::get(&p, cx, bucket, key).await.map(|r| (r,))
-            })
-            .await?,
-            route(
-                client,
-                p,
-                STORE,
-                "set",
-                |p, cx, (bucket, key, value)| async move {
-                    store::Handler::set(&p, cx, bucket, key, value)
-                        .await
-                        .map(|r| (r,))
-                },
-            )
-            .await?,
-            route(
-                client,
-                p,
-                STORE,
-                "delete",
-                |p, cx, (bucket, key)| async move {
-                    store::Handler::delete(&p, cx, bucket, key)
-                        .await
-                        .map(|r| (r,))
-                },
-            )
-            .await?,
-            route(
-                client,
-                p,
-                STORE,
-                "exists",
-                |p, cx, (bucket, key)| async move {
-                    store::Handler::exists(&p, cx, bucket, key)
-                        .await
-                        .map(|r| (r,))
-                },
-            )
-            .await?,
-            route(
-                client,
-                p,
+            route!(STORE, "get", store::Handler::get, (bucket, key)),
+            route!(STORE, "set", store::Handler::set, (bucket, key, value)),
+            route!(STORE, "delete", store::Handler::delete, (bucket, key)),
+            route!(STORE, "exists", store::Handler::exists, (bucket, key)),
+            route!(
                 STORE,
                 "list-keys",
-                |p, cx, (bucket, cursor)| async move {
-                    store::Handler::list_keys(&p, cx, bucket, cursor)
-                        .await
-                        .map(|r| (r,))
-                },
-            )
-            .await?,
-            route(
-                client,
-                p,
+                store::Handler::list_keys,
+                (bucket, cursor)
+            ),
+            route!(
                 ATOMICS,
                 "increment",
-                |p, cx, (bucket, key, delta)| async move {
-                    atomics::Handler::increment(&p, cx, bucket, key, delta)
-                        .await
-                        .map(|r| (r,))
-                },
-            )
-            .await?,
-            route(
-                client,
-                p,
-                BATCH,
-                "get-many",
-                |p, cx, (bucket, keys)| async move {
-                    batch::Handler::get_many(&p, cx, bucket, keys)
-                        .await
-                        .map(|r| (r,))
-                },
-            )
-            .await?,
-            route(
-                client,
-                p,
-                BATCH,
-                "set-many",
-                |p, cx, (bucket, pairs)| async move {
-                    batch::Handler::set_many(&p, cx, bucket, pairs)
-                        .await
-                        .map(|r| (r,))
-                },
-            )
-            .await?,
-            route(
-                client,
-                p,
+                atomics::Handler::increment,
+                (bucket, key, delta)
+            ),
+            route!(BATCH, "get-many", batch::Handler::get_many, (bucket, keys)),
+            route!(BATCH, "set-many", batch::Handler::set_many, (bucket, pairs)),
+            route!(
                 BATCH,
                 "delete-many",
-                |p, cx, (bucket, keys)| async move {
-                    batch::Handler::delete_many(&p, cx, bucket, keys)
-                        .await
-                        .map(|r| (r,))
-                },
-            )
-            .await?,
+                batch::Handler::delete_many,
+                (bucket, keys)
+            ),
         ];
         Ok(Self {
             invocations: futures::stream::select_all(routes),
