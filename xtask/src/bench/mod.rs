@@ -162,10 +162,9 @@ impl Phase {
         if self.latencies_us.is_empty() {
             return f64::NAN;
         }
-        let mut sorted = self.latencies_us.clone();
-        sorted.sort_unstable();
-        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(sorted[i])
+        // `drive` leaves the latencies sorted.
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[i])
     }
 }
 
@@ -181,15 +180,14 @@ fn cx() -> Option<async_nats::HeaderMap> {
 }
 
 async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Result<bool> {
-    let Target::Wrpc(wrpc) = target else {
-        let Target::Echo(nats) = target else {
-            unreachable!()
-        };
-        nats.request("bench.echo", Bytes::from_static(b"0123456789abcdef"))
-            .await?;
-        return Ok(true);
+    let wrpc = match target {
+        Target::Wrpc(wrpc) => wrpc.as_ref(),
+        Target::Echo(nats) => {
+            nats.request("bench.echo", Bytes::from_static(b"0123456789abcdef"))
+                .await?;
+            return Ok(true);
+        }
     };
-    let wrpc = wrpc.as_ref();
     Ok(match workload {
         Workload::Get(size) => {
             let key = format!("s{size}-k{}", i % preloaded(size) as u64);
@@ -265,6 +263,7 @@ async fn drive(target: &Target, workload: Workload, inflight: usize, seconds: f6
         }
     }
     total.seconds = start.elapsed().as_secs_f64();
+    total.latencies_us.sort_unstable();
     total
 }
 
@@ -497,7 +496,8 @@ async fn memory_and_listing(
     keys: usize,
 ) -> anyhow::Result<Memory> {
     let config = json!({ "max_keys": "100000000", "max_total_bytes": "17179869184", "list_page_size": "1000" });
-    let mut child = run::start_provider(
+    // Killed on every way out, errors included.
+    let mut provider = Killed(vec![run::start_provider(
         binary,
         url,
         LATTICE,
@@ -505,8 +505,9 @@ async fn memory_and_listing(
         config.as_object().cloned().unwrap_or_default(),
         &[("bench-component", "bench")],
         json!({}),
-    )?;
-    run::wait_for_health(nats, LATTICE, "memory", &mut child).await?;
+    )?]);
+    let child = &mut provider.0[0];
+    run::wait_for_health(nats, LATTICE, "memory", child).await?;
     let kv = Transport {
         nats: nats.clone(),
         prefix: format!("{LATTICE}.memory"),
@@ -549,8 +550,7 @@ async fn memory_and_listing(
         }
     }
     let list_seconds = started.elapsed().as_secs_f64();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(provider);
     Ok(Memory {
         keys,
         rss_before,
