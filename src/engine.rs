@@ -204,6 +204,15 @@ impl Engine {
         .flatten()
     }
 
+    /// `Err` when `bucket` or `key` is longer than `max_key_bytes`. Writes check this
+    /// themselves; `get` checks it first so that a component learns of the limit instead of
+    /// reading "none" for a key it could never have written.
+    pub fn check_key_limits(&self, bucket: &str, key: &str) -> Result<(), EngineError> {
+        let limits = self.limits();
+        check_key(&limits, "bucket name", bucket)?;
+        check_key(&limits, "key", key)
+    }
+
     /// Whether `key` exists.
     pub fn exists(&self, ns: &str, bucket: &str, key: &str) -> bool {
         self.read_bucket(ns, bucket, |entries| entries.contains_key(key))
@@ -825,6 +834,11 @@ mod tests {
         let err = e.set("n", "b", "k", &[0; 1025]).unwrap_err();
         assert!(err.to_string().contains("max_value_bytes"), "{err}");
         assert_eq!(e.usage(), Usage::default());
+        // What `get` checks before reading.
+        let err = e.check_key_limits("b", &long).unwrap_err();
+        assert!(err.to_string().contains("max_key_bytes"), "{err}");
+        assert!(e.check_key_limits(&long, "k").is_err());
+        e.check_key_limits("b", &"k".repeat(64)).unwrap();
 
         for i in 0..100 {
             e.set("n", "b", &format!("{i}"), b"").unwrap();

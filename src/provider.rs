@@ -201,6 +201,7 @@ impl store::Handler<Option<Context>> for KvProvider {
         key: String,
     ) -> anyhow::Result<Result<Option<Bytes>, store::Error>> {
         in_namespace(self, &cx, &bucket, 1, |e, ns| {
+            e.check_key_limits(&bucket, &key)?;
             let value = e.get(ns, &bucket, &key);
             record_bytes("keyvalue.bytes_out", value.as_ref().map_or(0, Bytes::len));
             Ok(value)

@@ -229,6 +229,9 @@ async fn limits_apply_live_from_config_updates_and_name_the_key() {
     c.set("b", "a", b"one").await.unwrap();
     let message = other_message(c.set("b", &"k".repeat(17), b"").await);
     assert!(message.contains("max_key_bytes=16"), "{message}");
+    // `get` says so too (an error the host passes on), rather than "none".
+    let message = other_message(c.get("b", &"k".repeat(17)).await);
+    assert!(message.contains("max_key_bytes=16"), "{message}");
     // Deleting makes room again.
     c.delete("b", "b").await.unwrap();
     c.set("b", "c", b"3").await.unwrap();
