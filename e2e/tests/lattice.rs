@@ -1,0 +1,341 @@
+//! The provider in a real lattice: a wasmCloud 1.x host (library 0.27.1, as in host 1.9.2)
+//! starts it from the provider archive `cargo xtask test` built, runs three instances of a
+//! real component importing `wasi:keyvalue`, links them to it, and the test calls the
+//! components' exports over wRPC through the host, as `wash call` does.
+//!
+//! kv-a and kv-b share the namespace `shared`; kv-c is alone in `alone`.
+
+#[path = "../../tests/common/nats_server.rs"]
+mod nats_server;
+
+use std::future::Future;
+use std::panic::{resume_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use bytes::Bytes;
+use futures::FutureExt as _;
+
+use e2e::driver::kv;
+use e2e::{wait_for, Lattice};
+
+const PROVIDER: &str = "kv-inmemory";
+const LATTICE: &str = "e2e";
+/// The provider's max_key_bytes in this lattice (named config `kv-limits`).
+const MAX_KEY: usize = 64;
+/// The provider's list_page_size in this lattice: 10 keys take 4 list-keys calls.
+const PAGE: usize = 3;
+
+/// One wRPC call through the host, bounded; a transport failure is an `Err`.
+async fn call<T>(what: &str, call: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::time::timeout(Duration::from_secs(15), call)
+        .await
+        .with_context(|| format!("{what}: no answer in 15 s"))?
+        .with_context(|| format!("{what}: the call failed"))
+}
+
+fn bytes(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+#[test]
+fn the_provider_serves_real_components_through_a_wasmcloud_host() {
+    let par = std::env::var_os("KEYVALUE_PAR").map(PathBuf::from).expect(
+        "KEYVALUE_PAR is not set: run the suite with `cargo xtask test`, which builds the \
+         provider archive this test starts",
+    );
+    assert!(
+        par.exists(),
+        "KEYVALUE_PAR={} does not exist",
+        par.display()
+    );
+    // The host copies every provider it starts into $TMPDIR/wasmcloudcache and never removes
+    // it; keep those copies in this test's own directory. Set before any thread starts.
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    std::env::set_var("TMPDIR", tmp.path());
+
+    let nats = nats_server::NatsServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        let lattice = Lattice::start(&nats.url(), LATTICE).await?;
+        let outcome = AssertUnwindSafe(scenario(&lattice, &par, tmp.path()))
+            .catch_unwind()
+            .await;
+        let stopped = lattice.stop(PROVIDER).await;
+        match outcome {
+            Err(panic) => resume_unwind(panic),
+            Ok(outcome) => outcome.and(stopped),
+        }
+    });
+    // Dropping the runtime drops the host's tasks, which kill any process it still runs.
+    drop(runtime);
+    result.unwrap();
+}
+
+async fn scenario(lattice: &Lattice, par: &Path, dir: &Path) -> anyhow::Result<()> {
+    lattice
+        .put_config(
+            "kv-limits",
+            &[
+                ("max_key_bytes", &MAX_KEY.to_string()),
+                ("list_page_size", &PAGE.to_string()),
+            ],
+        )
+        .await?;
+    let health = lattice
+        .start_provider(par, PROVIDER, &["kv-limits"])
+        .await?;
+    ensure!(
+        health.contains("max_key_bytes=64"),
+        "the provider did not get its named config from the host: {health}"
+    );
+
+    let wasm = dir.join("driver.wasm");
+    let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("wit");
+    std::fs::write(&wasm, e2e::component::build(&wit)?)?;
+    lattice
+        .put_config("ns-shared", &[("namespace", "shared")])
+        .await?;
+    lattice
+        .put_config("ns-alone", &[("namespace", "alone")])
+        .await?;
+    for (id, config) in [
+        ("kv-a", "ns-shared"),
+        ("kv-b", "ns-shared"),
+        ("kv-c", "ns-alone"),
+    ] {
+        lattice.scale_component(&wasm, id).await?;
+        lattice.link_keyvalue(id, PROVIDER, &[config]).await?;
+    }
+    wait_for("the provider to hold the 3 links", || async {
+        lattice
+            .provider_health(PROVIDER)
+            .await
+            .filter(|h| h.starts_with("3 links"))
+    })
+    .await?;
+    let a = lattice.component("kv-a");
+    let b = lattice.component("kv-b");
+    let c = lattice.component("kv-c");
+    // The host applies a link to the component a moment after the provider sees it.
+    let value = bytes("v");
+    wait_for("kv-a's first set to go through", || async {
+        let set = kv::set(&a, None, "warm-up", "k", &value);
+        matches!(call("set", set).await, Ok(Ok(()))).then_some(())
+    })
+    .await?;
+
+    round_trips(&a).await?;
+    counting(&a).await?;
+    batches_and_paging(&a).await?;
+    sharing_and_isolation(&a, &b, &c).await?;
+    limits(lattice, &a, &b).await?;
+    Ok(())
+}
+
+async fn round_trips(a: &keyvalue_inmemory::client::Transport) -> anyhow::Result<()> {
+    let set = call(
+        "set",
+        kv::set(a, None, "round", "greeting", &bytes("hello")),
+    )
+    .await?;
+    assert_eq!(set, Ok(()));
+    let got = call("get", kv::get(a, None, "round", "greeting")).await?;
+    assert_eq!(got, Ok(Some(bytes("hello"))));
+    assert_eq!(
+        call("exists", kv::exists(a, None, "round", "greeting")).await?,
+        Ok(true)
+    );
+    assert_eq!(
+        call("delete", kv::delete(a, None, "round", "greeting")).await?,
+        Ok(())
+    );
+    assert_eq!(
+        call("exists", kv::exists(a, None, "round", "greeting")).await?,
+        Ok(false)
+    );
+    assert_eq!(
+        call("get", kv::get(a, None, "round", "greeting")).await?,
+        Ok(None)
+    );
+    // Deleting a missing key is a no-op, and a bucket never written reads as empty.
+    assert_eq!(
+        call("delete", kv::delete(a, None, "round", "greeting")).await?,
+        Ok(())
+    );
+    assert_eq!(
+        call("get", kv::get(a, None, "never-written", "x")).await?,
+        Ok(None)
+    );
+    // An empty value is a value.
+    assert_eq!(
+        call("set", kv::set(a, None, "round", "empty", &Bytes::new())).await?,
+        Ok(())
+    );
+    assert_eq!(
+        call("get", kv::get(a, None, "round", "empty")).await?,
+        Ok(Some(Bytes::new()))
+    );
+    Ok(())
+}
+
+async fn counting(a: &keyvalue_inmemory::client::Transport) -> anyhow::Result<()> {
+    // A missing key starts at delta; then 20 concurrent increments of 1 through the host.
+    let first = call("increment", kv::increment(a, None, "count", "hits", 5)).await?;
+    assert_eq!(first, Ok(5));
+    let all = futures::future::join_all(
+        (0..20).map(|_| call("increment", kv::increment(a, None, "count", "hits", 1))),
+    )
+    .await;
+    let mut seen = Vec::new();
+    for result in all {
+        seen.push(result?.map_err(|e| anyhow::anyhow!("increment: {e:?}"))?);
+    }
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (6..=25).collect::<Vec<u64>>(),
+        "each increment saw its own value"
+    );
+    assert_eq!(
+        call("get", kv::get(a, None, "count", "hits")).await?,
+        Ok(Some(bytes("25"))),
+        "a counter is stored as decimal text"
+    );
+    Ok(())
+}
+
+async fn batches_and_paging(a: &keyvalue_inmemory::client::Transport) -> anyhow::Result<()> {
+    let pairs: Vec<(String, Bytes)> = (0..10)
+        .map(|i| (format!("key-{i:02}"), bytes(&format!("value-{i}"))))
+        .collect();
+    let borrowed: Vec<(&str, &Bytes)> = pairs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    assert_eq!(
+        call("set-many", kv::set_many(a, None, "batch", &borrowed)).await?,
+        Ok(())
+    );
+    let keys = ["key-07", "missing", "key-02"];
+    let got = call("get-many", kv::get_many(a, None, "batch", &keys)).await?;
+    assert_eq!(
+        got,
+        Ok(vec![
+            Some(("key-07".to_string(), bytes("value-7"))),
+            None,
+            Some(("key-02".to_string(), bytes("value-2"))),
+        ]),
+        "get-many answers in the order asked, none for a missing key"
+    );
+
+    let mut listed = Vec::new();
+    let mut cursor = None;
+    let mut calls = 0;
+    loop {
+        calls += 1;
+        ensure!(calls <= 10, "list-keys never ended: {listed:?}");
+        let page = call("list-keys", kv::list_keys(a, None, "batch", cursor))
+            .await?
+            .map_err(|e| anyhow::anyhow!("list-keys: {e:?}"))?;
+        assert!(page.keys.len() <= PAGE, "page larger than list_page_size");
+        listed.extend(page.keys);
+        cursor = page.cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let expected: Vec<String> = pairs.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(listed, expected, "every key exactly once, in order");
+    assert_eq!(calls, 4, "10 keys in pages of {PAGE}");
+    Ok(())
+}
+
+async fn sharing_and_isolation(
+    a: &keyvalue_inmemory::client::Transport,
+    b: &keyvalue_inmemory::client::Transport,
+    c: &keyvalue_inmemory::client::Transport,
+) -> anyhow::Result<()> {
+    assert_eq!(
+        call("set", kv::set(a, None, "team", "owner", &bytes("a"))).await?,
+        Ok(())
+    );
+    assert_eq!(
+        call("get", kv::get(b, None, "team", "owner")).await?,
+        Ok(Some(bytes("a"))),
+        "kv-b shares kv-a's namespace"
+    );
+    assert_eq!(
+        call("get", kv::get(c, None, "team", "owner")).await?,
+        Ok(None),
+        "kv-c is in a namespace of its own"
+    );
+    assert_eq!(
+        call("set", kv::set(c, None, "team", "owner", &bytes("c"))).await?,
+        Ok(())
+    );
+    assert_eq!(
+        call("get", kv::get(a, None, "team", "owner")).await?,
+        Ok(Some(bytes("a")))
+    );
+    assert_eq!(
+        call("get", kv::get(c, None, "team", "owner")).await?,
+        Ok(Some(bytes("c")))
+    );
+    Ok(())
+}
+
+async fn limits(
+    lattice: &Lattice,
+    a: &keyvalue_inmemory::client::Transport,
+    b: &keyvalue_inmemory::client::Transport,
+) -> anyhow::Result<()> {
+    let long = "k".repeat(MAX_KEY + 1);
+    // The host hands get/increment errors to the component as values.
+    match call("get", kv::get(a, None, "limits", &long)).await? {
+        Err(kv::Error::Other(message)) => assert!(
+            message.contains("max_key_bytes"),
+            "the error names the limit: {message}"
+        ),
+        other => panic!("a key over max_key_bytes must be an error value, got {other:?}"),
+    }
+    assert!(matches!(
+        call("increment", kv::increment(a, None, "limits", &long, 1)).await?,
+        Err(kv::Error::Other(_))
+    ));
+    // For set, the 1.x host traps the component on a provider error (CONTRACT §1): the host
+    // ends the call without results (the client reads "incomplete results"), nothing is
+    // written, and the provider goes on serving every component.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(15),
+        kv::set(a, None, "limits", &long, &bytes("v")),
+    )
+    .await
+    .context("the trapped call got no answer at all")?;
+    assert!(
+        refused.is_err(),
+        "a set over max_key_bytes must trap the component, got {refused:?}"
+    );
+    let health = lattice
+        .provider_health(PROVIDER)
+        .await
+        .context("the provider stopped answering health after the trap")?;
+    assert!(health.starts_with("3 links"), "{health}");
+    for (component, name) in [(a, "kv-a"), (b, "kv-b")] {
+        assert_eq!(
+            call(
+                "set",
+                kv::set(component, None, "limits", "short", &bytes(name))
+            )
+            .await?,
+            Ok(()),
+            "{name} is served after kv-a trapped"
+        );
+        assert_eq!(
+            call("get", kv::get(component, None, "limits", "short")).await?,
+            Ok(Some(bytes(name)))
+        );
+    }
+    Ok(())
+}
