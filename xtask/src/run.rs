@@ -24,6 +24,9 @@ pub struct Args {
     /// Build and run the release binary.
     #[arg(long)]
     release: bool,
+    /// Run this provider binary instead of building one (the Docker image does).
+    #[arg(long, conflicts_with = "release")]
+    binary: Option<std::path::PathBuf>,
     /// Lattice name (the host's `lattice_rpc_prefix`).
     #[arg(long, default_value = "default")]
     lattice: String,
@@ -172,7 +175,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .or_else(|| server.as_ref().map(nats::Server::url))
         .unwrap_or_default();
 
-    let binary = build_provider(args.release)?;
+    let binary = match &args.binary {
+        Some(binary) => binary.clone(),
+        None => build_provider(args.release)?,
+    };
 
     let links = [(args.source.as_str(), args.namespace.as_str())];
     let mut provider = start_provider(
