@@ -88,7 +88,7 @@ pub fn up(_: Args) -> anyhow::Result<ExitCode> {
     println!(
         "\nThe demo lattice is up ({APP} deployed; the host pulls the counter and the HTTP \
          server from ghcr.io, so give it a minute):\n  \
-         counter  curl http://127.0.0.1:8000/demo   (each call increments a key in our provider)\n  \
+         counter  curl http://127.0.0.1:8000/       (each request increments a counter kept by our provider)\n  \
          traces   http://127.0.0.1:16686/           (Jaeger: pick service keyvalue-inmemory)\n  \
          NATS     {NATS}               (cargo xtask call --nats {NATS} --provider-key <id> …)\n  \
          registry 127.0.0.1:5000\n\
