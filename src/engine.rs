@@ -54,6 +54,17 @@ pub struct Limits {
     pub list_page_size: usize,
 }
 
+impl Limits {
+    /// No limit at all (restoring a snapshot; tests).
+    pub const UNLIMITED: Limits = Limits {
+        max_key_bytes: usize::MAX,
+        max_value_bytes: usize::MAX,
+        max_keys: u64::MAX,
+        max_total_bytes: u64::MAX,
+        list_page_size: 1000,
+    };
+}
+
 /// Why the engine refused an operation. The message is what the caller reads; every limit
 /// error names the config key that was hit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -462,6 +473,28 @@ impl Engine {
             .take(limit)
             .map(|ns| ns.key().to_string())
             .collect()
+    }
+
+    /// Names of the buckets of `ns` that hold keys, in no particular order.
+    pub fn bucket_names(&self, ns: &str) -> Vec<String> {
+        self.namespaces.get(ns).map_or_else(Vec::new, |n| {
+            n.buckets.iter().map(|b| b.key().to_string()).collect()
+        })
+    }
+
+    /// The keys of one bucket, in no particular order. Holds one shard's read lock at a time
+    /// while that shard's keys are copied.
+    pub fn bucket_keys(&self, ns: &str, bucket: &str) -> Vec<Box<str>> {
+        self.read_bucket(ns, bucket, |entries| {
+            entries.iter().map(|e| e.key().clone()).collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// Drops everything (a snapshot that failed half-way through loading).
+    pub fn clear(&self) {
+        self.namespaces.clear();
+        self.total_bytes.store(0, Ordering::Relaxed);
     }
 
     /// Keys and bytes of one namespace; zeros for one never written.

@@ -25,6 +25,7 @@ pub mod engine;
 pub mod links;
 pub mod provider;
 pub mod serve;
+pub mod snapshot;
 pub mod telemetry;
 
 /// Bindings generated from `wit/` (world `provider`).
@@ -47,8 +48,10 @@ pub const NAME: &str = "keyvalue-inmemory";
 /// SIGINT, once in-flight calls finished.
 pub async fn run() -> anyhow::Result<()> {
     let host_data = check_host_data()?;
+    let snapshots =
+        snapshot::Settings::from_config(&host_data.config).map_err(anyhow::Error::msg)?;
     let telemetry = telemetry::init(host_data)?;
-    let served = serve_until_stopped().await;
+    let served = serve_until_stopped(snapshots).await;
     if let Err(err) = &served {
         tracing::error!("{err:#}");
     }
@@ -56,8 +59,12 @@ pub async fn run() -> anyhow::Result<()> {
     served
 }
 
-async fn serve_until_stopped() -> anyhow::Result<()> {
+async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> anyhow::Result<()> {
     let provider = KvProvider::default();
+    // Restore before the SDK answers its first health check.
+    if let Some(settings) = &snapshots {
+        restore(&provider, settings).await?;
+    }
     telemetry::register_usage_gauges(&provider);
     let control = wasmcloud_provider_sdk::run_provider(provider.clone(), NAME)
         .await
@@ -75,29 +82,94 @@ async fn serve_until_stopped() -> anyhow::Result<()> {
         .flush()
         .await
         .context("failed to flush the data-plane subscriptions")?;
+    let periodic = snapshots
+        .clone()
+        .map(|settings| tokio::spawn(snapshot_periodically(provider.clone(), settings)));
     let serving = server.run();
     tokio::pin!(control, serving);
-    tokio::select! {
-        () = &mut control => info!("control loop ended"),
-        () = stop_signal() => info!("stop signal received"),
+    let served = tokio::select! {
+        () = &mut control => { info!("control loop ended"); None }
+        () = stop_signal() => { info!("stop signal received"); None }
         // Serving ends on its own only after `Provider::shutdown` (a host request, through
         // `control`): let the SDK send its reply before the process goes.
         served = &mut serving => {
             if tokio::time::timeout(Duration::from_secs(5), &mut control).await.is_err() {
                 warn!("control loop did not end after shutdown");
             }
-            return served;
+            Some(served)
         }
-    }
-    provider.stop();
-    let served = serving.await;
-    if tokio::time::timeout(Duration::from_secs(2), connection.nats.flush())
-        .await
-        .is_err()
-    {
-        warn!("NATS flush timed out");
+    };
+    let served = match served {
+        Some(served) => served,
+        None => {
+            provider.stop();
+            let served = serving.await;
+            if tokio::time::timeout(Duration::from_secs(2), connection.nats.flush())
+                .await
+                .is_err()
+            {
+                warn!("NATS flush timed out");
+            }
+            served
+        }
+    };
+    // In-flight calls are done: the final snapshot holds every answered write.
+    if let (Some(periodic), Some(settings)) = (periodic, snapshots) {
+        periodic.abort();
+        let _ = periodic.await;
+        write_snapshot(&provider, &settings, "final").await;
     }
     served
+}
+
+async fn restore(provider: &KvProvider, settings: &snapshot::Settings) -> anyhow::Result<()> {
+    let (p, s) = (provider.clone(), settings.clone());
+    let restored = tokio::task::spawn_blocking(move || snapshot::restore(p.engine(), &s))
+        .await
+        .context("snapshot restore panicked")??;
+    let path = settings.path.display();
+    match restored {
+        snapshot::Restored::Missing => info!("no snapshot at {path} yet: starting empty"),
+        snapshot::Restored::Loaded(stats) => info!(
+            entries = stats.entries,
+            bytes = stats.bytes,
+            "restored snapshot {path}"
+        ),
+        snapshot::Restored::MovedAside { error, moved_to } => tracing::error!(
+            "snapshot {path} is unusable ({error}); moved it to {} and starting empty",
+            moved_to.display()
+        ),
+    }
+    Ok(())
+}
+
+async fn write_snapshot(provider: &KvProvider, settings: &snapshot::Settings, which: &str) {
+    let (p, path) = (provider.clone(), settings.path.clone());
+    let started = std::time::Instant::now();
+    match tokio::task::spawn_blocking(move || snapshot::write(p.engine(), &path)).await {
+        Ok(Ok(stats)) => info!(
+            entries = stats.entries,
+            bytes = stats.bytes,
+            millis = started.elapsed().as_millis() as u64,
+            "{which} snapshot written to {}",
+            settings.path.display()
+        ),
+        Ok(Err(err)) => tracing::error!(
+            "{which} snapshot to {} failed: {err}",
+            settings.path.display()
+        ),
+        Err(err) => tracing::error!("{which} snapshot task failed: {err}"),
+    }
+}
+
+async fn snapshot_periodically(provider: KvProvider, settings: snapshot::Settings) {
+    let mut ticks = tokio::time::interval(settings.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate: nothing new to write yet
+    loop {
+        ticks.tick().await;
+        write_snapshot(&provider, &settings, "periodic").await;
+    }
 }
 
 /// Loads host data; fails with a clear message where the SDK would panic on what it holds.

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,18 @@ impl Provider {
         config: &[(&str, &str)],
         links: &[(&str, &str, Option<&str>)],
     ) -> Self {
+        Self::start_logging(server, extra_host_data, config, links, None).await
+    }
+
+    /// Like [`Provider::start_with`]; with `log`, the provider's stderr (at `info`) goes to
+    /// that file.
+    pub async fn start_logging(
+        server: &NatsServer,
+        extra_host_data: serde_json::Value,
+        config: &[(&str, &str)],
+        links: &[(&str, &str, Option<&str>)],
+        log: Option<&Path>,
+    ) -> Self {
         let key = format!("VKV{}", free_port());
         let config: HashMap<&str, &str> = config.iter().copied().collect();
         let links: Vec<_> = links
@@ -96,7 +109,7 @@ impl Provider {
         {
             fields.extend(extra.clone());
         }
-        let child = spawn_with_host_data(&host_data.to_string());
+        let child = spawn_with_host_data(&host_data.to_string(), log);
         let nats = nats::connect(server.url()).await.expect("test NATS client");
         let wrpc = Transport::new(nats.clone(), LATTICE, &key);
         let provider = Self {
@@ -267,7 +280,7 @@ impl Drop for Provider {
 
 /// Spawns the provider binary as the host does: environment cleared but for `RUST_LOG`, one
 /// line of base64 host data on stdin, then stdin closed.
-pub fn spawn_with_host_data(json: &str) -> Child {
+pub fn spawn_with_host_data(json: &str, log: Option<&Path>) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keyvalue-inmemory"));
     command
         .env_clear()
@@ -275,7 +288,10 @@ pub fn spawn_with_host_data(json: &str) -> Child {
         .stdout(Stdio::null());
     if let Some(level) = std::env::var_os("RUST_LOG") {
         command.env("RUST_LOG", level);
-    } else {
+    }
+    if let Some(log) = log {
+        command.stderr(std::fs::File::create(log).expect("log file"));
+    } else if std::env::var_os("RUST_LOG").is_none() {
         command.stderr(Stdio::null());
     }
     let mut child = command

@@ -1,0 +1,599 @@
+//! Opt-in snapshots: the whole store written to one file, periodically and on a graceful stop,
+//! and read back at start before the provider answers its first health check.
+//!
+//! # File format (version 1)
+//!
+//! ```text
+//! magic    8 bytes  "KVINMEM1"
+//! version  u32 LE   1
+//! records  …        tag u8, then
+//!                     1 namespace: len u32 LE, UTF-8 name   (following buckets belong to it)
+//!                     2 bucket:    len u32 LE, UTF-8 name   (following entries belong to it)
+//!                     3 entry:     len u32 LE, UTF-8 key, len u32 LE, value bytes
+//!                     0 end:       entries u64 LE, then the checksum
+//! checksum u32 LE   CRC-32 (IEEE) of every byte before it
+//! ```
+//!
+//! A file is accepted only whole: right magic and version, every length inside the file,
+//! UTF-8 names, the entry count and the checksum matching, nothing after the checksum. The
+//! file is read into memory once at start (a transient copy of its size) and its checksum
+//! verified before any entry is loaded.
+//!
+//! # Writing
+//!
+//! To `<path>.tmp`, fsync'd, renamed over `<path>`, then the directory fsync'd: a crash leaves
+//! either the old snapshot or the new one. The walk takes no global lock: per bucket it copies
+//! the key list (DashMap holds one shard's read lock while that shard's keys are copied;
+//! readers never wait, writers to that shard wait for the copy), then reads values a key at a
+//! time, and writes to the file with no lock held. A snapshot is therefore not a point in
+//! time: a key written while it runs may or may not be in it; a key unchanged throughout is.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::engine::Engine;
+
+/// The first bytes of a snapshot file.
+pub const MAGIC: &[u8; 8] = b"KVINMEM1";
+/// The format version this provider writes and reads.
+pub const VERSION: u32 = 1;
+
+const TAG_END: u8 = 0;
+const TAG_NAMESPACE: u8 = 1;
+const TAG_BUCKET: u8 = 2;
+const TAG_ENTRY: u8 = 3;
+
+/// Provider config keys (read at start only: changing them needs a restart).
+pub const SNAPSHOT_PATH: &str = "snapshot_path";
+pub const SNAPSHOT_INTERVAL_SECS: &str = "snapshot_interval_secs";
+pub const SNAPSHOT_REQUIRED: &str = "snapshot_required";
+
+/// Where and how often to snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub path: PathBuf,
+    pub interval: Duration,
+    /// Refuse to start when the snapshot exists but cannot be read.
+    pub required: bool,
+}
+
+impl Settings {
+    /// The snapshot settings of the provider config: `None` without `snapshot_path`. A value
+    /// that cannot be used is an error (the provider does not start): a typo must not quietly
+    /// turn durability off.
+    pub fn from_config(
+        config: &std::collections::HashMap<String, String>,
+    ) -> Result<Option<Settings>, String> {
+        let get = |key: &str| {
+            config
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.trim())
+        };
+        let Some(path) = get(SNAPSHOT_PATH).filter(|p| !p.is_empty()) else {
+            return Ok(None);
+        };
+        let interval = match get(SNAPSHOT_INTERVAL_SECS) {
+            None => 60,
+            Some(v) => v.parse::<u64>().ok().filter(|&s| s > 0).ok_or_else(|| {
+                format!("config {SNAPSHOT_INTERVAL_SECS}={v:?}: expected whole seconds > 0")
+            })?,
+        };
+        let required = match get(SNAPSHOT_REQUIRED)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => {
+                return Err(format!(
+                    "config {SNAPSHOT_REQUIRED}={v:?}: expected true or false"
+                ))
+            }
+        };
+        Ok(Some(Settings {
+            path: PathBuf::from(path),
+            interval: Duration::from_secs(interval),
+            required,
+        }))
+    }
+}
+
+/// Why a snapshot file was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read it: {0}")]
+    Io(#[from] io::Error),
+    #[error("not a keyvalue-inmemory snapshot (bad magic)")]
+    BadMagic,
+    #[error("written in format version {0}; this provider reads version {VERSION}")]
+    Version(u32),
+    #[error("truncated (it ends before its checksum)")]
+    Truncated,
+    #[error("checksum mismatch: the file is damaged")]
+    Checksum,
+    #[error("malformed at byte {offset}: {what}")]
+    Malformed { offset: u64, what: &'static str },
+}
+
+/// What a load or a write handled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// Writes the whole store to `path` atomically.
+pub fn write(engine: &Engine, path: &Path) -> io::Result<Stats> {
+    let tmp = tmp_path(path);
+    let result = write_to(engine, &tmp).and_then(|stats| {
+        fs::rename(&tmp, path)?;
+        sync_dir(path)?;
+        Ok(stats)
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// A writer that keeps the CRC of what went through it.
+struct Checksummed<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Checksummed<W> {
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.crc.update(bytes);
+        self.inner.write_all(bytes)
+    }
+
+    fn put_bytes(&mut self, tag: u8, bytes: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "over 4 GiB"))?;
+        self.put(&[tag])?;
+        self.put(&len.to_le_bytes())?;
+        self.put(bytes)
+    }
+}
+
+fn write_to(engine: &Engine, tmp: &Path) -> io::Result<Stats> {
+    let file = File::create(tmp)?;
+    let mut out = Checksummed {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        crc: crc32fast::Hasher::new(),
+    };
+    out.put(MAGIC)?;
+    out.put(&VERSION.to_le_bytes())?;
+    let mut stats = Stats::default();
+    for ns in engine.namespaces(usize::MAX) {
+        out.put_bytes(TAG_NAMESPACE, ns.as_bytes())?;
+        for bucket in engine.bucket_names(&ns) {
+            let keys = engine.bucket_keys(&ns, &bucket);
+            if keys.is_empty() {
+                continue;
+            }
+            out.put_bytes(TAG_BUCKET, bucket.as_bytes())?;
+            for key in keys {
+                // Deleted since the key list was taken: left out.
+                let Some(value) = engine.get(&ns, &bucket, &key) else {
+                    continue;
+                };
+                out.put_bytes(TAG_ENTRY, key.as_bytes())?;
+                let len = u32::try_from(value.len())
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "over 4 GiB"))?;
+                out.put(&len.to_le_bytes())?;
+                out.put(&value)?;
+                stats.entries += 1;
+                stats.bytes += (key.len() + value.len()) as u64;
+            }
+        }
+    }
+    out.put(&[TAG_END])?;
+    out.put(&stats.entries.to_le_bytes())?;
+    let crc = out.crc.clone().finalize();
+    let mut inner = out.inner;
+    inner.write_all(&crc.to_le_bytes())?;
+    let file = inner.into_inner().map_err(io::IntoInnerError::into_error)?;
+    file.sync_all()?;
+    Ok(stats)
+}
+
+/// One decoded record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Record<'a> {
+    Entry {
+        namespace: &'a str,
+        bucket: &'a str,
+        key: &'a str,
+        value: &'a [u8],
+    },
+}
+
+/// Verifies and decodes a whole snapshot, handing each entry to `sink`. Nothing reaches `sink`
+/// unless the checksum matched; a malformed body can still fail half-way, so callers load into
+/// a store they discard on error (the provider only loads at start, into an empty store).
+pub fn decode(
+    mut reader: impl Read,
+    mut sink: impl FnMut(Record<'_>),
+) -> Result<Stats, SnapshotError> {
+    let mut data = Vec::new();
+    reader.read_to_end(&mut data)?;
+    decode_bytes(&data, &mut sink)
+}
+
+fn decode_bytes(data: &[u8], sink: &mut impl FnMut(Record<'_>)) -> Result<Stats, SnapshotError> {
+    if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
+        return Err(if MAGIC.starts_with(data) {
+            SnapshotError::Truncated
+        } else {
+            SnapshotError::BadMagic
+        });
+    }
+    let mut header = Cursor {
+        data,
+        at: MAGIC.len(),
+    };
+    let version = header.u32()?;
+    if version != VERSION {
+        return Err(SnapshotError::Version(version));
+    }
+    let Some(split) = data.len().checked_sub(4) else {
+        return Err(SnapshotError::Truncated);
+    };
+    let (body, stored) = data.split_at(split);
+    let stored = u32::from_le_bytes(stored.try_into().map_err(|_| SnapshotError::Truncated)?);
+    if split < header.at || crc32fast::hash(body) != stored {
+        // A file cut short fails its checksum too: say "truncated" when its records run out
+        // before their end record.
+        return Err(match records(data, &mut |_| ()) {
+            Err(SnapshotError::Truncated) => SnapshotError::Truncated,
+            Ok((_, end)) if end + 4 > data.len() => SnapshotError::Truncated,
+            _ => SnapshotError::Checksum,
+        });
+    }
+    let (stats, end) = records(body, sink)?;
+    if end != body.len() {
+        return Err(SnapshotError::Malformed {
+            offset: end as u64,
+            what: "bytes after the end record",
+        });
+    }
+    Ok(stats)
+}
+
+/// Parses the records after the header up to the end record; answers where it ends.
+fn records(
+    data: &[u8],
+    sink: &mut impl FnMut(Record<'_>),
+) -> Result<(Stats, usize), SnapshotError> {
+    let mut at = Cursor {
+        data,
+        at: MAGIC.len() + 4,
+    };
+    let malformed = |at: &Cursor<'_>, what| SnapshotError::Malformed {
+        offset: at.at as u64,
+        what,
+    };
+    let mut namespace: Option<&str> = None;
+    let mut bucket: Option<&str> = None;
+    let mut stats = Stats::default();
+    loop {
+        match at.u8()? {
+            TAG_NAMESPACE => {
+                namespace = Some(
+                    at.str()?
+                        .ok_or_else(|| malformed(&at, "namespace not UTF-8"))?,
+                );
+                bucket = None;
+            }
+            TAG_BUCKET => {
+                if namespace.is_none() {
+                    return Err(malformed(&at, "bucket outside a namespace"));
+                }
+                bucket = Some(
+                    at.str()?
+                        .ok_or_else(|| malformed(&at, "bucket name not UTF-8"))?,
+                );
+            }
+            TAG_ENTRY => {
+                let (Some(ns), Some(b)) = (namespace, bucket) else {
+                    return Err(malformed(&at, "entry outside a bucket"));
+                };
+                let key = at.str()?.ok_or_else(|| malformed(&at, "key not UTF-8"))?;
+                let value = at.bytes()?;
+                stats.entries += 1;
+                stats.bytes += (key.len() + value.len()) as u64;
+                sink(Record::Entry {
+                    namespace: ns,
+                    bucket: b,
+                    key,
+                    value,
+                });
+            }
+            TAG_END => {
+                let count = at.u64()?;
+                if count != stats.entries {
+                    return Err(malformed(&at, "entry count differs from the end record"));
+                }
+                return Ok((stats, at.at));
+            }
+            _ => return Err(malformed(&at, "unknown record tag")),
+        }
+    }
+}
+
+struct Cursor<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+/// Reads past the end of the data are [`SnapshotError::Truncated`].
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
+        let end = self.at.checked_add(n).ok_or(SnapshotError::Truncated)?;
+        let slice = self
+            .data
+            .get(self.at..end)
+            .ok_or(SnapshotError::Truncated)?;
+        self.at = end;
+        Ok(slice)
+    }
+    fn u8(&mut self) -> Result<u8, SnapshotError> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u32(&mut self) -> Result<u32, SnapshotError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, SnapshotError> {
+        let b = self.take(8)?;
+        let mut a = [0; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], SnapshotError> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+    /// `Ok(None)` for bytes that are not UTF-8.
+    fn str(&mut self) -> Result<Option<&'a str>, SnapshotError> {
+        Ok(std::str::from_utf8(self.bytes()?).ok())
+    }
+}
+
+/// What happened at start.
+#[derive(Debug)]
+pub enum Restored {
+    /// No snapshot file yet.
+    Missing,
+    Loaded(Stats),
+    /// The file could not be used and was moved to `moved_to`; the store starts empty.
+    MovedAside {
+        error: SnapshotError,
+        moved_to: PathBuf,
+    },
+}
+
+/// Loads the snapshot at `settings.path` into `engine` (which must be empty), ignoring the
+/// limits (data over a lowered limit stays, as with a live config change). An unusable file is
+/// moved aside to `<path>.corrupt-<unix seconds>` and the store starts empty, unless
+/// `settings.required`, which makes it an error.
+pub fn restore(engine: &Engine, settings: &Settings) -> anyhow::Result<Restored> {
+    let path = &settings.path;
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Restored::Missing),
+        Err(err) => {
+            anyhow::bail!("cannot open snapshot {}: {err}", path.display())
+        }
+    };
+    let limits = engine.limits();
+    engine.set_limits(crate::engine::Limits::UNLIMITED);
+    let decoded = decode(
+        BufReader::new(file),
+        |Record::Entry {
+             namespace,
+             bucket,
+             key,
+             value,
+         }| {
+            // Unlimited: cannot fail.
+            let _ = engine.set(namespace, bucket, key, value);
+        },
+    );
+    engine.set_limits(limits);
+    match decoded {
+        Ok(stats) => Ok(Restored::Loaded(stats)),
+        Err(error) => {
+            engine.clear();
+            if settings.required {
+                anyhow::bail!(
+                    "snapshot {} is unusable ({error}) and snapshot_required=true: not starting",
+                    path.display()
+                );
+            }
+            let stamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push(format!(".corrupt-{stamp}"));
+            let moved_to = path.with_file_name(name);
+            fs::rename(path, &moved_to).map_err(|err| {
+                anyhow::anyhow!(
+                    "snapshot {} is unusable ({error}) and cannot be moved aside: {err}",
+                    path.display()
+                )
+            })?;
+            Ok(Restored::MovedAside { error, moved_to })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Limits;
+
+    fn engine() -> Engine {
+        let e = Engine::new(Limits::UNLIMITED);
+        e.set("a", "b1", "k1", b"v1").unwrap();
+        e.set("a", "b1", "empty", b"").unwrap();
+        e.set("a", "", "k", b"in the unnamed bucket").unwrap();
+        e.set("other", "b1", "k1", &[0, 255, 7]).unwrap();
+        e.increment("other", "counters", "hits", 41).unwrap();
+        e
+    }
+
+    fn encoded(e: &Engine) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        write(e, &path).unwrap();
+        fs::read(&path).unwrap()
+    }
+
+    fn contents(e: &Engine) -> Vec<(String, String, String, Vec<u8>)> {
+        let mut all = Vec::new();
+        for ns in e.namespaces(usize::MAX) {
+            for b in e.bucket_names(&ns) {
+                for k in e.bucket_keys(&ns, &b) {
+                    let v = e.get(&ns, &b, &k).unwrap();
+                    all.push((ns.clone(), b.to_string(), k.to_string(), v.to_vec()));
+                }
+            }
+        }
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn a_written_snapshot_loads_back_identically() {
+        let e = engine();
+        let bytes = encoded(&e);
+        let loaded = Engine::new(Limits::UNLIMITED);
+        let stats = decode(
+            &bytes[..],
+            |Record::Entry {
+                 namespace,
+                 bucket,
+                 key,
+                 value,
+             }| {
+                loaded.set(namespace, bucket, key, value).unwrap();
+            },
+        )
+        .unwrap();
+        assert_eq!(stats.entries, 5);
+        assert_eq!(contents(&loaded), contents(&e));
+        assert_eq!(loaded.usage(), e.usage());
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_byte_is_refused() {
+        let bytes = encoded(&engine());
+        for len in 0..bytes.len() {
+            let mut n = 0;
+            let result = decode(&bytes[..len], |_| n += 1);
+            assert!(result.is_err(), "a file cut at {len} was accepted");
+            assert_eq!(n, 0, "entries of a file cut at {len} were loaded");
+        }
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x10;
+            let mut n = 0;
+            assert!(
+                decode(&damaged[..], |_| n += 1).is_err(),
+                "a flipped byte at {i} was accepted"
+            );
+            assert_eq!(n, 0);
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode(&longer[..], |_| ()).is_err());
+    }
+
+    #[test]
+    fn another_version_is_named() {
+        let mut bytes = encoded(&engine());
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let err = decode(&bytes[..], |_| ()).unwrap_err();
+        assert!(matches!(err, SnapshotError::Version(2)), "{err}");
+        assert!(err.to_string().contains("version 2"), "{err}");
+    }
+
+    #[test]
+    fn restore_moves_an_unusable_file_aside_or_refuses_when_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        let mut bytes = encoded(&engine());
+        bytes.truncate(bytes.len() - 3);
+        fs::write(&path, &bytes).unwrap();
+        let settings = Settings {
+            path: path.clone(),
+            interval: Duration::from_secs(60),
+            required: true,
+        };
+        let e = Engine::new(Limits::UNLIMITED);
+        let err = restore(&e, &settings).unwrap_err();
+        assert!(err.to_string().contains("snapshot_required"), "{err}");
+        assert!(path.exists(), "a required snapshot stays where it is");
+
+        let settings = Settings {
+            required: false,
+            ..settings
+        };
+        match restore(&e, &settings).unwrap() {
+            Restored::MovedAside { moved_to, error } => {
+                assert!(matches!(error, SnapshotError::Truncated), "{error}");
+                assert!(moved_to.exists() && !path.exists());
+                assert!(moved_to.to_string_lossy().contains("snap.corrupt-"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.usage().keys, 0);
+        assert!(matches!(restore(&e, &settings).unwrap(), Restored::Missing));
+    }
+
+    #[test]
+    fn settings_come_from_config_and_refuse_bad_values() {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(Settings::from_config(&map(&[])), Ok(None));
+        let s = Settings::from_config(&map(&[("SNAPSHOT_PATH", "/tmp/x")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.interval, Duration::from_secs(60));
+        assert!(!s.required);
+        assert!(Settings::from_config(&map(&[
+            ("snapshot_path", "/tmp/x"),
+            ("snapshot_interval_secs", "0")
+        ]))
+        .is_err());
+        assert!(Settings::from_config(&map(&[
+            ("snapshot_path", "/tmp/x"),
+            ("snapshot_required", "yes")
+        ]))
+        .is_err());
+    }
+}
