@@ -248,6 +248,11 @@ impl Provider {
     }
 
     /// Whether the process still runs.
+    /// The provider's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
     }
