@@ -408,11 +408,7 @@ impl Engine {
     ) -> Result<KeyPage, EngineError> {
         match cursor {
             None => {
-                let mut keys: Vec<Box<str>> = self
-                    .read_bucket(ns, bucket, |entries| {
-                        entries.iter().map(|e| e.key().clone()).collect()
-                    })
-                    .unwrap_or_default();
+                let mut keys = self.bucket_keys(ns, bucket);
                 keys.sort_unstable();
                 let page_size = self.limits().list_page_size.max(1);
                 if keys.len() <= page_size {
