@@ -5,6 +5,7 @@
 mod bench;
 mod call;
 mod check;
+mod fuzz;
 mod nats;
 mod par;
 mod run;
@@ -39,6 +40,8 @@ enum Task {
     Wit(wit::Args),
     /// Validate wit/, wasmcloud.toml, wadm.yaml, docker-compose.yml, Dockerfile, flake.nix.
     Check(check::Args),
+    /// Bounded cargo-fuzz runs of the snapshot decoder and the engine (nightly).
+    Fuzz(fuzz::Args),
     /// Start the docker-compose demo lattice and deploy wadm.yaml.
     Up(up::Args),
     /// Undeploy and stop the docker-compose demo lattice.
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Task::Par(args) => par::run(args),
         Task::Wit(args) => wit::run(args),
         Task::Check(args) => check::run(args),
+        Task::Fuzz(args) => fuzz::run(args),
         Task::Up(args) => up::up(args),
         Task::Down(args) => up::down(args),
         Task::Bench(args) => bench::run(args),
