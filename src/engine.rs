@@ -30,8 +30,63 @@ use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
-/// Entries of one bucket. Boxed slices rather than `String`/`Vec` save 16 bytes a key.
-type Entries = DashMap<Box<str>, Box<[u8]>>;
+/// Entries of one bucket: a set of [`Item`]s, looked up by key.
+type Entries = DashMap<Item, ()>;
+
+/// One entry in one heap allocation: `[key length: u32 LE][key][value]`. It hashes, compares
+/// and borrows as its key, so a bucket is looked up by `&str`. One allocation instead of a
+/// boxed key and a boxed value saves a malloc header and a 16-byte slot per key (see
+/// BENCHMARKS.md, memory per key).
+struct Item(Box<[u8]>);
+
+impl Item {
+    fn new(key: &str, value: &[u8]) -> Item {
+        let len = u32::try_from(key.len()).expect("keys are bounded far below 4 GiB");
+        let mut buf = Vec::with_capacity(4 + key.len() + value.len());
+        buf.extend_from_slice(&len.to_le_bytes());
+        buf.extend_from_slice(key.as_bytes());
+        buf.extend_from_slice(value);
+        Item(buf.into_boxed_slice())
+    }
+
+    fn key_len(&self) -> usize {
+        u32::from_le_bytes([self.0[0], self.0[1], self.0[2], self.0[3]]) as usize
+    }
+
+    fn key(&self) -> &str {
+        // SAFETY: `Item::new` is the only constructor and copies these bytes from a `&str`.
+        unsafe { std::str::from_utf8_unchecked(&self.0[4..4 + self.key_len()]) }
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.0[4 + self.key_len()..]
+    }
+
+    /// Key plus value bytes, what the accounting counts.
+    fn size(&self) -> u64 {
+        (self.0.len() - 4) as u64
+    }
+}
+
+impl std::borrow::Borrow<str> for Item {
+    fn borrow(&self) -> &str {
+        self.key()
+    }
+}
+
+impl std::hash::Hash for Item {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialEq for Item {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Item {}
 
 /// How long a list-keys cursor lives after its last use.
 pub const CURSOR_IDLE_TTL: Duration = Duration::from_secs(300);
@@ -210,7 +265,9 @@ impl Engine {
     /// The value of `key`, `None` when it does not exist.
     pub fn get(&self, ns: &str, bucket: &str, key: &str) -> Option<Bytes> {
         self.read_bucket(ns, bucket, |entries| {
-            entries.get(key).map(|v| Bytes::copy_from_slice(&v))
+            entries
+                .get(key)
+                .map(|e| Bytes::copy_from_slice(e.key().value()))
         })
         .flatten()
     }
@@ -263,7 +320,7 @@ impl Engine {
             let (mut new_keys, mut change) = (0u64, 0i64);
             for (key, value) in &latest {
                 match entries.get(*key) {
-                    Some(old) => change += value.len() as i64 - old.len() as i64,
+                    Some(old) => change += value.len() as i64 - old.key().value().len() as i64,
                     None => {
                         new_keys += 1;
                         change += (key.len() + value.len()) as i64;
@@ -303,9 +360,9 @@ impl Engine {
             };
             let (mut removed, mut freed) = (0u64, 0u64);
             for key in keys {
-                if let Some((k, v)) = entries.remove(key) {
+                if let Some((item, ())) = entries.remove(key) {
                     removed += 1;
-                    freed += (k.len() + v.len()) as u64;
+                    freed += item.size();
                 }
             }
             Space::new(&self.total_bytes, &ns_ref).release(removed, freed);
@@ -329,43 +386,44 @@ impl Engine {
         let limits = self.limits();
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
-        let result = self.write_bucket(ns, bucket, |space, entries| {
-            let entry = match entries.get_mut(key) {
-                Some(found) => CounterSlot::Found(found),
-                None => match entries.entry(key.into()) {
-                    Entry::Occupied(found) => CounterSlot::Found(found.into_ref()),
-                    Entry::Vacant(vacant) => CounterSlot::Missing(vacant),
-                },
-            };
-            match entry {
-                CounterSlot::Found(mut value) => {
-                    let current =
-                        parse_counter(&value).ok_or_else(|| EngineError::NotACounter {
-                            key: key.to_owned(),
-                        })?;
-                    let next = current
+        let result = self.write_bucket(ns, bucket, |space, entries| loop {
+            // Read, compute, then write only if the value is still the one read: a
+            // compare-and-swap under the key's shard lock (an item is replaced whole, so the
+            // read cannot keep the lock across the new allocation).
+            let seen: Option<Box<[u8]>> = entries.get(key).map(|e| e.key().value().into());
+            let next = match &seen {
+                None => delta,
+                Some(value) => {
+                    let current = parse_counter(value).ok_or_else(|| EngineError::NotACounter {
+                        key: key.to_owned(),
+                    })?;
+                    current
                         .checked_add(delta)
                         .ok_or_else(|| EngineError::Overflow {
                             key: key.to_owned(),
                             current,
                             delta,
-                        })?;
-                    let text = next.to_string().into_bytes().into_boxed_slice();
-                    let grow = (text.len() as u64).saturating_sub(value.len() as u64);
-                    let reservation = space.reserve(&limits, 0, grow)?;
-                    let change = text.len() as i64 - value.len() as i64;
-                    *value = text;
-                    space.settle(reservation, 0, change);
-                    Ok(next)
+                        })?
                 }
-                CounterSlot::Missing(vacant) => {
-                    let text = delta.to_string().into_bytes().into_boxed_slice();
+            };
+            let text = next.to_string();
+            match (entries.entry(Item::new(key, text.as_bytes())), &seen) {
+                (Entry::Occupied(found), Some(old)) if found.key().value() == &old[..] => {
+                    let grow = (text.len() as u64).saturating_sub(old.len() as u64);
+                    let reservation = space.reserve(&limits, 0, grow)?;
+                    found.replace_entry(());
+                    space.settle(reservation, 0, text.len() as i64 - old.len() as i64);
+                    return Ok(next);
+                }
+                (Entry::Vacant(vacant), None) => {
                     let size = (key.len() + text.len()) as u64;
                     let reservation = space.reserve(&limits, 1, size)?;
-                    vacant.insert(text);
+                    vacant.insert(());
                     space.settle(reservation, 1, size as i64);
-                    Ok(delta)
+                    return Ok(delta);
                 }
+                // Another writer got there between the read and the write: read again.
+                _ => continue,
             }
         });
         if result.is_err() {
@@ -387,7 +445,7 @@ impl Engine {
                     let key = key.as_ref();
                     entries
                         .get(key)
-                        .map(|v| (key.to_owned(), Bytes::copy_from_slice(&v)))
+                        .map(|e| (key.to_owned(), Bytes::copy_from_slice(e.key().value())))
                 })
                 .collect()
         })
@@ -482,7 +540,7 @@ impl Engine {
     /// while that shard's keys are copied.
     pub fn bucket_keys(&self, ns: &str, bucket: &str) -> Vec<Box<str>> {
         self.read_bucket(ns, bucket, |entries| {
-            entries.iter().map(|e| e.key().clone()).collect()
+            entries.iter().map(|e| Box::from(e.key().key())).collect()
         })
         .unwrap_or_default()
     }
@@ -539,11 +597,6 @@ fn drop_empty(buckets: &DashMap<Box<str>, Entries>, bucket: &str) {
     buckets.remove_if(bucket, |_, entries| entries.is_empty());
 }
 
-enum CounterSlot<'a> {
-    Found(dashmap::mapref::one::RefMut<'a, Box<str>, Box<[u8]>>),
-    Missing(dashmap::mapref::entry::VacantEntry<'a, Box<str>, Box<[u8]>>),
-}
-
 fn check_key(limits: &Limits, what: &'static str, key: &str) -> Result<(), EngineError> {
     if key.len() > limits.max_key_bytes {
         return Err(EngineError::KeyTooLarge {
@@ -557,19 +610,14 @@ fn check_key(limits: &Limits, what: &'static str, key: &str) -> Result<(), Engin
 
 /// Writes one entry; answers whether the key is new and by how many bytes the store changed.
 fn put(entries: &Entries, key: &str, value: &[u8]) -> (bool, i64) {
-    if let Some(mut old) = entries.get_mut(key) {
-        let change = value.len() as i64 - old.len() as i64;
-        *old = value.into();
-        return (false, change);
-    }
-    match entries.entry(key.into()) {
-        Entry::Occupied(mut old) => {
-            let change = value.len() as i64 - old.get().len() as i64;
-            old.insert(value.into());
+    match entries.entry(Item::new(key, value)) {
+        Entry::Occupied(old) => {
+            let change = value.len() as i64 - old.key().value().len() as i64;
+            old.replace_entry(());
             (false, change)
         }
         Entry::Vacant(vacant) => {
-            vacant.insert(value.into());
+            vacant.insert(());
             (true, (key.len() + value.len()) as i64)
         }
     }
