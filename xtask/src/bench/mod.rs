@@ -11,6 +11,7 @@
 //! wit-bindgen-wrpc 0.10 generates); calls it loses (CONTRACT.md §7) are counted per phase as
 //! `lost`, each one stalling its worker for the call timeout.
 
+mod drops;
 mod floor;
 
 use std::collections::BTreeMap;
@@ -149,6 +150,8 @@ struct Phase {
     calls: u64,
     errors: u64,
     lost: u64,
+    /// Handshakes and other messages the client dropped during the phase (see drops.rs).
+    client_drops: (u64, u64),
     seconds: f64,
     latencies_us: Vec<u32>,
 }
@@ -227,6 +230,7 @@ async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Result
 /// `inflight` workers calling for `seconds`.
 async fn drive(target: &Target, workload: Workload, inflight: usize, seconds: f64) -> Phase {
     let duration = Duration::from_secs_f64(seconds);
+    let drops_before = drops::dropped();
     let start = Instant::now();
     let deadline = start + duration;
     let workers: Vec<_> = (0..inflight)
@@ -264,6 +268,12 @@ async fn drive(target: &Target, workload: Workload, inflight: usize, seconds: f6
     }
     total.seconds = start.elapsed().as_secs_f64();
     total.latencies_us.sort_unstable();
+    // Late answers to calls already counted lost also land here; phases run one at a time.
+    let drops_after = drops::dropped();
+    total.client_drops = (
+        drops_after.0 - drops_before.0,
+        drops_after.1 - drops_before.1,
+    );
     total
 }
 
@@ -304,6 +314,7 @@ impl Drop for Killed {
 
 /// Entry of the release build: measures and writes the report.
 pub fn run_release(args: Args) -> anyhow::Result<ExitCode> {
+    drops::install();
     tokio::runtime::Runtime::new()?.block_on(measure(args))
 }
 
@@ -441,12 +452,14 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
                 };
                 let phase = drive(target, workload, k, args.seconds).await;
                 eprintln!(
-                    "[{done}/{total}] round {} {:<24} K={k:<3} {name:<7} {:>9.0} calls/s  p50 {:>6.0} µs  lost {}",
+                    "[{done}/{total}] round {} {:<24} K={k:<3} {name:<7} {:>9.0} calls/s  p50 {:>6.0} µs  lost {}  client dropped {} handshakes, {} results",
                     round + 1,
                     workload.name(),
                     phase.calls_per_sec(),
                     phase.percentile(0.5),
-                    phase.lost
+                    phase.lost,
+                    phase.client_drops.0,
+                    phase.client_drops.1
                 );
                 results
                     .entry((workload, k))
@@ -575,8 +588,8 @@ fn report(
         args.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
-    md.push_str("| workload | in flight | ours calls/s | floor calls/s | ours / floor | ours p50 / p99 / p999 µs | floor p50 / p99 / p999 µs | key-ops/s (ours) | lost (ours, floor) |\n");
-    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| workload | in flight | ours calls/s | floor calls/s | ours / floor | ours p50 / p99 / p999 µs | floor p50 / p99 / p999 µs | key-ops/s (ours) | lost (ours, floor) | handshakes the client dropped (ours, floor) | results the client dropped (ours, floor) |\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for ((workload, k), by_target) in results {
         let stat = |name: &str, f: &dyn Fn(&Phase) -> f64| {
             by_target
@@ -605,13 +618,20 @@ fn report(
         };
         let (o50, o99, o999) = pct(main);
         let (f50, f99, f999) = pct("floor");
-        let lost = |name: &str| {
+        let sum = |name: &str, f: fn(&Phase) -> u64| {
             by_target
                 .get(name)
-                .map_or(0, |v| v.iter().map(|p| p.lost).sum::<u64>())
+                .map_or(0, |v| v.iter().map(f).sum::<u64>())
+        };
+        let lost = |name: &str| sum(name, |p| p.lost);
+        let drops = |name: &str| {
+            (
+                sum(name, |p| p.client_drops.0),
+                sum(name, |p| p.client_drops.1),
+            )
         };
         md.push_str(&format!(
-            "| {} | {k} | {rate:.0} | {} | {} | {o50:.0} / {o99:.0} / {o999:.0} | {} | {:.0} | {}, {} |\n",
+            "| {} | {k} | {rate:.0} | {} | {} | {o50:.0} / {o99:.0} / {o999:.0} | {} | {:.0} | {}, {} | {}, {} | {}, {} |\n",
             workload.name(),
             floor_rate.map_or("".into(), |r| format!("{r:.0}")),
             ratio.map_or("".into(), |r| format!("{r:.2}")),
@@ -619,6 +639,10 @@ fn report(
             rate * workload.keys_per_call() as f64,
             lost(main),
             lost("floor"),
+            drops(main).0,
+            drops("floor").0,
+            drops(main).1,
+            drops("floor").1,
         ));
         let compare = stat("compare", &|p| p.calls_per_sec());
         rows.push(json!({
@@ -626,6 +650,8 @@ fn report(
             "ratio_to_floor": ratio, "p50_us": o50, "p99_us": o99, "p999_us": o999,
             "floor_p50_us": f50, "key_ops_per_sec": rate * workload.keys_per_call() as f64,
             "lost": lost(main), "floor_lost": lost("floor"), "compare_calls_per_sec": compare,
+            "client_dropped_handshakes": drops(main).0, "floor_client_dropped_handshakes": drops("floor").0,
+            "client_dropped_results": drops(main).1, "floor_client_dropped_results": drops("floor").1,
         }));
         if let Some(c) = compare {
             md.push_str(&format!(

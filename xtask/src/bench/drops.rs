@@ -1,0 +1,80 @@
+//! Counts the messages the load generator's wRPC client (wrpc-transport-nats 0.29, the host's)
+//! throws away, as that client reports them itself.
+//!
+//! Its demultiplexing task routes every message on the client's inbox to the call that
+//! registered its subject. A call registers its handshake and result subjects by sending a
+//! command to that task, then publishes the invocation without waiting for the task to apply
+//! the command; the task `select!`s between its command queue and incoming messages, so a
+//! reply can be handled before its subscription and is dropped with the debug event
+//! "drop message with no subscriber". The call then waits for an answer that already came.
+//! Each such event is counted here; `bench` prints them next to the calls it lost.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::Layer;
+
+static HANDSHAKES: AtomicU64 = AtomicU64::new(0);
+static OTHERS: AtomicU64 = AtomicU64::new(0);
+
+/// Messages the client dropped so far: (handshakes, others). A dropped handshake (a message on
+/// the call's own inbox subject) leaves its call waiting for good; results arriving after a
+/// call gave up or finished land in "others".
+pub fn dropped() -> (u64, u64) {
+    (
+        HANDSHAKES.load(Ordering::Relaxed),
+        OTHERS.load(Ordering::Relaxed),
+    )
+}
+
+struct CountDrops;
+
+#[derive(Default)]
+struct Drop {
+    is_drop: bool,
+    subject: String,
+}
+
+impl Visit for Drop {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.is_drop |= value == "drop message with no subscriber";
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "message" => {
+                self.is_drop |= format!("{value:?}") == "drop message with no subscriber";
+            }
+            "subject" => self.subject = format!("{value:?}"),
+            _ => {}
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for CountDrops {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut drop = Drop::default();
+        event.record(&mut drop);
+        if drop.is_drop {
+            // Inbox subjects are `_INBOX.<client>.<call>`; results go to `….results` (the
+            // field is the Debug form of async_nats::Subject, with the subject inside).
+            if drop.subject.contains(".results") {
+                OTHERS.fetch_add(1, Ordering::Relaxed);
+            } else {
+                HANDSHAKES.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Installs the counter for this process (debug events of wrpc_transport_nats only).
+pub fn install() {
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_target("wrpc_transport_nats", tracing::Level::DEBUG);
+    let subscriber = tracing_subscriber::registry().with(CountDrops.with_filter(filter));
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        eprintln!("(a tracing subscriber was already set: client drops are not counted)");
+    }
+}
