@@ -125,8 +125,14 @@ pub struct Stats {
     pub bytes: u64,
 }
 
+/// One snapshot write at a time in this process: a periodic write still running on its
+/// blocking thread when the provider stops must finish before the final one starts, or it
+/// could rename an older snapshot over the final one (both share `<path>.tmp`).
+static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Writes the whole store to `path` atomically.
 pub fn write(engine: &Engine, path: &Path) -> io::Result<Stats> {
+    let _one_at_a_time = WRITING.lock().unwrap_or_else(|poison| poison.into_inner());
     let tmp = tmp_path(path);
     let result = write_to(engine, &tmp).and_then(|stats| {
         fs::rename(&tmp, path)?;
@@ -379,6 +385,22 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Decodes a snapshot into `engine`; entries its limits refuse are left out (restore lifts
+/// the limits while it loads).
+pub fn load(reader: impl Read, engine: &Engine) -> Result<Stats, SnapshotError> {
+    decode(
+        reader,
+        |Record::Entry {
+             namespace,
+             bucket,
+             key,
+             value,
+         }| {
+            let _ = engine.set(namespace, bucket, key, value);
+        },
+    )
+}
+
 /// What happened at start.
 #[derive(Debug)]
 pub enum Restored {
@@ -407,18 +429,7 @@ pub fn restore(engine: &Engine, settings: &Settings) -> anyhow::Result<Restored>
     };
     let limits = engine.limits();
     engine.set_limits(crate::engine::Limits::UNLIMITED);
-    let decoded = decode(
-        BufReader::new(file),
-        |Record::Entry {
-             namespace,
-             bucket,
-             key,
-             value,
-         }| {
-            // Unlimited: cannot fail.
-            let _ = engine.set(namespace, bucket, key, value);
-        },
-    );
+    let decoded = load(BufReader::new(file), engine);
     engine.set_limits(limits);
     match decoded {
         Ok(stats) => Ok(Restored::Loaded(stats)),
@@ -488,18 +499,7 @@ mod tests {
         let e = engine();
         let bytes = encoded(&e);
         let loaded = Engine::new(Limits::UNLIMITED);
-        let stats = decode(
-            &bytes[..],
-            |Record::Entry {
-                 namespace,
-                 bucket,
-                 key,
-                 value,
-             }| {
-                loaded.set(namespace, bucket, key, value).unwrap();
-            },
-        )
-        .unwrap();
+        let stats = load(&bytes[..], &loaded).unwrap();
         assert_eq!(stats.entries, 5);
         assert_eq!(contents(&loaded), contents(&e));
         assert_eq!(loaded.usage(), e.usage());
