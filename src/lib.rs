@@ -60,9 +60,9 @@ pub async fn run() -> anyhow::Result<()> {
 }
 
 async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> anyhow::Result<()> {
-    let provider = KvProvider::default();
+    let provider = KvProvider::new(config::Config::default(), snapshots);
     // Restore before the SDK answers its first health check.
-    if let Some(settings) = &snapshots {
+    if let Some(settings) = provider.snapshots() {
         restore(&provider, settings).await?;
     }
     telemetry::register_usage_gauges(&provider);
@@ -82,9 +82,9 @@ async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> anyhow::R
         .flush()
         .await
         .context("failed to flush the data-plane subscriptions")?;
-    let periodic = snapshots
-        .clone()
-        .map(|settings| tokio::spawn(snapshot_periodically(provider.clone(), settings)));
+    let periodic = provider
+        .snapshots()
+        .map(|settings| tokio::spawn(snapshot_periodically(provider.clone(), settings.interval)));
     let serving = server.run();
     tokio::pin!(control, serving);
     let served = tokio::select! {
@@ -113,12 +113,13 @@ async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> anyhow::R
             served
         }
     };
-    // In-flight calls are done: the final snapshot holds every answered write.
-    if let (Some(periodic), Some(settings)) = (periodic, snapshots) {
+    // In-flight calls are done: the final snapshot holds every answered write (after a host
+    // request, `Provider::shutdown` already wrote it).
+    if let Some(periodic) = periodic {
         periodic.abort();
         let _ = periodic.await;
-        write_snapshot(&provider, &settings, "final").await;
     }
+    provider.write_final_snapshot().await;
     served
 }
 
@@ -143,32 +144,13 @@ async fn restore(provider: &KvProvider, settings: &snapshot::Settings) -> anyhow
     Ok(())
 }
 
-async fn write_snapshot(provider: &KvProvider, settings: &snapshot::Settings, which: &str) {
-    let (p, path) = (provider.clone(), settings.path.clone());
-    let started = std::time::Instant::now();
-    match tokio::task::spawn_blocking(move || snapshot::write(p.engine(), &path)).await {
-        Ok(Ok(stats)) => info!(
-            entries = stats.entries,
-            bytes = stats.bytes,
-            millis = started.elapsed().as_millis() as u64,
-            "{which} snapshot written to {}",
-            settings.path.display()
-        ),
-        Ok(Err(err)) => tracing::error!(
-            "{which} snapshot to {} failed: {err}",
-            settings.path.display()
-        ),
-        Err(err) => tracing::error!("{which} snapshot task failed: {err}"),
-    }
-}
-
-async fn snapshot_periodically(provider: KvProvider, settings: snapshot::Settings) {
-    let mut ticks = tokio::time::interval(settings.interval);
+async fn snapshot_periodically(provider: KvProvider, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate: nothing new to write yet
     loop {
         ticks.tick().await;
-        write_snapshot(&provider, &settings, "periodic").await;
+        provider.write_snapshot("periodic").await;
     }
 }
 

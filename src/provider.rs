@@ -44,17 +44,22 @@ struct Inner {
     stop: CancellationToken,
     /// Cancelled by the serving loop once in-flight calls have finished.
     drained: CancellationToken,
+    /// Where snapshots go, when they are on.
+    snapshots: Option<crate::snapshot::Settings>,
+    /// Whether the final snapshot was written (it is written once, by whichever stop path
+    /// gets there first).
+    final_written: tokio::sync::Mutex<bool>,
 }
 
 impl Default for KvProvider {
     fn default() -> Self {
-        Self::new(Config::default())
+        Self::new(Config::default(), None)
     }
 }
 
 impl KvProvider {
-    /// A provider with an empty store and `config`.
-    pub fn new(config: Config) -> Self {
+    /// A provider with an empty store and `config`, snapshotting as `snapshots` says.
+    pub fn new(config: Config, snapshots: Option<crate::snapshot::Settings>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine: Engine::new(config.limits),
@@ -62,7 +67,47 @@ impl KvProvider {
                 config: RwLock::new(config),
                 stop: CancellationToken::new(),
                 drained: CancellationToken::new(),
+                snapshots,
+                final_written: tokio::sync::Mutex::new(false),
             }),
+        }
+    }
+
+    /// The snapshot settings, when snapshots are on.
+    pub fn snapshots(&self) -> Option<&crate::snapshot::Settings> {
+        self.inner.snapshots.as_ref()
+    }
+
+    /// Writes a snapshot now (on a blocking thread), logging the outcome.
+    pub async fn write_snapshot(&self, which: &str) {
+        let Some(settings) = self.snapshots() else {
+            return;
+        };
+        let (provider, path) = (self.clone(), settings.path.clone());
+        let started = std::time::Instant::now();
+        let written =
+            tokio::task::spawn_blocking(move || crate::snapshot::write(provider.engine(), &path))
+                .await;
+        let path = settings.path.display();
+        match written {
+            Ok(Ok(stats)) => info!(
+                entries = stats.entries,
+                bytes = stats.bytes,
+                millis = started.elapsed().as_millis() as u64,
+                "{which} snapshot written to {path}"
+            ),
+            Ok(Err(err)) => tracing::error!("{which} snapshot to {path} failed: {err}"),
+            Err(err) => tracing::error!("{which} snapshot task failed: {err}"),
+        }
+    }
+
+    /// The snapshot of a stop, once in-flight calls are done: written once, whichever stop
+    /// path (the host's shutdown request, a signal) comes first.
+    pub async fn write_final_snapshot(&self) {
+        let mut written = self.inner.final_written.lock().await;
+        if !*written {
+            self.write_snapshot("final").await;
+            *written = true;
         }
     }
 
@@ -399,6 +444,9 @@ impl Provider for KvProvider {
         {
             warn!("in-flight calls did not finish within {DRAIN_WAIT:?}");
         }
+        // Before the SDK answers the request: the 1.x host kills the process as soon as the
+        // answer arrives (it drops the child, spawned with kill_on_drop).
+        self.write_final_snapshot().await;
         Ok(())
     }
 }

@@ -74,6 +74,7 @@ fn the_provider_serves_real_components_through_a_wasmcloud_host() {
     // Dropping the runtime drops the host's tasks, which kill any process it still runs.
     drop(runtime);
     result.unwrap();
+    stopped_by_the_host_loses_nothing(&tmp.path().join("kv.snapshot"));
 }
 
 async fn scenario(lattice: &Lattice, par: &Path, dir: &Path) -> anyhow::Result<()> {
@@ -83,6 +84,9 @@ async fn scenario(lattice: &Lattice, par: &Path, dir: &Path) -> anyhow::Result<(
             &[
                 ("max_key_bytes", &MAX_KEY.to_string()),
                 ("list_page_size", &PAGE.to_string()),
+                // Only the final snapshot, written when the host stops the provider.
+                ("snapshot_path", dir.join("kv.snapshot").to_str().unwrap()),
+                ("snapshot_interval_secs", "3600"),
             ],
         )
         .await?;
@@ -338,4 +342,18 @@ async fn limits(
         );
     }
     Ok(())
+}
+
+/// The host stops a provider with a shutdown request and kills the process as soon as it is
+/// answered: the final snapshot must be on disk by then, with every answered write.
+fn stopped_by_the_host_loses_nothing(path: &Path) {
+    let file = std::fs::File::open(path).expect("no snapshot after the host stopped the provider");
+    let engine =
+        keyvalue_inmemory::engine::Engine::new(keyvalue_inmemory::engine::Limits::UNLIMITED);
+    keyvalue_inmemory::snapshot::load(file, &engine).expect("the final snapshot does not load");
+    let get = |ns: &str, bucket: &str, key: &str| engine.get(ns, bucket, key).map(|v| v.to_vec());
+    assert_eq!(get("shared", "team", "owner"), Some(b"a".to_vec()));
+    assert_eq!(get("alone", "team", "owner"), Some(b"c".to_vec()));
+    assert_eq!(get("shared", "count", "hits"), Some(b"25".to_vec()));
+    assert_eq!(get("shared", "limits", "short"), Some(b"kv-b".to_vec()));
 }
