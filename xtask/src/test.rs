@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use crate::{echo, nats, par, root, run, run_command};
+use crate::{echo, nats, par, root, run_command};
 
 /// Runs `cargo test --workspace` with NATS_SERVER_BIN and KEYVALUE_PAR set.
 #[derive(clap::Args)]
@@ -16,14 +16,16 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let nats_server = nats::server_binary()?;
-    let archive = e2e_archive()?;
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // Build everything first, in the same invocation (same feature unification) as the run
+    // below: the provider binary the archive is made of is then the one the other tests run.
+    // `cargo build -p keyvalue-inmemory` would resolve features for the provider alone and
+    // build a second copy of the whole tree (wasmtime included).
+    run_command(&mut cargo_test(&args, true))?;
+    let archive = e2e_archive(&root().join("target/debug/keyvalue-inmemory"))?;
+    let mut command = cargo_test(&args, false);
     command
-        .current_dir(root())
         .env("NATS_SERVER_BIN", &nats_server)
-        .env("KEYVALUE_PAR", &archive)
-        .args(["test", "--workspace"])
-        .args(&args.cargo_args);
+        .env("KEYVALUE_PAR", &archive);
     echo(&command);
     let status = command.status()?;
     Ok(if status.success() {
@@ -33,15 +35,34 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The archive the host starts in the real-lattice test: the debug build (the one the other
-/// tests run, so no second build), stripped of debug info (~180 MB → a few tens of MB; the
-/// host copies it into its cache), uncompressed, signed with throwaway keys under target/.
-fn e2e_archive() -> anyhow::Result<PathBuf> {
-    let binary = run::build_provider(false)?;
+/// `cargo test --workspace` with the user's arguments; `--no-run` goes before any `--` (the
+/// arguments after it are the test harness's).
+fn cargo_test(args: &Args, no_run: bool) -> Command {
+    let split = (args.cargo_args.iter())
+        .position(|arg| arg == "--")
+        .unwrap_or(args.cargo_args.len());
+    let (cargo, harness) = args.cargo_args.split_at(split);
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command
+        .current_dir(root())
+        .args(["test", "--workspace"])
+        .args(cargo);
+    if no_run {
+        command.arg("--no-run");
+    } else {
+        command.args(harness);
+    }
+    command
+}
+
+/// The archive the host starts in the real-lattice test: the debug build the other tests run,
+/// stripped (the host copies it into its cache), uncompressed, signed with throwaway keys under
+/// target/.
+fn e2e_archive(binary: &Path) -> anyhow::Result<PathBuf> {
     let dir = root().join("target/e2e");
     std::fs::create_dir_all(&dir)?;
     let stripped = dir.join("keyvalue-inmemory");
-    strip(&binary, &stripped)?;
+    strip(binary, &stripped)?;
     let archive = par::write(&stripped, &dir, &dir.join("keys"), false)?;
     eprintln!("wrote {}", archive.display());
     Ok(archive)
