@@ -88,6 +88,9 @@ impl PartialEq for Item {
 
 impl Eq for Item {}
 
+/// Bytes of values get-many copies into one shared allocation before starting another.
+const GET_MANY_BUFFER: usize = 64 * 1024;
+
 /// How long a list-keys cursor lives after its last use.
 pub const CURSOR_IDLE_TTL: Duration = Duration::from_secs(300);
 
@@ -233,6 +236,10 @@ pub struct Engine {
     // never held across anything but a copy.
     limits: RwLock<Limits>,
     listings: Listings,
+    /// Keys removed so far, anywhere. A listing page re-checks its keys against the bucket
+    /// only when this moved since the listing's snapshot: a page of 1,000 keys of a 1M-key
+    /// bucket is otherwise 1,000 cache-missing lookups for nothing.
+    removals: AtomicU64,
 }
 
 impl Engine {
@@ -243,6 +250,7 @@ impl Engine {
             total_bytes: AtomicU64::new(0),
             limits: RwLock::new(limits),
             listings: Listings::default(),
+            removals: AtomicU64::new(0),
         }
     }
 
@@ -366,6 +374,7 @@ impl Engine {
                 }
             }
             Space::new(&self.total_bytes, &ns_ref).release(removed, freed);
+            self.removals.fetch_add(removed, Ordering::SeqCst);
             entries.is_empty()
         };
         if emptied {
@@ -433,23 +442,32 @@ impl Engine {
     }
 
     /// `(key, value)` for each key asked, in the order asked; `None` for a missing key.
-    pub fn get_many<S: AsRef<str>>(
+    ///
+    /// Allocation-lean, since a batch is the bulk path: the keys move into the answer, and the
+    /// values are copied into shared buffers (`Bytes` slices of a few allocations), not one
+    /// allocation each.
+    pub fn get_many(
         &self,
         ns: &str,
         bucket: &str,
-        keys: &[S],
+        keys: Vec<String>,
     ) -> Vec<Option<(String, Bytes)>> {
+        let asked = keys.len();
         self.read_bucket(ns, bucket, |entries| {
-            keys.iter()
+            let mut buffer = bytes::BytesMut::new();
+            keys.into_iter()
                 .map(|key| {
-                    let key = key.as_ref();
-                    entries
-                        .get(key)
-                        .map(|e| (key.to_owned(), Bytes::copy_from_slice(e.key().value())))
+                    let entry = entries.get(key.as_str())?;
+                    let value = entry.key().value();
+                    if buffer.capacity() < value.len() {
+                        buffer.reserve(value.len().max(GET_MANY_BUFFER));
+                    }
+                    buffer.extend_from_slice(value);
+                    Some((key, buffer.split().freeze()))
                 })
                 .collect()
         })
-        .unwrap_or_else(|| vec![None; keys.len()])
+        .unwrap_or_else(|| vec![None; asked])
     }
 
     /// One page of the bucket's keys, in lexicographic order.
@@ -466,21 +484,25 @@ impl Engine {
     ) -> Result<KeyPage, EngineError> {
         match cursor {
             None => {
-                let mut keys = self.bucket_keys(ns, bucket);
-                keys.sort_unstable();
+                // Read before the snapshot: a removal racing with it makes pages re-check.
+                let removals = self.removals.load(Ordering::SeqCst);
+                let keys = self
+                    .read_bucket(ns, bucket, SortedKeys::of)
+                    .unwrap_or_default();
                 let page_size = self.limits().list_page_size.max(1);
                 if keys.len() <= page_size {
                     return Ok(KeyPage {
-                        keys: keys.into_iter().map(String::from).collect(),
+                        keys: keys.strings(0..keys.len()),
                         cursor: None,
                     });
                 }
-                let first = keys[..page_size].iter().map(|k| k.to_string()).collect();
+                let first = keys.strings(0..page_size);
                 let cursor = self.listings.open(Listing {
                     namespace: ns.into(),
                     bucket: bucket.into(),
                     keys,
                     page_size,
+                    removals,
                     last_used: Instant::now(),
                 });
                 Ok(KeyPage {
@@ -489,17 +511,14 @@ impl Engine {
                 })
             }
             Some(cursor) => {
-                let (candidates, next) = self.listings.page(ns, bucket, cursor)?;
+                let (mut keys, next, removals) = self.listings.page(ns, bucket, cursor)?;
                 // Leave out what was deleted since the snapshot.
-                let keys = self
-                    .read_bucket(ns, bucket, |entries| {
-                        candidates
-                            .into_iter()
-                            .filter(|k| entries.contains_key(&**k))
-                            .map(String::from)
-                            .collect()
+                if self.removals.load(Ordering::SeqCst) != removals {
+                    self.read_bucket(ns, bucket, |entries| {
+                        keys.retain(|k| entries.contains_key(k.as_str()));
                     })
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| keys.clear());
+                }
                 Ok(KeyPage { keys, cursor: next })
             }
         }
@@ -549,6 +568,7 @@ impl Engine {
     pub fn clear(&self) {
         self.namespaces.clear();
         self.total_bytes.store(0, Ordering::Relaxed);
+        self.removals.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Keys and bytes of one namespace; zeros for one never written.
@@ -708,12 +728,81 @@ fn adjust(counter: &AtomicU64, change: i64) {
     }
 }
 
+/// A bucket's keys in lexicographic order, in two allocations: the key bytes back to back
+/// and where each key ends. A listing of 1M keys holds no per-key allocations, and sorting
+/// reads the keys' first 16 bytes from one contiguous array instead of chasing a pointer per
+/// comparison.
+#[derive(Default)]
+struct SortedKeys {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl SortedKeys {
+    /// Copies and sorts the keys of `entries`, one shard's read lock at a time.
+    fn of(entries: &Entries) -> SortedKeys {
+        /// A key: its first 16 bytes (zero-padded, big-endian, so comparing them orders keys
+        /// as comparing the bytes does, up to ties) and where it is in `bytes`.
+        struct Unsorted {
+            prefix: u128,
+            start: usize,
+            end: usize,
+        }
+        let mut bytes = Vec::new();
+        let mut unsorted = Vec::with_capacity(entries.len());
+        for item in entries.iter() {
+            let key = item.key().key().as_bytes();
+            let mut prefix = [0u8; 16];
+            let n = key.len().min(16);
+            prefix[..n].copy_from_slice(&key[..n]);
+            let start = bytes.len();
+            bytes.extend_from_slice(key);
+            unsorted.push(Unsorted {
+                prefix: u128::from_be_bytes(prefix),
+                start,
+                end: bytes.len(),
+            });
+        }
+        // Equal prefixes need the full comparison: "a" and "a\0" pad to the same prefix.
+        unsorted.sort_unstable_by(|a, b| {
+            a.prefix
+                .cmp(&b.prefix)
+                .then_with(|| bytes[a.start..a.end].cmp(&bytes[b.start..b.end]))
+        });
+        let mut sorted = SortedKeys {
+            bytes: Vec::with_capacity(bytes.len()),
+            ends: Vec::with_capacity(unsorted.len()),
+        };
+        for key in &unsorted {
+            sorted.bytes.extend_from_slice(&bytes[key.start..key.end]);
+            sorted.ends.push(sorted.bytes.len());
+        }
+        sorted
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn key(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        // SAFETY: the bytes between two ends are one key copied from a `str`.
+        unsafe { std::str::from_utf8_unchecked(&self.bytes[start..self.ends[i]]) }
+    }
+
+    fn strings(&self, range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| self.key(i).to_owned()).collect()
+    }
+}
+
 /// A sorted snapshot of a bucket's keys that later pages are cut from.
 struct Listing {
     namespace: Box<str>,
     bucket: Box<str>,
-    keys: Vec<Box<str>>,
+    keys: SortedKeys,
     page_size: usize,
+    /// `Engine::removals` when the snapshot was taken.
+    removals: u64,
     last_used: Instant,
 }
 
@@ -772,7 +861,7 @@ impl Listings {
         ns: &str,
         bucket: &str,
         cursor: u64,
-    ) -> Result<(Vec<Box<str>>, Option<u64>), EngineError> {
+    ) -> Result<(Vec<String>, Option<u64>, u64), EngineError> {
         let id = (cursor >> 32) as u32;
         let page = (cursor & 0xffff_ffff) as usize;
         let mut open = self
@@ -791,7 +880,8 @@ impl Listings {
         let end = start
             .saturating_add(listing.page_size)
             .min(listing.keys.len());
-        let keys = listing.keys[start..end].to_vec();
+        let keys = listing.keys.strings(start..end);
+        let removals = listing.removals;
         listing.last_used = Instant::now();
         let next = if end == listing.keys.len() {
             open.remove(&id);
@@ -799,7 +889,7 @@ impl Listings {
         } else {
             Some(cursor + 1)
         };
-        Ok((keys, next))
+        Ok((keys, next, removals))
     }
 }
 
@@ -833,7 +923,10 @@ mod tests {
                 cursor: None
             }
         );
-        assert_eq!(e.get_many("ns", "b", &["a", "b"]), vec![None, None]);
+        assert_eq!(
+            e.get_many("ns", "b", strings(&["a", "b"])),
+            vec![None, None]
+        );
         assert_eq!(e.usage(), Usage::default());
     }
 
@@ -962,7 +1055,7 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("max_keys"));
         assert_eq!(
-            e.get_many("n", "b", &["a", "b", "c", "d"])
+            e.get_many("n", "b", strings(&["a", "b", "c", "d"]))
                 .iter()
                 .flatten()
                 .count(),
@@ -985,7 +1078,7 @@ mod tests {
         let e = Engine::new(limits());
         e.set_many("n", "b", [("x", &b"1"[..]), ("y", b"2")])
             .unwrap();
-        let got = e.get_many("n", "b", &["y", "missing", "x", "y"]);
+        let got = e.get_many("n", "b", strings(&["y", "missing", "x", "y"]));
         assert_eq!(
             got,
             vec![
@@ -995,6 +1088,10 @@ mod tests {
                 Some(("y".into(), Bytes::from_static(b"2"))),
             ]
         );
+    }
+
+    fn strings(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|k| k.to_string()).collect()
     }
 
     fn list_all(e: &Engine, ns: &str, bucket: &str) -> Vec<String> {
@@ -1023,6 +1120,40 @@ mod tests {
         // Exactly one page: no cursor.
         e.set("n", "small", "k", b"").unwrap();
         assert_eq!(e.list_keys("n", "small", None).unwrap().cursor, None);
+    }
+
+    #[test]
+    fn listing_orders_keys_by_their_bytes_beyond_the_sort_prefix() {
+        // The sort compares 16-byte prefixes first: keys that tie there (long shared
+        // prefixes, a trailing NUL that pads like the end of a key, multi-byte characters
+        // across the 16th byte) must still come out in byte order.
+        let e = Engine::new(Limits {
+            list_page_size: 4,
+            ..limits()
+        });
+        let long = "0123456789abcdef";
+        let mut want: Vec<String> = vec![
+            "a".into(),
+            "a\0".into(),
+            "a\0\0".into(),
+            "".into(),
+            "\u{1}".into(),
+            long.into(),
+            format!("{long}\0"),
+            format!("{long}z"),
+            format!("{long}a"),
+            format!("{long}aa"),
+            "0123456789abcdeé".into(),
+            "0123456789abcde\u{7f}".into(),
+            "ÿ".into(),
+            "\u{10ffff}".into(),
+            "b".into(),
+        ];
+        for k in &want {
+            e.set("n", "b", k, b"").unwrap();
+        }
+        want.sort();
+        assert_eq!(list_all(&e, "n", "b"), want);
     }
 
     #[test]

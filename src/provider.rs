@@ -328,7 +328,7 @@ impl batch::Handler<Option<Context>> for KvProvider {
         keys: Vec<String>,
     ) -> anyhow::Result<Result<Vec<Option<(String, Bytes)>>, store::Error>> {
         in_namespace(self, &cx, &bucket, keys.len(), |e, ns| {
-            let values = e.get_many(ns, &bucket, &keys);
+            let values = e.get_many(ns, &bucket, keys);
             let bytes = values.iter().flatten().map(|(_, v)| v.len()).sum();
             record_bytes("keyvalue.bytes_out", bytes);
             Ok(values)
