@@ -52,6 +52,25 @@ pub struct Args {
     /// Provider config for --compare, `key=value`, repeatable.
     #[arg(long = "compare-config", value_name = "KEY=VALUE")]
     compare_config: Vec<String>,
+    /// For --compare with wasmCloud's keyvalue-redis provider: start a redis-server (Debian's,
+    /// installed when missing, as root) on a free loopback port, persistence off, and pass its
+    /// address as the provider's `URL` config.
+    #[arg(long, requires = "compare")]
+    redis: bool,
+    /// Only the workloads whose name contains this (e.g. "get-many"), to profile one.
+    #[arg(long)]
+    only: Option<String>,
+    /// Only this concurrency.
+    #[arg(long)]
+    in_flight: Option<usize>,
+    /// list_page_size of the provider the list-keys pass runs against.
+    #[arg(long, default_value_t = 1000)]
+    list_page_size: usize,
+    /// Sample the provider with `perf record` (cpu-clock, so it works without hardware
+    /// counters) during the workload phases; the profile's top goes to
+    /// target/bench/profile.txt. Installs Debian's linux-perf when missing (as root).
+    #[arg(long)]
+    perf: bool,
 }
 
 /// The lattice all benchmark processes join.
@@ -91,6 +110,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     for pair in &args.compare_config {
         command.args(["--compare-config", pair]);
     }
+    if args.redis {
+        command.arg("--redis");
+    }
+    if let Some(only) = &args.only {
+        command.args(["--only", only]);
+    }
+    if let Some(k) = args.in_flight {
+        command.args(["--in-flight", &k.to_string()]);
+    }
+    command.args(["--list-page-size", &args.list_page_size.to_string()]);
+    if args.perf {
+        command.arg("--perf");
+    }
     run_command(&mut command)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -101,8 +133,10 @@ enum Workload {
     Get(usize),
     Set(usize),
     Increment,
-    GetMany,
-    SetMany,
+    /// get-many of this many keys.
+    GetMany(usize),
+    /// set-many of this many 16 B values.
+    SetMany(usize),
     Echo,
 }
 
@@ -112,8 +146,8 @@ impl Workload {
             Workload::Get(size) => format!("get {}", size_name(size)),
             Workload::Set(size) => format!("set {}", size_name(size)),
             Workload::Increment => "increment (16 hot keys)".into(),
-            Workload::GetMany => "get-many 100".into(),
-            Workload::SetMany => "set-many 100".into(),
+            Workload::GetMany(n) => format!("get-many {n}"),
+            Workload::SetMany(n) => format!("set-many {n}"),
             Workload::Echo => "NATS request/reply".into(),
         }
     }
@@ -121,7 +155,7 @@ impl Workload {
     /// Key operations per call.
     fn keys_per_call(self) -> u64 {
         match self {
-            Workload::GetMany | Workload::SetMany => 100,
+            Workload::GetMany(n) | Workload::SetMany(n) => n as u64,
             _ => 1,
         }
     }
@@ -208,16 +242,18 @@ async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Result
                 .await?
                 .is_ok()
         }
-        Workload::GetMany => {
-            let keys: Vec<String> = (0..100)
-                .map(|j| format!("s16-k{}", (i * 100 + j) % 10_000))
+        Workload::GetMany(n) => {
+            let n = n as u64;
+            let keys: Vec<String> = (0..n)
+                .map(|j| format!("s16-k{}", (i * n + j) % 10_000))
                 .collect();
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             batch::get_many(wrpc, cx(), "bench", &keys).await?.is_ok()
         }
-        Workload::SetMany => {
-            let keys: Vec<String> = (0..100)
-                .map(|j| format!("many-{}", (i * 100 + j) % 10_000))
+        Workload::SetMany(n) => {
+            let n = n as u64;
+            let keys: Vec<String> = (0..n)
+                .map(|j| format!("many-{}", (i * n + j) % 10_000))
                 .collect();
             let value = Bytes::from_static(b"0123456789abcdef");
             let pairs: Vec<(&str, &Bytes)> = keys.iter().map(|k| (k.as_str(), &value)).collect();
@@ -339,6 +375,7 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
     };
     let mut ours = run::start_provider(&binary, &url, LATTICE, "ours", config, &links, otel)?;
     let health = run::wait_for_health(&nats, LATTICE, "ours", &mut ours).await;
+    let ours_pid = ours.id();
     children.0.push(ours);
     health?;
     children.0.push(helper(&[
@@ -361,6 +398,20 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
     ];
     if let Some(bin) = &args.compare {
         let mut config = serde_json::Map::new();
+        if args.redis {
+            let port = nats::free_port()?;
+            let redis = crate::tools::apt("redis-server", "redis-server")?;
+            children.0.push(
+                Command::new(redis)
+                    .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("cannot start redis-server")?,
+            );
+            wait_for_port(port).await?;
+            config.insert("URL".into(), format!("redis://127.0.0.1:{port}/").into());
+        }
         for pair in &args.compare_config {
             let (k, v) = pair
                 .split_once('=')
@@ -426,11 +477,32 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
     }
     for &k in inflights {
         plan.push((Workload::Increment, k));
-        plan.push((Workload::GetMany, k));
-        plan.push((Workload::SetMany, k));
+        plan.push((Workload::GetMany(100), k));
+        plan.push((Workload::SetMany(100), k));
         plan.push((Workload::Echo, k));
     }
+    // Per-call overhead against per-key work: the same batch calls, 10× the keys.
+    for &k in inflights.iter().filter(|&&k| k >= 16) {
+        plan.push((Workload::GetMany(1000), k));
+        plan.push((Workload::SetMany(1000), k));
+    }
+    if let Some(only) = &args.only {
+        plan.retain(|(w, _)| w.name().contains(only.as_str()));
+        anyhow::ensure!(!plan.is_empty(), "--only {only:?} matches no workload");
+    }
+    if let Some(k) = args.in_flight {
+        plan.retain(|&(_, inflight)| inflight == k);
+        anyhow::ensure!(
+            !plan.is_empty(),
+            "--in-flight {k}: not one of the concurrencies run"
+        );
+    }
     let total = plan.len() * args.rounds;
+    let profiler = if args.perf {
+        Some(Profiler::start(ours_pid)?)
+    } else {
+        None
+    };
     let mut results: BTreeMap<(Workload, usize), BTreeMap<&str, Vec<Phase>>> = BTreeMap::new();
     let mut done = 0;
     for round in 0..args.rounds {
@@ -471,14 +543,86 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
 
+    if let Some(profiler) = profiler {
+        profiler.finish()?;
+    }
     let memory = if args.memory_keys > 0 {
-        Some(memory_and_listing(&binary, &url, &nats, args.memory_keys).await?)
+        Some(memory_and_listing(&binary, &url, &nats, args.memory_keys, args.list_page_size).await?)
     } else {
         None
     };
     drop(children);
     report(&args, &results, memory)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until something listens on a loopback port.
+async fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("nothing listens on 127.0.0.1:{port} after 5 s")
+}
+
+/// `perf record` attached to the provider.
+struct Profiler {
+    perf: PathBuf,
+    record: Child,
+    data: PathBuf,
+}
+
+impl Profiler {
+    fn start(pid: u32) -> anyhow::Result<Self> {
+        let perf = crate::tools::apt("perf", "linux-perf")?;
+        let dir = root().join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        let data = dir.join("perf.data");
+        let record = Command::new(&perf)
+            .args([
+                "record",
+                "-F",
+                "999",
+                "-e",
+                "cpu-clock",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start perf record")?;
+        Ok(Self { perf, record, data })
+    }
+
+    /// Stops recording (SIGINT, so perf writes its file) and writes the profile's top:
+    /// samples by binary, then by function.
+    fn finish(mut self) -> anyhow::Result<()> {
+        run_command(Command::new("kill").args(["-INT", &self.record.id().to_string()]))?;
+        self.record.wait()?;
+        let mut text = String::new();
+        for (sort, limit) in [("dso", "1"), ("dso,sym", "0.4")] {
+            let out = Command::new(&self.perf)
+                .args(["report", "--stdio", "--no-children", "--sort", sort])
+                .args(["--percent-limit", limit, "-i"])
+                .arg(&self.data)
+                .stderr(Stdio::null())
+                .output()
+                .context("cannot run perf report")?;
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        let path = root().join("target/bench/profile.txt");
+        std::fs::write(&path, text)?;
+        eprintln!("provider profile: {}", path.display());
+        Ok(())
+    }
 }
 
 /// Resident memory of a process, in bytes.
@@ -497,6 +641,9 @@ struct Memory {
     rss_before: u64,
     rss_after: u64,
     list_seconds: f64,
+    /// The first call: it snapshots and sorts the bucket's keys.
+    first_page_seconds: f64,
+    page_size: usize,
     listed: usize,
 }
 
@@ -507,8 +654,9 @@ async fn memory_and_listing(
     url: &str,
     nats: &async_nats::Client,
     keys: usize,
+    page_size: usize,
 ) -> anyhow::Result<Memory> {
-    let config = json!({ "max_keys": "100000000", "max_total_bytes": "17179869184", "list_page_size": "1000" });
+    let config = json!({ "max_keys": "100000000", "max_total_bytes": "17179869184", "list_page_size": page_size.to_string() });
     // Killed on every way out, errors included.
     let mut provider = Killed(vec![run::start_provider(
         binary,
@@ -548,6 +696,7 @@ async fn memory_and_listing(
     let started = Instant::now();
     let mut cursor = None;
     let mut listed = 0;
+    let mut first_page = None;
     loop {
         let page = tokio::time::timeout(
             Duration::from_secs(30),
@@ -557,6 +706,7 @@ async fn memory_and_listing(
         .context("list-keys timed out")??
         .map_err(|e| anyhow::anyhow!("list-keys: {e:?}"))?;
         listed += page.keys.len();
+        first_page.get_or_insert_with(|| started.elapsed().as_secs_f64());
         match page.cursor {
             Some(next) => cursor = Some(next),
             None => break,
@@ -569,6 +719,8 @@ async fn memory_and_listing(
         rss_before,
         rss_after,
         list_seconds,
+        first_page_seconds: first_page.unwrap_or(list_seconds),
+        page_size,
         listed,
     })
 }
@@ -596,15 +748,17 @@ fn report(
                 .get(name)
                 .map(|v| median(v.iter().map(f).collect()))
         };
-        let ratio = match (by_target.get("ours"), by_target.get("floor")) {
-            (Some(ours), Some(floor)) => Some(median(
-                ours.iter()
-                    .zip(floor)
-                    .map(|(o, f)| o.calls_per_sec() / f.calls_per_sec())
+        // Median of the per-round ratios of two targets' rates.
+        let ratio_of = |a: &str, b: &str| match (by_target.get(a), by_target.get(b)) {
+            (Some(a), Some(b)) => Some(median(
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| x.calls_per_sec() / y.calls_per_sec())
                     .collect(),
             )),
             _ => None,
         };
+        let ratio = ratio_of("ours", "floor");
         let main = if *workload == Workload::Echo {
             "echo"
         } else {
@@ -649,13 +803,16 @@ fn report(
             "workload": workload.name(), "in_flight": k, "calls_per_sec": rate, "floor_calls_per_sec": floor_rate,
             "ratio_to_floor": ratio, "p50_us": o50, "p99_us": o99, "p999_us": o999,
             "floor_p50_us": f50, "key_ops_per_sec": rate * workload.keys_per_call() as f64,
-            "lost": lost(main), "floor_lost": lost("floor"), "compare_calls_per_sec": compare,
+            "lost": lost(main), "floor_lost": lost("floor"), "compare_calls_per_sec": compare, "ratio_to_compare": ratio_of("ours", "compare"),
             "client_dropped_handshakes": drops(main).0, "floor_client_dropped_handshakes": drops("floor").0,
             "client_dropped_results": drops(main).1, "floor_client_dropped_results": drops("floor").1,
         }));
         if let Some(c) = compare {
+            let (c50, c99, c999) = pct("compare");
             md.push_str(&format!(
-                "| ↳ --compare | {k} | {c:.0} | | | | | | {} |\n",
+                "| ↳ --compare | {k} | {c:.0} | | ours / compare: **{:.2}** | {c50:.0} / {c99:.0} / {c999:.0} | | {:.0} | {} | | |\n",
+                ratio_of("ours", "compare").unwrap_or(f64::NAN),
+                c * workload.keys_per_call() as f64,
                 lost("compare")
             ));
         }
@@ -665,14 +822,19 @@ fn report(
         let per_key = (m.rss_after.saturating_sub(m.rss_before)) as f64 / m.keys as f64;
         md.push_str(&format!(
             "\nMemory: {} keys of 16 B with 100 B values: RSS {:.1} MiB → {:.1} MiB, **{per_key:.0} B per key**.  \n\
-             list-keys full pass over them (page 1000): **{:.2} s** ({} keys listed).\n",
+             list-keys full pass over them (page {}): **{:.2} s** ({} keys listed; first page {:.0} ms, \
+             then {:.2} ms a page).\n",
             m.keys,
             m.rss_before as f64 / 1048576.0,
             m.rss_after as f64 / 1048576.0,
+            m.page_size,
             m.list_seconds,
-            m.listed
+            m.listed,
+            m.first_page_seconds * 1e3,
+            (m.list_seconds - m.first_page_seconds) * 1e3
+                / (m.listed.div_ceil(m.page_size).saturating_sub(1).max(1)) as f64,
         ));
-        memory_json = json!({ "keys": m.keys, "rss_before": m.rss_before, "rss_after": m.rss_after, "bytes_per_key": per_key, "list_keys_full_pass_seconds": m.list_seconds, "listed": m.listed });
+        memory_json = json!({ "keys": m.keys, "rss_before": m.rss_before, "rss_after": m.rss_after, "bytes_per_key": per_key, "list_keys_full_pass_seconds": m.list_seconds, "list_keys_first_page_seconds": m.first_page_seconds, "list_page_size": m.page_size, "listed": m.listed });
     }
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
