@@ -84,16 +84,7 @@ pub fn start_provider(
     let links: Vec<_> = links
         .iter()
         .map(|(source, namespace)| {
-            json!({
-                "source_id": source,
-                "target": provider_key,
-                "name": "default",
-                "wit_namespace": "wasi",
-                "wit_package": "keyvalue",
-                "interfaces": ["store", "atomics", "batch"],
-                "source_config": {},
-                "target_config": { "namespace": namespace },
-            })
+            link_definition(source, provider_key, json!({ "namespace": namespace }))
         })
         .collect();
     let mut host_data = json!({
@@ -125,6 +116,25 @@ pub fn start_provider(
     let mut stdin = provider.stdin.take().context("provider stdin")?;
     writeln!(stdin, "{encoded}")?;
     Ok(provider)
+}
+
+/// A `wasi:keyvalue` link named `default` from `source` to provider `target`, as host data
+/// carries it.
+pub fn link_definition(
+    source: &str,
+    target: &str,
+    target_config: serde_json::Value,
+) -> serde_json::Value {
+    json!({
+        "source_id": source,
+        "target": target,
+        "name": "default",
+        "wit_namespace": "wasi",
+        "wit_package": "keyvalue",
+        "interfaces": ["store", "atomics", "batch"],
+        "source_config": {},
+        "target_config": target_config,
+    })
 }
 
 /// Waits up to 30 s for the provider's first health answer.

@@ -52,6 +52,11 @@ pub struct Args {
     /// Provider config for --compare, `key=value`, repeatable.
     #[arg(long = "compare-config", value_name = "KEY=VALUE")]
     compare_config: Vec<String>,
+    /// The link's target config for --compare, `key=value`, repeatable (e.g. keyvalue-nats:
+    /// `bucket=…`, `cluster_uri=…`, `enable_bucket_auto_create=true`); `{nats}` in a value is
+    /// replaced by the benchmark's NATS URL.
+    #[arg(long = "compare-link-config", value_name = "KEY=VALUE")]
+    compare_link_config: Vec<String>,
     /// For --compare with wasmCloud's keyvalue-redis provider: start a redis-server (Debian's,
     /// installed when missing, as root) on a free loopback port, persistence off, and pass its
     /// address as the provider's `URL` config.
@@ -75,6 +80,9 @@ pub struct Args {
 
 /// The lattice all benchmark processes join.
 const LATTICE: &str = "bench";
+/// The bucket every call names: the link's name, which is what wasmCloud's keyvalue-nats
+/// provider takes a bucket to be (ours and keyvalue-redis accept any).
+const BUCKET: &str = "default";
 /// Per-call timeout: a call not answered by then counts as lost.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -109,6 +117,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     for pair in &args.compare_config {
         command.args(["--compare-config", pair]);
+    }
+    for pair in &args.compare_link_config {
+        command.args(["--compare-link-config", pair]);
     }
     if args.redis {
         command.arg("--redis");
@@ -228,17 +239,17 @@ async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Result
     Ok(match workload {
         Workload::Get(size) => {
             let key = format!("s{size}-k{}", i % preloaded(size) as u64);
-            store::get(wrpc, cx(), "bench", &key).await?.is_ok()
+            store::get(wrpc, cx(), BUCKET, &key).await?.is_ok()
         }
         Workload::Set(size) => {
             let key = format!("s{size}-k{}", i % preloaded(size) as u64);
-            store::set(wrpc, cx(), "bench", &key, &Bytes::from(vec![b'v'; size]))
+            store::set(wrpc, cx(), BUCKET, &key, &Bytes::from(vec![b'v'; size]))
                 .await?
                 .is_ok()
         }
         Workload::Increment => {
             let key = format!("hot-{}", i % 16);
-            atomics::increment(wrpc, cx(), "bench", &key, 1)
+            atomics::increment(wrpc, cx(), BUCKET, &key, 1)
                 .await?
                 .is_ok()
         }
@@ -248,7 +259,7 @@ async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Result
                 .map(|j| format!("s16-k{}", (i * n + j) % 10_000))
                 .collect();
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            batch::get_many(wrpc, cx(), "bench", &keys).await?.is_ok()
+            batch::get_many(wrpc, cx(), BUCKET, &keys).await?.is_ok()
         }
         Workload::SetMany(n) => {
             let n = n as u64;
@@ -257,7 +268,7 @@ async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Result
                 .collect();
             let value = Bytes::from_static(b"0123456789abcdef");
             let pairs: Vec<(&str, &Bytes)> = keys.iter().map(|k| (k.as_str(), &value)).collect();
-            batch::set_many(wrpc, cx(), "bench", &pairs).await?.is_ok()
+            batch::set_many(wrpc, cx(), BUCKET, &pairs).await?.is_ok()
         }
         Workload::Echo => unreachable!(),
     })
@@ -418,8 +429,26 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
                 .context("--compare-config takes KEY=VALUE")?;
             config.insert(k.into(), v.into());
         }
+        let mut host_data = json!({ "log_level": "error" });
+        if !args.compare_link_config.is_empty() {
+            let mut target_config = serde_json::Map::new();
+            for pair in &args.compare_link_config {
+                let (k, v) = pair
+                    .split_once('=')
+                    .context("--compare-link-config takes KEY=VALUE")?;
+                target_config.insert(k.into(), v.replace("{nats}", &url).into());
+            }
+            host_data["link_definitions"] = json!([run::link_definition(
+                links[0].0,
+                "compare",
+                target_config.into()
+            )]);
+        }
+        // keyvalue-redis 0.30 logs a WARN on every call that names a bucket; at that rate the
+        // logging alone would cost it throughput, so its level is `error` (ours logs nothing
+        // per call at its default level).
         let mut compare =
-            run::start_provider(bin, &url, LATTICE, "compare", config, &links, json!({}))?;
+            run::start_provider(bin, &url, LATTICE, "compare", config, &links, host_data)?;
         let health = run::wait_for_health(&nats, LATTICE, "compare", &mut compare).await;
         children.0.push(compare);
         health?;
@@ -454,7 +483,7 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
                     chunk.iter().map(|k| (k.as_str(), &value)).collect();
                 tokio::time::timeout(
                     Duration::from_secs(10),
-                    batch::set_many(&kv, cx(), "bench", &pairs),
+                    batch::set_many(&kv, cx(), BUCKET, &pairs),
                 )
                 .await
                 .with_context(|| format!("preloading {name} timed out"))??
