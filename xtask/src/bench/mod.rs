@@ -762,9 +762,9 @@ fn report(
     let mut md = String::new();
     let mut rows = Vec::new();
     md.push_str(&format!(
-        "Command: `cargo xtask bench{}{}` ({} s a phase, {} rounds, medians; machine: {} cores).\n\n",
-        if args.quick { " --quick" } else { "" },
-        if args.otel { " --otel" } else { "" },
+        "Command: `cargo xtask bench {}` ({} s a phase, {} rounds, medians; machine: {} cores).\n\n",
+        // What `cargo xtask bench` passed on (its options, defaults spelled out).
+        std::env::args().skip(2).collect::<Vec<_>>().join(" "),
         args.seconds,
         args.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get())
