@@ -12,6 +12,7 @@ fn engine() -> (Engine, Vec<String>) {
         max_keys: u64::MAX,
         max_total_bytes: u64::MAX,
         list_page_size: 1000,
+        max_listing_bytes: u64::MAX,
     });
     let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i:011}")).collect();
     for key in &keys {

@@ -33,6 +33,15 @@ pub const ALLOW_UNLINKED: &str = "allow_unlinked";
 pub const MAX_REQUEST_BYTES: &str = "max_request_bytes";
 /// How long one invocation may take to send its parameters, in milliseconds.
 pub const REQUEST_TIMEOUT_MS: &str = "request_timeout_ms";
+/// Most bytes one answer may hold (get-many values, a list-keys page).
+pub const MAX_RESPONSE_BYTES: &str = "max_response_bytes";
+/// Most bytes all calls in flight may hold together: parameters being received and decoded,
+/// answers being built and sent.
+pub const MAX_INFLIGHT_BYTES: &str = "max_inflight_bytes";
+/// Most invocations handled at once.
+pub const MAX_CONCURRENT_CALLS: &str = "max_concurrent_calls";
+/// Most bytes the sorted key copies of open list-keys listings may hold together.
+pub const MAX_LISTING_BYTES: &str = "max_listing_bytes";
 
 /// Link `target_config` key naming the namespace a link's calls use. Links naming the same
 /// namespace share data; without it a component gets a namespace of its own.
@@ -49,6 +58,12 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Bound on the time an invocation may take to deliver its parameters.
     pub request_timeout: Duration,
+    /// Bound on the bytes of one answer.
+    pub max_response_bytes: usize,
+    /// Bound on the bytes all calls in flight hold together.
+    pub max_inflight_bytes: usize,
+    /// Bound on the invocations handled at once.
+    pub max_concurrent_calls: usize,
 }
 
 impl Default for Config {
@@ -59,7 +74,13 @@ impl Default for Config {
     ///   the host's memory; raise them for large caches;
     /// - 1000 keys a page: the size the wasi:keyvalue examples read;
     /// - 64 MiB and 10 s per request: a batch of the largest values still fits, and a peer
-    ///   that stops half-way through its parameters is dropped long before a host would give up.
+    ///   that stops half-way through its parameters is dropped long before a host would give up;
+    /// - answers up to 64 MiB, as requests: a get-many of 64 of the largest values;
+    /// - 256 MiB for everything in flight and 4096 calls at once (sixteen times what a busy
+    ///   host sends us), one component holding at most half of each: the largest request
+    ///   still fits in one component's half, and with `max_total_bytes` and
+    ///   `max_listing_bytes` this bounds the process's memory whatever arrives;
+    /// - 64 MiB of listings: a full listing of ~1.5M keys of 16 bytes.
     fn default() -> Self {
         Self {
             limits: Limits {
@@ -68,10 +89,14 @@ impl Default for Config {
                 max_keys: 1_000_000,
                 max_total_bytes: 256 << 20,
                 list_page_size: 1000,
+                max_listing_bytes: 64 << 20,
             },
             allow_unlinked: false,
             max_request_bytes: 64 << 20,
             request_timeout: Duration::from_secs(10),
+            max_response_bytes: 64 << 20,
+            max_inflight_bytes: 256 << 20,
+            max_concurrent_calls: 4096,
         }
     }
 }
@@ -116,6 +141,11 @@ impl Config {
             max_keys: r.positive(MAX_KEYS, d.max_keys, c.max_keys),
             max_total_bytes: r.positive(MAX_TOTAL_BYTES, d.max_total_bytes, c.max_total_bytes),
             list_page_size: r.positive(LIST_PAGE_SIZE, d.list_page_size, c.list_page_size),
+            max_listing_bytes: r.positive(
+                MAX_LISTING_BYTES,
+                d.max_listing_bytes,
+                c.max_listing_bytes,
+            ),
         };
         let config = Config {
             limits,
@@ -134,6 +164,21 @@ impl Config {
                 duration_ms(defaults.request_timeout),
                 duration_ms(current.request_timeout),
             )),
+            max_response_bytes: r.positive(
+                MAX_RESPONSE_BYTES,
+                defaults.max_response_bytes,
+                current.max_response_bytes,
+            ),
+            max_inflight_bytes: r.positive(
+                MAX_INFLIGHT_BYTES,
+                defaults.max_inflight_bytes,
+                current.max_inflight_bytes,
+            ),
+            max_concurrent_calls: r.positive(
+                MAX_CONCURRENT_CALLS,
+                defaults.max_concurrent_calls,
+                current.max_concurrent_calls,
+            ),
         };
         (config, r.problems)
     }
@@ -224,6 +269,10 @@ mod tests {
                 ("Allow_Unlinked", "TRUE"),
                 ("max_request_bytes", "100"),
                 ("request_timeout_ms", "250"),
+                ("max_response_bytes", "11"),
+                ("max_inflight_bytes", "12"),
+                ("max_concurrent_calls", "13"),
+                ("max_listing_bytes", "14"),
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
             ]),
             &Config::default(),
@@ -238,10 +287,14 @@ mod tests {
                     max_keys: 10,
                     max_total_bytes: 9,
                     list_page_size: 2,
+                    max_listing_bytes: 14,
                 },
                 allow_unlinked: true,
                 max_request_bytes: 100,
                 request_timeout: Duration::from_millis(250),
+                max_response_bytes: 11,
+                max_inflight_bytes: 12,
+                max_concurrent_calls: 13,
             }
         );
     }

@@ -17,9 +17,22 @@
 //! `bytes` counts the key and value bytes of live entries (not bucket names, not allocator
 //! overhead); `keys` counts live entries per namespace. A write first *reserves* what it will
 //! add against the limits, with a compare-and-swap, and only then writes; afterwards the
-//! reservation is corrected to what the write really changed. The counters are therefore
-//! exact once writes finish, and a limit can only be passed transiently, by writers racing on
-//! the same keys.
+//! reservation is corrected down to what the write really changed. A reservation is never
+//! smaller than what the write adds, so the counters never pass a limit and never wrap, even
+//! for a moment.
+//!
+//! Writes run under a store-wide gate (a `RwLock<()>`), shared in the common case:
+//! - a single-key write reserves exactly, under its entry's shard lock (it sees the old entry);
+//! - a batch reserves the worst case (every key new, every byte added), since it cannot hold
+//!   all its keys' locks at once.
+//!
+//! A worst-case reservation can make a concurrent write see a fuller store than any serial
+//! order would. So a write refused for `max_keys` or `max_total_bytes` under the shared gate is
+//! tried once more under the exclusive gate, where no other write is in flight, the counters
+//! are exact and a batch reserves exactly what it changes. A refusal therefore always means
+//! that the store, as it stood at one instant between other writes, had no room: every
+//! accepted history has a serial order that explains it. The exclusive path is only taken at
+//! a limit, and holds the gate for one write.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,8 +107,16 @@ const GET_MANY_BUFFER: usize = 64 * 1024;
 /// How long a list-keys cursor lives after its last use.
 pub const CURSOR_IDLE_TTL: Duration = Duration::from_secs(300);
 
-/// How many unfinished listings are kept at once; the least recently used goes first.
-pub const MAX_OPEN_LISTINGS: usize = 64;
+/// How many unfinished listings one namespace keeps at once; opening another drops that
+/// namespace's least recently used one (never another namespace's).
+pub const MAX_LISTINGS_PER_NAMESPACE: usize = 64;
+
+/// What an open listing costs besides its keys, counted against `max_listing_bytes`.
+const LISTING_OVERHEAD: u64 = 1024;
+
+/// Bytes an answer is charged per element besides its keys and values (the encoding's length
+/// prefixes and the element's own struct).
+pub const ANSWER_ELEMENT_BYTES: usize = 32;
 
 /// The limits a store enforces. Set from provider config (see `config.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +131,9 @@ pub struct Limits {
     pub max_total_bytes: u64,
     /// Most keys one list-keys page answers.
     pub list_page_size: usize,
+    /// Most bytes all open listings (sorted copies of keys that later pages are cut from)
+    /// may hold together.
+    pub max_listing_bytes: u64,
 }
 
 impl Limits {
@@ -120,6 +144,7 @@ impl Limits {
         max_keys: u64::MAX,
         max_total_bytes: u64::MAX,
         list_page_size: 1000,
+        max_listing_bytes: u64::MAX,
     };
 }
 
@@ -171,19 +196,30 @@ pub enum EngineError {
         /// The key.
         key: String,
     },
-    /// `increment` would pass `u64::MAX`.
-    #[error("cannot increment key {key:?} by {delta}: the counter would overflow u64 (it holds {current})")]
+    /// `increment` would pass `u64::MAX`. The message leaves the counter's value out: it is
+    /// stored data, and this message also goes on the call's span.
+    #[error("cannot increment key {key:?} by {delta}: the counter would overflow u64")]
     Overflow {
         /// The key.
         key: String,
-        /// The counter's value.
-        current: u64,
         /// The increment asked for.
         delta: u64,
     },
     /// A list-keys cursor this store did not hand out for this bucket, or one that expired.
     #[error("unknown or expired list-keys cursor {0}: start the listing again without a cursor")]
     UnknownCursor(u64),
+    /// The sorted copy of a bucket's keys that a listing needs does not fit in
+    /// `max_listing_bytes`, even after dropping other listings.
+    #[error(
+        "listing this bucket needs more than max_listing_bytes={limit} bytes for its sorted keys \
+         ({held} held by other listings of the same namespace)"
+    )]
+    ListingTooLarge {
+        /// The limit in force.
+        limit: u64,
+        /// What the caller's namespace's other listings hold.
+        held: u64,
+    },
 }
 
 impl EngineError {
@@ -194,9 +230,27 @@ impl EngineError {
             EngineError::ValueTooLarge { .. } => Some("max_value_bytes"),
             EngineError::TooManyKeys { .. } => Some("max_keys"),
             EngineError::OutOfSpace { .. } => Some("max_total_bytes"),
+            EngineError::ListingTooLarge { .. } => Some("max_listing_bytes"),
             _ => None,
         }
     }
+
+    /// Whether a store-wide usage limit refused the write (the ones a concurrent batch's
+    /// worst-case reservation can trip).
+    fn is_usage_limit(&self) -> bool {
+        matches!(
+            self,
+            EngineError::TooManyKeys { .. } | EngineError::OutOfSpace { .. }
+        )
+    }
+}
+
+/// An answer refused before it was copied: it would have been larger than the room given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerRefused {
+    /// The bytes the whole answer would have held (values, keys and
+    /// [`ANSWER_ELEMENT_BYTES`] per element).
+    pub asked: u64,
 }
 
 /// One page of a key listing.
@@ -240,6 +294,11 @@ pub struct Engine {
     /// only when this moved since the listing's snapshot: a page of 1,000 keys of a 1M-key
     /// bucket is otherwise 1,000 cache-missing lookups for nothing.
     removals: AtomicU64,
+    /// Successful writes and removals so far: a snapshot is only needed when this moved.
+    changes: AtomicU64,
+    /// Writes hold it shared; a write refused at a usage limit retries holding it alone (see
+    /// the module docs, "Accounting"). A std lock: never held across an await.
+    gate: RwLock<()>,
 }
 
 impl Engine {
@@ -251,6 +310,8 @@ impl Engine {
             limits: RwLock::new(limits),
             listings: Listings::default(),
             removals: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            gate: RwLock::new(()),
         }
     }
 
@@ -272,12 +333,30 @@ impl Engine {
 
     /// The value of `key`, `None` when it does not exist.
     pub fn get(&self, ns: &str, bucket: &str, key: &str) -> Option<Bytes> {
+        self.get_within(ns, bucket, key, |_| true).unwrap_or(None)
+    }
+
+    /// Like [`Engine::get`], asking `room` for the value's size before copying it.
+    pub fn get_within(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        room: impl FnOnce(usize) -> bool,
+    ) -> Result<Option<Bytes>, AnswerRefused> {
         self.read_bucket(ns, bucket, |entries| {
-            entries
-                .get(key)
-                .map(|e| Bytes::copy_from_slice(e.key().value()))
+            let Some(entry) = entries.get(key) else {
+                return Ok(None);
+            };
+            let value = entry.key().value();
+            if !room(value.len()) {
+                return Err(AnswerRefused {
+                    asked: value.len() as u64,
+                });
+            }
+            Ok(Some(Bytes::copy_from_slice(value)))
         })
-        .flatten()
+        .unwrap_or(Ok(None))
     }
 
     /// `Err` when `bucket` or `key` is longer than `max_key_bytes`. Writes check this
@@ -297,7 +376,29 @@ impl Engine {
 
     /// Stores `value` under `key`.
     pub fn set(&self, ns: &str, bucket: &str, key: &str, value: &[u8]) -> Result<(), EngineError> {
-        self.set_many(ns, bucket, [(key, value)])
+        let limits = self.limits();
+        check_key(&limits, "bucket name", bucket)?;
+        check_key(&limits, "key", key)?;
+        check_value(&limits, value)?;
+        self.limited_write(ns, bucket, |space, entries, _| {
+            // Exact: the old entry cannot change while its shard lock is held.
+            match entries.entry(Item::new(key, value)) {
+                Entry::Occupied(old) => {
+                    let old_len = old.key().value().len();
+                    let grow = value.len().saturating_sub(old_len) as u64;
+                    let reservation = space.reserve(&limits, 0, grow)?;
+                    old.replace_entry(());
+                    space.settle(reservation, 0, value.len() as i64 - old_len as i64);
+                }
+                Entry::Vacant(vacant) => {
+                    let size = (key.len() + value.len()) as u64;
+                    let reservation = space.reserve(&limits, 1, size)?;
+                    vacant.insert(());
+                    space.settle(reservation, 1, size as i64);
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Stores every pair, or none of them: every limit is checked before anything is written.
@@ -311,24 +412,24 @@ impl Engine {
         let mut latest: HashMap<&str, &[u8]> = HashMap::new();
         for (key, value) in pairs {
             check_key(&limits, "key", key)?;
-            if value.len() > limits.max_value_bytes {
-                return Err(EngineError::ValueTooLarge {
-                    len: value.len(),
-                    limit: limits.max_value_bytes,
-                });
-            }
+            check_value(&limits, value)?;
             latest.insert(key, value);
+        }
+        if latest.len() == 1 {
+            let (key, value) = latest.into_iter().next().unwrap_or_default();
+            return self.set(ns, bucket, key, value);
         }
         if latest.is_empty() {
             return Ok(());
         }
-        let result = self.write_bucket(ns, bucket, |space, entries| {
-            // What the batch adds, as the store stands now: shrinking values make room for
-            // growing ones in the same batch.
+        self.limited_write(ns, bucket, |space, entries, exclusive| {
             let (mut new_keys, mut change) = (0u64, 0i64);
             for (key, value) in &latest {
-                match entries.get(*key) {
+                match entries.get(*key).filter(|_| exclusive) {
+                    // Alone in the store: what the batch changes is exact (shrinking values
+                    // make room for growing ones in the same batch).
                     Some(old) => change += value.len() as i64 - old.key().value().len() as i64,
+                    // Shared: the worst case, every key new.
                     None => {
                         new_keys += 1;
                         change += (key.len() + value.len()) as i64;
@@ -336,20 +437,15 @@ impl Engine {
                 }
             }
             let reservation = space.reserve(&limits, new_keys, change.max(0) as u64)?;
-            // What it really changed: other writers may have raced us since the estimate.
             let (mut added, mut delta) = (0u64, 0i64);
-            for (key, value) in latest {
+            for (key, value) in &latest {
                 let (was_new, change) = put(entries, key, value);
                 added += u64::from(was_new);
                 delta += change;
             }
             space.settle(reservation, added, delta);
             Ok(())
-        });
-        if result.is_err() {
-            self.drop_bucket_if_empty(ns, bucket);
-        }
-        result
+        })
     }
 
     /// Removes `key`; a missing key is not an error.
@@ -359,6 +455,10 @@ impl Engine {
 
     /// Removes every key named; missing keys are ignored.
     pub fn delete_many<'a>(&self, ns: &str, bucket: &str, keys: impl IntoIterator<Item = &'a str>) {
+        let _shared = self
+            .gate
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner());
         let Some(ns_ref) = self.namespaces.get(ns) else {
             return;
         };
@@ -374,7 +474,10 @@ impl Engine {
                 }
             }
             Space::new(&self.total_bytes, &ns_ref).release(removed, freed);
-            self.removals.fetch_add(removed, Ordering::SeqCst);
+            if removed > 0 {
+                self.removals.fetch_add(removed, Ordering::SeqCst);
+                self.changes.fetch_add(1, Ordering::Relaxed);
+            }
             entries.is_empty()
         };
         if emptied {
@@ -395,7 +498,7 @@ impl Engine {
         let limits = self.limits();
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
-        let result = self.write_bucket(ns, bucket, |space, entries| loop {
+        self.limited_write(ns, bucket, |space, entries, _| loop {
             // Read, compute, then write only if the value is still the one read: a
             // compare-and-swap under the key's shard lock (an item is replaced whole, so the
             // read cannot keep the lock across the new allocation).
@@ -410,7 +513,6 @@ impl Engine {
                         .checked_add(delta)
                         .ok_or_else(|| EngineError::Overflow {
                             key: key.to_owned(),
-                            current,
                             delta,
                         })?
                 }
@@ -434,18 +536,50 @@ impl Engine {
                 // Another writer got there between the read and the write: read again.
                 _ => continue,
             }
-        });
-        if result.is_err() {
-            self.drop_bucket_if_empty(ns, bucket);
+        })
+    }
+
+    /// Runs a write under the gate: shared, then, if a usage limit refused it, once more
+    /// alone in the store (`exclusive` tells `write` which). Drops the bucket if the write
+    /// created it and then failed.
+    fn limited_write<R>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        write: impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        let shared = {
+            let _shared = self
+                .gate
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner());
+            self.write_bucket(ns, bucket, |space, entries| write(space, entries, false))
+        };
+        let result = match shared {
+            Err(err) if err.is_usage_limit() => {
+                let _alone = self
+                    .gate
+                    .write()
+                    .unwrap_or_else(|poison| poison.into_inner());
+                self.write_bucket(ns, bucket, |space, entries| write(space, entries, true))
+            }
+            done => done,
+        };
+        match result {
+            Ok(_) => {
+                self.changes.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => self.drop_bucket_if_empty(ns, bucket),
         }
         result
     }
 
+    /// How many writes and removals the store has seen: equal values mean an unchanged store.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
+
     /// `(key, value)` for each key asked, in the order asked; `None` for a missing key.
-    ///
-    /// Allocation-lean, since a batch is the bulk path: the keys move into the answer, and the
-    /// values are copied into shared buffers (`Bytes` slices of a few allocations), not one
-    /// allocation each.
     pub fn get_many(
         &self,
         ns: &str,
@@ -453,80 +587,155 @@ impl Engine {
         keys: Vec<String>,
     ) -> Vec<Option<(String, Bytes)>> {
         let asked = keys.len();
-        self.read_bucket(ns, bucket, |entries| {
+        self.get_many_within(ns, bucket, keys, |_| true)
+            .unwrap_or_else(|_| vec![None; asked])
+    }
+
+    /// Like [`Engine::get_many`], asking `room` before each value is copied (with the bytes
+    /// its element adds to the answer: key, value and [`ANSWER_ELEMENT_BYTES`]). Once `room`
+    /// says no, nothing more is copied; the rest is only measured, to say how large the
+    /// answer would have been.
+    ///
+    /// Allocation-lean, since a batch is the bulk path: the keys move into the answer, and the
+    /// values are copied into shared buffers (`Bytes` slices of a few allocations), not one
+    /// allocation each.
+    pub fn get_many_within(
+        &self,
+        ns: &str,
+        bucket: &str,
+        keys: Vec<String>,
+        mut room: impl FnMut(usize) -> bool,
+    ) -> Result<Vec<Option<(String, Bytes)>>, AnswerRefused> {
+        let asked = keys.len();
+        let found = self.read_bucket(ns, bucket, |entries| {
             let mut buffer = bytes::BytesMut::new();
-            keys.into_iter()
-                .enumerate()
-                .map(|(i, key)| {
-                    let entry = entries.get(key.as_str())?;
-                    let value = entry.key().value();
-                    if buffer.capacity() < value.len() {
-                        // Room for this value and, guessing the rest are alike, the ones
-                        // after it, up to GET_MANY_BUFFER: a one-key batch allocates its
-                        // value's size, not 64 KiB.
-                        let guess = value.len().saturating_mul(asked - i);
-                        buffer.reserve(guess.min(GET_MANY_BUFFER).max(value.len()));
+            let mut answer = Vec::with_capacity(asked);
+            let mut refused: Option<u64> = None;
+            for (i, key) in keys.into_iter().enumerate() {
+                let Some(entry) = entries.get(key.as_str()) else {
+                    if refused.is_none() {
+                        answer.push(None);
                     }
-                    buffer.extend_from_slice(value);
-                    Some((key, buffer.split().freeze()))
-                })
-                .collect()
-        })
-        .unwrap_or_else(|| vec![None; asked])
+                    continue;
+                };
+                let value = entry.key().value();
+                let cost = value.len() + key.len() + ANSWER_ELEMENT_BYTES;
+                if let Some(total) = &mut refused {
+                    *total += cost as u64;
+                    continue;
+                }
+                if !room(cost) {
+                    let copied: usize = answer
+                        .iter()
+                        .flatten()
+                        .map(|(k, v): &(String, Bytes)| k.len() + v.len() + ANSWER_ELEMENT_BYTES)
+                        .sum();
+                    refused = Some((copied + cost) as u64);
+                    answer.clear();
+                    continue;
+                }
+                if buffer.capacity() < value.len() {
+                    // Room for this value and, guessing the rest are alike, the ones
+                    // after it, up to GET_MANY_BUFFER: a one-key batch allocates its
+                    // value's size, not 64 KiB.
+                    let guess = value.len().saturating_mul(asked - i);
+                    buffer.reserve(guess.min(GET_MANY_BUFFER).max(value.len()));
+                }
+                buffer.extend_from_slice(value);
+                answer.push(Some((key, buffer.split().freeze())));
+            }
+            match refused {
+                Some(asked) => Err(AnswerRefused { asked }),
+                None => Ok(answer),
+            }
+        });
+        found.unwrap_or_else(|| Ok(vec![None; asked]))
+    }
+
+    /// How many keys `bucket` holds.
+    pub fn bucket_len(&self, ns: &str, bucket: &str) -> usize {
+        self.read_bucket(ns, bucket, |entries| entries.len())
+            .unwrap_or(0)
     }
 
     /// One page of the bucket's keys, in lexicographic order.
-    ///
-    /// The first call (no cursor) takes a sorted snapshot of the bucket's keys, O(N log N);
-    /// later pages are slices of it, so a key that exists for the whole listing is listed
-    /// exactly once. Keys deleted since the snapshot are left out of later pages; keys added
-    /// since may be missing.
     pub fn list_keys(
         &self,
         ns: &str,
         bucket: &str,
         cursor: Option<u64>,
     ) -> Result<KeyPage, EngineError> {
-        match cursor {
-            None => {
-                // Read before the snapshot: a removal racing with it makes pages re-check.
-                let removals = self.removals.load(Ordering::SeqCst);
-                let keys = self
-                    .read_bucket(ns, bucket, SortedKeys::of)
-                    .unwrap_or_default();
-                let page_size = self.limits().list_page_size.max(1);
-                if keys.len() <= page_size {
-                    return Ok(KeyPage {
-                        keys: keys.strings(0..keys.len()),
-                        cursor: None,
-                    });
-                }
-                let first = keys.strings(0..page_size);
-                let cursor = self.listings.open(Listing {
+        self.list_keys_within(ns, bucket, cursor, usize::MAX)
+    }
+
+    /// One page of the bucket's keys, in lexicographic order, of at most `list_page_size` keys
+    /// and at most `max_bytes` (keys plus [`ANSWER_ELEMENT_BYTES`] each; a page always holds
+    /// at least one key).
+    ///
+    /// The first call (no cursor) takes a sorted copy of the bucket's keys, O(N log N): the
+    /// copy is made one shard's read lock at a time and sorted with no lock held, counted
+    /// against `max_listing_bytes` as it grows. Later pages are slices of it, so a key that
+    /// exists for the whole listing is listed exactly once. Keys deleted since the copy are
+    /// left out of later pages; keys added since may be missing. Callers on an async runtime
+    /// should make the first call of a large bucket ([`Engine::bucket_len`]) on a blocking
+    /// thread.
+    ///
+    /// A cursor names the listing and the offset of its page, so a retried call with the same
+    /// cursor answers the same page, the last one included, until the listing is dropped
+    /// (idle for [`CURSOR_IDLE_TTL`], or to make room: see [`Listings::reserve`]).
+    pub fn list_keys_within(
+        &self,
+        ns: &str,
+        bucket: &str,
+        cursor: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<KeyPage, EngineError> {
+        let page_size = self.limits().list_page_size.max(1);
+        let Some(cursor) = cursor else {
+            // Read before the copy: a removal racing with it makes pages re-check.
+            let removals = self.removals.load(Ordering::SeqCst);
+            let limit = self.limits().max_listing_bytes;
+            let mut held = self.listings.reserve(ns, LISTING_OVERHEAD, limit)?;
+            let copied = self.read_bucket(ns, bucket, |entries| {
+                UnsortedKeys::copy(entries, |n| held.grow(n))
+            });
+            let keys = match copied {
+                None => SortedKeys::default(),
+                Some(copied) => copied?.sort(),
+            };
+            let end = page_end(&keys, 0, page_size, max_bytes);
+            let first = keys.strings(0..end);
+            if end == keys.len() {
+                return Ok(KeyPage {
+                    keys: first,
+                    cursor: None,
+                });
+            }
+            let cursor = self.listings.open(
+                Listing {
                     namespace: ns.into(),
                     bucket: bucket.into(),
                     keys,
                     page_size,
                     removals,
                     last_used: Instant::now(),
-                });
-                Ok(KeyPage {
-                    keys: first,
-                    cursor: Some(cursor),
-                })
-            }
-            Some(cursor) => {
-                let (mut keys, next, removals) = self.listings.page(ns, bucket, cursor)?;
-                // Leave out what was deleted since the snapshot.
-                if self.removals.load(Ordering::SeqCst) != removals {
-                    self.read_bucket(ns, bucket, |entries| {
-                        keys.retain(|k| entries.contains_key(k.as_str()));
-                    })
-                    .unwrap_or_else(|| keys.clear());
-                }
-                Ok(KeyPage { keys, cursor: next })
-            }
+                },
+                held,
+            );
+            return Ok(KeyPage {
+                keys: first,
+                cursor: Some(cursor | end as u64),
+            });
+        };
+        let (mut keys, next, removals) = self.listings.page(ns, bucket, cursor, max_bytes)?;
+        // Leave out what was deleted since the copy.
+        if self.removals.load(Ordering::SeqCst) != removals {
+            self.read_bucket(ns, bucket, |entries| {
+                keys.retain(|k| entries.contains_key(k.as_str()));
+            })
+            .unwrap_or_else(|| keys.clear());
         }
+        Ok(KeyPage { keys, cursor: next })
     }
 
     /// Live figures.
@@ -574,6 +783,7 @@ impl Engine {
         self.namespaces.clear();
         self.total_bytes.store(0, Ordering::Relaxed);
         self.removals.fetch_add(1, Ordering::SeqCst);
+        self.changes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Keys and bytes of one namespace; zeros for one never written.
@@ -620,6 +830,16 @@ impl Engine {
 /// a writer holds the bucket (writers hold a read guard on it while they write).
 fn drop_empty(buckets: &DashMap<Box<str>, Entries>, bucket: &str) {
     buckets.remove_if(bucket, |_, entries| entries.is_empty());
+}
+
+fn check_value(limits: &Limits, value: &[u8]) -> Result<(), EngineError> {
+    if value.len() > limits.max_value_bytes {
+        return Err(EngineError::ValueTooLarge {
+            len: value.len(),
+            limit: limits.max_value_bytes,
+        });
+    }
+    Ok(())
 }
 
 fn check_key(limits: &Limits, what: &'static str, key: &str) -> Result<(), EngineError> {
@@ -733,6 +953,81 @@ fn adjust(counter: &AtomicU64, change: i64) {
     }
 }
 
+/// Bytes a listing is charged per key beyond twice the key's bytes (the unsorted and the
+/// sorted copy): the sort entry and the key's end offset.
+const LISTING_BYTES_PER_KEY: usize = std::mem::size_of::<Unsorted>() + std::mem::size_of::<usize>();
+
+/// Room taken from `max_listing_bytes` at a time while a listing is copied.
+const LISTING_GROW_BLOCK: u64 = 256 * 1024;
+
+/// A key of [`UnsortedKeys`]: its first 16 bytes (zero-padded, big-endian, so comparing them
+/// orders keys as comparing the bytes does, up to ties) and where it is in `bytes`.
+struct Unsorted {
+    prefix: u128,
+    start: usize,
+    end: usize,
+}
+
+/// A bucket's keys as copied out of it, before sorting.
+#[derive(Default)]
+struct UnsortedKeys {
+    bytes: Vec<u8>,
+    keys: Vec<Unsorted>,
+}
+
+impl UnsortedKeys {
+    /// Copies the keys of `entries`, one shard's read lock at a time (DashMap's iterator),
+    /// asking `grow` for room before the copy passes what it was granted.
+    fn copy(
+        entries: &Entries,
+        mut grow: impl FnMut(u64) -> Result<(), EngineError>,
+    ) -> Result<UnsortedKeys, EngineError> {
+        let mut out = UnsortedKeys::default();
+        let (mut granted, mut used) = (0u64, 0u64);
+        for item in entries.iter() {
+            let key = item.key().key().as_bytes();
+            let cost = (2 * key.len() + LISTING_BYTES_PER_KEY) as u64;
+            if used + cost > granted {
+                let block = cost.max(LISTING_GROW_BLOCK);
+                grow(block)?;
+                granted += block;
+            }
+            used += cost;
+            let mut prefix = [0u8; 16];
+            let n = key.len().min(16);
+            prefix[..n].copy_from_slice(&key[..n]);
+            let start = out.bytes.len();
+            out.bytes.extend_from_slice(key);
+            out.keys.push(Unsorted {
+                prefix: u128::from_be_bytes(prefix),
+                start,
+                end: out.bytes.len(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sorts the keys into a [`SortedKeys`]. Takes no lock: run it after the copy.
+    fn sort(mut self) -> SortedKeys {
+        let bytes = &self.bytes;
+        // Equal prefixes need the full comparison: "a" and "a\0" pad to the same prefix.
+        self.keys.sort_unstable_by(|a, b| {
+            a.prefix
+                .cmp(&b.prefix)
+                .then_with(|| bytes[a.start..a.end].cmp(&bytes[b.start..b.end]))
+        });
+        let mut sorted = SortedKeys {
+            bytes: Vec::with_capacity(bytes.len()),
+            ends: Vec::with_capacity(self.keys.len()),
+        };
+        for key in &self.keys {
+            sorted.bytes.extend_from_slice(&bytes[key.start..key.end]);
+            sorted.ends.push(sorted.bytes.len());
+        }
+        sorted
+    }
+}
+
 /// A bucket's keys in lexicographic order, in two allocations: the key bytes back to back
 /// and where each key ends. A listing of 1M keys holds no per-key allocations, and sorting
 /// reads the keys' first 16 bytes from one contiguous array instead of chasing a pointer per
@@ -744,47 +1039,6 @@ struct SortedKeys {
 }
 
 impl SortedKeys {
-    /// Copies and sorts the keys of `entries`, one shard's read lock at a time.
-    fn of(entries: &Entries) -> SortedKeys {
-        /// A key: its first 16 bytes (zero-padded, big-endian, so comparing them orders keys
-        /// as comparing the bytes does, up to ties) and where it is in `bytes`.
-        struct Unsorted {
-            prefix: u128,
-            start: usize,
-            end: usize,
-        }
-        let mut bytes = Vec::new();
-        let mut unsorted = Vec::with_capacity(entries.len());
-        for item in entries.iter() {
-            let key = item.key().key().as_bytes();
-            let mut prefix = [0u8; 16];
-            let n = key.len().min(16);
-            prefix[..n].copy_from_slice(&key[..n]);
-            let start = bytes.len();
-            bytes.extend_from_slice(key);
-            unsorted.push(Unsorted {
-                prefix: u128::from_be_bytes(prefix),
-                start,
-                end: bytes.len(),
-            });
-        }
-        // Equal prefixes need the full comparison: "a" and "a\0" pad to the same prefix.
-        unsorted.sort_unstable_by(|a, b| {
-            a.prefix
-                .cmp(&b.prefix)
-                .then_with(|| bytes[a.start..a.end].cmp(&bytes[b.start..b.end]))
-        });
-        let mut sorted = SortedKeys {
-            bytes: Vec::with_capacity(bytes.len()),
-            ends: Vec::with_capacity(unsorted.len()),
-        };
-        for key in &unsorted {
-            sorted.bytes.extend_from_slice(&bytes[key.start..key.end]);
-            sorted.ends.push(sorted.bytes.len());
-        }
-        sorted
-    }
-
     fn len(&self) -> usize {
         self.ends.len()
     }
@@ -798,23 +1052,125 @@ impl SortedKeys {
     fn strings(&self, range: std::ops::Range<usize>) -> Vec<String> {
         range.map(|i| self.key(i).to_owned()).collect()
     }
+
+    /// What it holds in memory.
+    fn footprint(&self) -> u64 {
+        (self.bytes.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()) as u64
+    }
 }
 
-/// A sorted snapshot of a bucket's keys that later pages are cut from.
+/// Where the page that starts at `start` ends: at most `page_size` keys and `max_bytes` of
+/// answer, but at least one key.
+fn page_end(keys: &SortedKeys, start: usize, page_size: usize, max_bytes: usize) -> usize {
+    let (mut end, mut bytes) = (start, 0usize);
+    while end < keys.len() && end - start < page_size {
+        let cost = keys.key(end).len() + ANSWER_ELEMENT_BYTES;
+        if end > start && bytes.saturating_add(cost) > max_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(cost);
+        end += 1;
+    }
+    end
+}
+
+/// A sorted copy of a bucket's keys that later pages are cut from.
 struct Listing {
     namespace: Box<str>,
     bucket: Box<str>,
     keys: SortedKeys,
     page_size: usize,
-    /// `Engine::removals` when the snapshot was taken.
+    /// `Engine::removals` when the copy was taken.
     removals: u64,
     last_used: Instant,
 }
 
-/// Unfinished listings by id. A cursor is `id << 32 | page number`, so a retried call with the
-/// same cursor answers the same page.
+/// Open listings by id, and the bytes counted against `max_listing_bytes`.
+#[derive(Default)]
+struct ListingTable {
+    open: HashMap<u32, (Listing, u64)>,
+    /// Bytes of open listings and of listings being copied.
+    held: u64,
+}
+
+impl ListingTable {
+    fn remove(&mut self, id: u32) {
+        if let Some((_, bytes)) = self.open.remove(&id) {
+            self.held -= bytes;
+        }
+    }
+
+    /// The least recently used listing of `ns`, and what `ns`'s open listings hold.
+    fn oldest_of(&self, ns: &str) -> (Option<u32>, u64) {
+        let mine = self.open.iter().filter(|(_, (l, _))| &*l.namespace == ns);
+        let held = mine.clone().map(|(_, (_, bytes))| bytes).sum();
+        let oldest = mine
+            .min_by_key(|(_, (l, _))| l.last_used)
+            .map(|(id, _)| *id);
+        (oldest, held)
+    }
+
+    /// Makes room for `need` more bytes for namespace `ns`. The namespace whose open listings
+    /// hold the most gives way, its least recently used listing first; another namespace's
+    /// listings are only dropped while it holds more than `ns` does: one tenant cannot push
+    /// out the listings of a tenant that holds less than it does.
+    fn make_room(&mut self, ns: &str, need: u64, limit: u64) -> Result<(), EngineError> {
+        while self.held.saturating_add(need) > limit {
+            let (my_oldest, mine) = self.oldest_of(ns);
+            let mut per_namespace: HashMap<&str, u64> = HashMap::new();
+            for (listing, bytes) in self.open.values() {
+                *per_namespace.entry(&*listing.namespace).or_default() += bytes;
+            }
+            let largest = per_namespace
+                .into_iter()
+                .filter(|(other, _)| *other != ns)
+                .max_by_key(|(_, bytes)| *bytes)
+                .filter(|(_, bytes)| *bytes > mine)
+                .map(|(other, _)| other.to_owned());
+            let victim = match largest {
+                Some(other) => self.oldest_of(&other).0,
+                None => my_oldest,
+            };
+            match victim {
+                Some(id) => self.remove(id),
+                None => {
+                    return Err(EngineError::ListingTooLarge { limit, held: mine });
+                }
+            }
+        }
+        self.held += need;
+        Ok(())
+    }
+}
+
+/// Bytes taken from `max_listing_bytes` for a listing being copied; given back on drop
+/// unless [`Listings::open`] takes them over.
+struct Held<'a> {
+    listings: &'a Listings,
+    namespace: &'a str,
+    bytes: u64,
+    limit: u64,
+}
+
+impl Held<'_> {
+    fn grow(&mut self, n: u64) -> Result<(), EngineError> {
+        let mut table = self.listings.lock();
+        table.make_room(self.namespace, n, self.limit)?;
+        self.bytes += n;
+        Ok(())
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.listings.lock().held -= self.bytes;
+    }
+}
+
+/// Unfinished listings by id. A cursor is `id << 32 | offset of the page's first key`, so a
+/// retried call with the same cursor answers the same page.
 struct Listings {
-    open: Mutex<HashMap<u32, Listing>>,
+    table: Mutex<ListingTable>,
     next_id: AtomicU64,
 }
 
@@ -825,76 +1181,92 @@ impl Default for Listings {
         let seed = std::collections::hash_map::RandomState::new();
         let start = std::hash::BuildHasher::hash_one(&seed, Instant::now());
         Self {
-            open: Mutex::new(HashMap::new()),
+            table: Mutex::new(ListingTable::default()),
             next_id: AtomicU64::new(start),
         }
     }
 }
 
 impl Listings {
-    /// Stores a listing whose first page was served; answers the cursor of its second page.
-    fn open(&self, listing: Listing) -> u64 {
-        let mut open = self
-            .open
+    fn lock(&self) -> std::sync::MutexGuard<'_, ListingTable> {
+        self.table
             .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Takes `n` bytes of `max_listing_bytes` (`limit`) for a listing of `ns` about to be
+    /// copied, dropping idle listings, then listings as [`ListingTable::make_room`] says.
+    fn reserve<'a>(&'a self, ns: &'a str, n: u64, limit: u64) -> Result<Held<'a>, EngineError> {
+        let mut table = self.lock();
         let now = Instant::now();
-        open.retain(|_, l| now.duration_since(l.last_used) < CURSOR_IDLE_TTL);
-        while open.len() >= MAX_OPEN_LISTINGS {
-            let Some(oldest) = open
-                .iter()
-                .min_by_key(|(_, l)| l.last_used)
-                .map(|(id, _)| *id)
-            else {
-                break;
-            };
-            open.remove(&oldest);
+        let idle: Vec<u32> = (table.open.iter())
+            .filter(|(_, (l, _))| now.duration_since(l.last_used) >= CURSOR_IDLE_TTL)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            table.remove(id);
+        }
+        table.make_room(ns, n, limit)?;
+        Ok(Held {
+            listings: self,
+            namespace: ns,
+            bytes: n,
+            limit,
+        })
+    }
+
+    /// Stores a listing whose first page was served, keeping of `held` what it occupies;
+    /// answers its cursor with offset 0.
+    fn open(&self, listing: Listing, mut held: Held<'_>) -> u64 {
+        let footprint = (listing.keys.footprint() + LISTING_OVERHEAD).min(held.bytes);
+        let unused = held.bytes - footprint;
+        held.bytes = 0;
+        drop(held);
+        let mut table = self.lock();
+        table.held -= unused;
+        let (oldest, _) = table.oldest_of(&listing.namespace);
+        let count = (table.open.values())
+            .filter(|(l, _)| l.namespace == listing.namespace)
+            .count();
+        if count >= MAX_LISTINGS_PER_NAMESPACE {
+            if let Some(id) = oldest {
+                table.remove(id);
+            }
         }
         let id = loop {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u32;
-            if !open.contains_key(&id) {
+            if !table.open.contains_key(&id) {
                 break id;
             }
         };
-        open.insert(id, listing);
-        (u64::from(id) << 32) | 1
+        table.open.insert(id, (listing, footprint));
+        u64::from(id) << 32
     }
 
-    /// The keys of the page `cursor` points at, and the cursor of the page after it.
+    /// The keys of the page `cursor` points at, the cursor of the page after it, and the
+    /// listing's removal count.
     fn page(
         &self,
         ns: &str,
         bucket: &str,
         cursor: u64,
+        max_bytes: usize,
     ) -> Result<(Vec<String>, Option<u64>, u64), EngineError> {
         let id = (cursor >> 32) as u32;
-        let page = (cursor & 0xffff_ffff) as usize;
-        let mut open = self
-            .open
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        let listing = open
-            .get_mut(&id)
-            .filter(|l| &*l.namespace == ns && &*l.bucket == bucket)
-            .filter(|l| Instant::now().duration_since(l.last_used) < CURSOR_IDLE_TTL)
+        let start = (cursor & 0xffff_ffff) as usize;
+        let mut table = self.lock();
+        let (listing, _) = (table.open.get_mut(&id))
+            .filter(|(l, _)| &*l.namespace == ns && &*l.bucket == bucket)
+            .filter(|(l, _)| Instant::now().duration_since(l.last_used) < CURSOR_IDLE_TTL)
             .ok_or(EngineError::UnknownCursor(cursor))?;
-        let start = page.saturating_mul(listing.page_size);
-        if page == 0 || start >= listing.keys.len() {
+        if start == 0 || start >= listing.keys.len() {
             return Err(EngineError::UnknownCursor(cursor));
         }
-        let end = start
-            .saturating_add(listing.page_size)
-            .min(listing.keys.len());
+        let end = page_end(&listing.keys, start, listing.page_size, max_bytes);
         let keys = listing.keys.strings(start..end);
-        let removals = listing.removals;
         listing.last_used = Instant::now();
-        let next = if end == listing.keys.len() {
-            open.remove(&id);
-            None
-        } else {
-            Some(cursor + 1)
-        };
-        Ok((keys, next, removals))
+        let next = (end < listing.keys.len()).then(|| (u64::from(id) << 32) | end as u64);
+        Ok((keys, next, listing.removals))
     }
 }
 
@@ -911,6 +1283,7 @@ mod tests {
             max_keys: 100,
             max_total_bytes: 10_000,
             list_page_size: 10,
+            max_listing_bytes: 1 << 20,
         }
     }
 
@@ -1219,9 +1592,71 @@ mod tests {
         let last = e.list_keys("n", "b", second.cursor).unwrap();
         assert_eq!(last.keys.len(), 5);
         assert_eq!(last.cursor, None);
-        let err = e.list_keys("n", "b", second.cursor).unwrap_err();
-        assert!(err.to_string().contains("unknown or expired"), "{err}");
+        assert_eq!(
+            e.list_keys("n", "b", second.cursor).unwrap(),
+            last,
+            "the last page's cursor can be retried too"
+        );
+        let id = cursor & !0xffff_ffff;
+        for offset in [0, 25, 26, u32::MAX as u64] {
+            let err = e.list_keys("n", "b", Some(id | offset)).unwrap_err();
+            assert!(err.to_string().contains("unknown or expired"), "{err}");
+        }
         assert!(e.list_keys("n", "b", Some(12345)).is_err());
+    }
+
+    #[test]
+    fn pages_are_cut_to_the_answer_bound_and_go_on_from_there() {
+        let e = Engine::new(limits());
+        for i in 0..30 {
+            e.set("n", "b", &format!("{i:02}{}", "x".repeat(30)), b"")
+                .unwrap();
+        }
+        // Each key costs 32 bytes plus ANSWER_ELEMENT_BYTES: three fit in 200 bytes.
+        let max = 3 * (32 + ANSWER_ELEMENT_BYTES) + 10;
+        let (mut all, mut cursor, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let page = e.list_keys_within("n", "b", cursor, max).unwrap();
+            assert!(page.keys.len() <= 3, "{}", page.keys.len());
+            all.extend(page.keys);
+            pages += 1;
+            cursor = page.cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(pages, 10);
+        let mut want = all.clone();
+        want.sort();
+        want.dedup();
+        assert_eq!(all, want);
+        assert_eq!(all.len(), 30);
+        // A bound below one key still makes progress: one key a page.
+        assert_eq!(e.list_keys_within("n", "b", None, 1).unwrap().keys.len(), 1);
+    }
+
+    #[test]
+    fn get_many_refuses_before_copying_and_says_how_much_was_asked() {
+        let e = Engine::new(limits());
+        e.set("n", "b", "k", &[7; 1000]).unwrap();
+        let keys = vec!["k".to_string(); 100];
+        let mut granted = 0;
+        let refused = e
+            .get_many_within("n", "b", keys.clone(), |n| {
+                if granted + n > 5_000 {
+                    return false;
+                }
+                granted += n;
+                true
+            })
+            .unwrap_err();
+        let each = (1000 + 1 + ANSWER_ELEMENT_BYTES) as u64;
+        assert_eq!(refused.asked, 100 * each);
+        assert!(granted <= 5_000);
+        let all = e.get_many_within("n", "b", keys, |_| true).unwrap();
+        assert_eq!(all.len(), 100);
+        assert!(e.get_within("n", "b", "k", |n| n < 1000).is_err());
+        assert_eq!(e.get_within("n", "b", "missing", |_| false), Ok(None));
     }
 
     #[test]
@@ -1238,20 +1673,195 @@ mod tests {
     }
 
     #[test]
-    fn open_listings_are_bounded() {
+    fn a_namespace_opening_listings_never_evicts_another_namespaces() {
         let e = Engine::new(limits());
-        for i in 0..20 {
-            e.set("n", "b", &format!("{i:02}"), b"").unwrap();
+        for ns in ["a", "b"] {
+            for i in 0..20 {
+                e.set(ns, "b", &format!("{i:02}"), b"").unwrap();
+            }
         }
-        let first = e.list_keys("n", "b", None).unwrap().cursor.unwrap();
-        for _ in 0..MAX_OPEN_LISTINGS {
-            e.list_keys("n", "b", None).unwrap();
+        let theirs = e.list_keys("b", "b", None).unwrap().cursor.unwrap();
+        let first = e.list_keys("a", "b", None).unwrap().cursor.unwrap();
+        for _ in 0..MAX_LISTINGS_PER_NAMESPACE {
+            e.list_keys("a", "b", None).unwrap();
         }
-        assert_eq!(e.listings.open.lock().unwrap().len(), MAX_OPEN_LISTINGS);
+        assert_eq!(e.listings.lock().open.len(), MAX_LISTINGS_PER_NAMESPACE + 1);
         assert!(
-            e.list_keys("n", "b", Some(first)).is_err(),
-            "the oldest was evicted"
+            e.list_keys("a", "b", Some(first)).is_err(),
+            "a's oldest was evicted"
         );
+        assert_eq!(e.list_keys("b", "b", Some(theirs)).unwrap().keys.len(), 10);
+    }
+
+    #[test]
+    fn listings_are_bounded_in_bytes_and_the_largest_holder_gives_way() {
+        // Each listing of 100 keys of 8 bytes takes one 256 KiB block while it is copied and
+        // keeps ~1.8 KiB once open.
+        let e = Engine::new(Limits {
+            max_listing_bytes: LISTING_GROW_BLOCK + 20_000,
+            max_keys: 100_000,
+            max_total_bytes: u64::MAX,
+            ..limits()
+        });
+        for ns in ["big", "small"] {
+            for i in 0..100 {
+                e.set(ns, "b", &format!("key{i:05}"), b"").unwrap();
+            }
+        }
+        let open = |ns| e.list_keys(ns, "b", None).unwrap().cursor.unwrap();
+        let big: Vec<u64> = (0..8).map(|_| open("big")).collect();
+        let held = e.listings.lock().held;
+        assert!(held <= LISTING_GROW_BLOCK + 20_000, "{held}");
+        // Copying the next one needs a block: "big" holds the most, so its oldest make room,
+        // and "small" can still list.
+        let small = open("small");
+        assert!(e.list_keys("big", "b", Some(big[0])).is_err());
+        assert!(e.list_keys("big", "b", Some(big[7])).is_ok());
+        // "big" opening more evicts its own, never "small"'s smaller holding.
+        for _ in 0..20 {
+            open("big");
+        }
+        assert!(e.list_keys("small", "b", Some(small)).is_ok());
+        // A bucket whose keys can never fit is refused with the key to raise.
+        for i in 0..20_000 {
+            e.set("huge", "b", &format!("key{i:05}"), b"").unwrap();
+        }
+        let err = e.list_keys("huge", "b", None).unwrap_err();
+        assert_eq!(err.limit(), Some("max_listing_bytes"), "{err}");
+        // Nothing leaks: every byte held belongs to an open listing.
+        let table = e.listings.lock();
+        let open_bytes: u64 = table.open.values().map(|(_, bytes)| bytes).sum();
+        assert_eq!(table.held, open_bytes);
+    }
+
+    /// Runs `threads` closures at once, `rounds` times, each round started together; answers
+    /// how many calls answered `false` (a failing call must not leave the others waiting at
+    /// the barrier).
+    fn race(rounds: usize, threads: usize, f: impl Fn(usize, usize) -> bool + Sync) -> usize {
+        let barrier = std::sync::Barrier::new(threads);
+        let failed = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (f, barrier, failed) = (&f, &barrier, &failed);
+                s.spawn(move || {
+                    for round in 0..rounds {
+                        barrier.wait();
+                        if !f(round, t) {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        failed.into_inner()
+    }
+
+    fn recount(e: &Engine, ns: &str) -> (u64, u64) {
+        let mut keys = 0;
+        let mut bytes = 0;
+        for bucket in e.bucket_names(ns) {
+            for key in e.bucket_keys(ns, &bucket) {
+                if let Some(v) = e.get(ns, &bucket, &key) {
+                    keys += 1;
+                    bytes += (key.len() + v.len()) as u64;
+                }
+            }
+        }
+        (keys, bytes)
+    }
+
+    #[test]
+    fn concurrent_sets_of_one_new_key_at_the_last_free_slot_all_succeed() {
+        let e = Engine::new(Limits {
+            max_keys: 10,
+            ..limits()
+        });
+        for i in 0..9 {
+            e.set("n", "b", &format!("{i}"), b"").unwrap();
+        }
+        let refused = race(2000, 4, |round, t| {
+            // Whatever the order, these add at most the one key there is room for: no serial
+            // order refuses any of them.
+            let written = if t == 3 && round % 2 == 0 {
+                e.set_many("n", "b", [("new", &b"x"[..]), ("0", b"")])
+            } else {
+                e.set("n", "b", "new", b"x")
+            };
+            if t == 0 {
+                e.delete("n", "b", "new");
+            }
+            written.is_ok()
+        });
+        assert_eq!(refused, 0, "writes refused although they fit");
+        let (keys, _) = e.namespace_usage("n");
+        assert!(keys <= 10, "{keys}");
+        assert_eq!((keys, e.namespace_usage("n").1), recount(&e, "n"));
+    }
+
+    #[test]
+    fn racing_writes_and_deletes_never_pass_a_limit_and_leave_exact_counters() {
+        let e = Engine::new(Limits {
+            max_keys: 2,
+            max_total_bytes: 30,
+            ..limits()
+        });
+        e.set("n", "b", "b", &[0; 9]).unwrap();
+        let over = std::sync::atomic::AtomicBool::new(false);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            // Watches the counters while the writers race.
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let (keys, _) = e.namespace_usage("n");
+                    if keys > 2 || e.usage().bytes > 30 {
+                        over.store(true, Ordering::Relaxed);
+                    }
+                }
+            });
+            // set(a), delete(a) and set(c) racing: the history the hardening issue names.
+            race(20_000, 3, |round, t| {
+                let v = [b'v'; 9];
+                match (t, round % 3) {
+                    (0, _) => drop(e.set("n", "b", "a", &v)),
+                    (1, _) => e.delete("n", "b", "a"),
+                    (_, 0) => drop(e.set("n", "b", "c", &v)),
+                    (_, 1) => drop(e.set_many("n", "b", [("c", &v[..]), ("d", &v[..])])),
+                    _ => e.delete_many("n", "b", ["c", "d"]),
+                }
+                true
+            });
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert!(!over.load(Ordering::Relaxed), "a counter passed its limit");
+        let usage = e.namespace_usage("n");
+        assert!(usage.0 <= 2 && usage.1 <= 30, "{usage:?}");
+        assert_eq!(usage, recount(&e, "n"));
+        assert_eq!(e.usage().bytes, usage.1);
+    }
+
+    #[test]
+    fn a_full_store_still_takes_overwrites_while_batches_race() {
+        let e = Engine::new(Limits {
+            max_keys: 4,
+            max_total_bytes: 4 * 11,
+            ..limits()
+        });
+        for k in ["a", "b", "c", "d"] {
+            e.set("n", "b", k, &[0; 10]).unwrap();
+        }
+        // Every write replaces a value by one of the same size: the store stays exactly full
+        // and no serial order refuses any of them, whatever the batches reserve meanwhile.
+        let refused = race(1000, 3, |round, t| {
+            let v = [round as u8; 10];
+            match t {
+                0 => e.set("n", "b", "a", &v),
+                1 => e.set_many("n", "b", [("b", &v[..]), ("c", &v[..])]),
+                _ => e.set_many("n", "b", [("c", &v[..]), ("d", &v[..]), ("a", &v[..])]),
+            }
+            .is_ok()
+        });
+        assert_eq!(refused, 0, "overwrites refused in a full store");
+        assert_eq!(e.namespace_usage("n"), (4, 44));
     }
 
     /// One step of a random workload, for the model test below.

@@ -12,13 +12,17 @@
 //! - [`config`]: provider config keys, defaults and parsing.
 //! - [`links`]: active links and the namespace each one's calls use.
 //! - [`provider`]: the SDK control-plane callbacks and the generated wRPC handler traits.
-//! - [`serve`]: accepting invocations, one task each, with bounded parameter decoding; the
+//! - [`serve`]: accepting invocations, one task each, with bounded parameter reading; the
 //!   span and metrics of each call.
+//! - [`wire`]: reading parameters without trusting the lengths they declare.
+//! - [`budget`]: what calls in flight may hold (bytes, calls), in all and per component.
+//! - [`snapshot`]: the snapshot file format, writer, verifying reader and restore.
 //! - [`telemetry`]: logs, OTLP traces and metrics as the host configures them.
 //! - [`client`]: a race-free wRPC client of the same interfaces, for tests and tools.
 //! - [`bindings`]: what `wit_bindgen_wrpc::generate!` makes of `wit/` (world `provider`).
 //! - [`run`]: start-up and shutdown, called by `main.rs`.
 
+pub mod budget;
 pub mod client;
 pub mod config;
 pub mod engine;
@@ -27,6 +31,7 @@ pub mod provider;
 pub mod serve;
 pub mod snapshot;
 pub mod telemetry;
+pub mod wire;
 
 /// Bindings generated from `wit/` (world `provider`).
 pub mod bindings {
@@ -48,9 +53,11 @@ pub const NAME: &str = "keyvalue-inmemory";
 /// SIGINT, once in-flight calls finished.
 pub async fn run() -> anyhow::Result<()> {
     let host_data = check_host_data()?;
-    let snapshots =
-        snapshot::Settings::from_config(&host_data.config).map_err(anyhow::Error::msg)?;
+    let (snapshots, problems) = snapshot::Settings::from_config(&host_data.config);
     let telemetry = telemetry::init(host_data)?;
+    for problem in problems {
+        warn!("{problem}");
+    }
     let served = serve_until_stopped(snapshots).await;
     if let Err(err) = &served {
         tracing::error!("{err:#}");
@@ -64,6 +71,7 @@ async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> anyhow::R
     // Restore before the SDK answers its first health check.
     if let Some(settings) = provider.snapshots() {
         restore(&provider, settings).await?;
+        provider.mark_snapshot_current();
     }
     telemetry::register_usage_gauges(&provider);
     let control = wasmcloud_provider_sdk::run_provider(provider.clone(), NAME)
@@ -124,6 +132,18 @@ async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> anyhow::R
 }
 
 async fn restore(provider: &KvProvider, settings: &snapshot::Settings) -> anyhow::Result<()> {
+    let removed = snapshot::remove_leftovers(&settings.path).with_context(|| {
+        format!(
+            "cannot remove what earlier snapshot writes left beside {}",
+            settings.path.display()
+        )
+    })?;
+    for leftover in removed {
+        info!(
+            "removed {}, left by a snapshot write that never finished",
+            leftover.display()
+        );
+    }
     let (p, s) = (provider.clone(), settings.clone());
     let restored = tokio::task::spawn_blocking(move || snapshot::restore(p.engine(), &s))
         .await

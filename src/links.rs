@@ -8,6 +8,22 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+/// The engine's namespace of unlinked calls that name no source (with `allow_unlinked=true`).
+pub const ANONYMOUS_NAMESPACE: &str = "anonymous:";
+
+/// The engine's name of a namespace that link config names (`namespace=<name>`): shared by
+/// every link naming it. Tagged, like [`component_namespace`], so that the two kinds can never
+/// name the same data.
+pub fn named_namespace(name: &str) -> Arc<str> {
+    Arc::from(format!("named:{name}"))
+}
+
+/// The engine's name of a component's own namespace (its links name none): no other
+/// component reaches it, whatever its link config says.
+pub fn component_namespace(component: &str) -> Arc<str> {
+    Arc::from(format!("component:{component}"))
+}
+
 /// Active links to this provider: source component → link name → namespace.
 #[derive(Default)]
 pub struct LinkTable {
@@ -20,6 +36,16 @@ impl LinkTable {
     /// Records the link `source` → us named `link_name`, whose calls use `namespace`.
     /// Answers the namespace it replaced, if the link was known.
     pub fn put(&self, source: &str, link_name: &str, namespace: &str) -> Option<Arc<str>> {
+        self.put_namespace(source, link_name, Arc::from(namespace))
+    }
+
+    /// Like [`LinkTable::put`], with the namespace already shared.
+    pub fn put_namespace(
+        &self,
+        source: &str,
+        link_name: &str,
+        namespace: Arc<str>,
+    ) -> Option<Arc<str>> {
         let mut links = self
             .links
             .write()
@@ -27,7 +53,7 @@ impl LinkTable {
         links
             .entry(source.to_owned())
             .or_default()
-            .insert(link_name.to_owned(), Arc::from(namespace))
+            .insert(link_name.to_owned(), namespace)
     }
 
     /// Forgets a link; answers whether it was known. Data in its namespace stays.

@@ -6,10 +6,12 @@
 //! component receives. Engine errors become `store::Error::Other` in one place,
 //! [`From<EngineError>`](#impl-From<EngineError>-for-Error).
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt as _, Shared};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Span};
 use wasmcloud_provider_sdk::{
@@ -18,16 +20,22 @@ use wasmcloud_provider_sdk::{
 };
 
 use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
-use crate::config::{Config, LINK_NAMESPACE};
-use crate::engine::{Engine, EngineError, Usage};
-use crate::links::LinkTable;
+use crate::budget::{self, Budget};
+use crate::config::{self, Config, LINK_NAMESPACE};
+use crate::engine::{AnswerRefused, Engine, EngineError, Usage};
+use crate::links::{self, LinkTable};
 use crate::telemetry;
 
-/// Namespace of unlinked calls that name no source (with `allow_unlinked=true`).
-pub const DEFAULT_NAMESPACE: &str = "default";
+/// Buckets with more keys than this are copied and sorted for a listing on a blocking thread,
+/// not on an async worker.
+const SORT_ON_BLOCKING_THREAD: usize = 4096;
 
 /// How long a host's shutdown request waits for in-flight calls before the SDK replies.
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a stop waits for the final snapshot. A write cut short by the process's end only
+/// leaves a temporary file (removed at the next start): the last complete snapshot stays.
+pub const FINAL_SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
 
 /// The in-memory key-value provider. Cheap to clone: clones share one store.
 #[derive(Clone)]
@@ -37,6 +45,8 @@ pub struct KvProvider {
 
 struct Inner {
     engine: Engine,
+    /// What calls in flight hold.
+    budget: Arc<Budget>,
     links: LinkTable,
     // Read on every call for `allow_unlinked` and the request bounds; written on config updates.
     config: RwLock<Config>,
@@ -46,9 +56,13 @@ struct Inner {
     drained: CancellationToken,
     /// Where snapshots go, when they are on.
     snapshots: Option<crate::snapshot::Settings>,
-    /// Whether the final snapshot was written (it is written once, by whichever stop path
-    /// gets there first).
-    final_written: tokio::sync::Mutex<bool>,
+    /// [`Engine::changes`] when the last snapshot that succeeded began its walk: a stop with
+    /// nothing changed since writes nothing.
+    snapshot_at: AtomicU64,
+    /// The final snapshot: one task, started by whichever stop path comes first and awaited
+    /// (with a bound) by both. A task, not a future behind a lock: a stop path that gives up
+    /// waiting cannot leave it half-polled with the other path waiting on it forever.
+    final_snapshot: OnceLock<Shared<BoxFuture<'static, ()>>>,
 }
 
 impl Default for KvProvider {
@@ -63,12 +77,14 @@ impl KvProvider {
         Self {
             inner: Arc::new(Inner {
                 engine: Engine::new(config.limits),
+                budget: Budget::new(config.max_inflight_bytes, config.max_concurrent_calls),
                 links: LinkTable::default(),
                 config: RwLock::new(config),
                 stop: CancellationToken::new(),
                 drained: CancellationToken::new(),
                 snapshots,
-                final_written: tokio::sync::Mutex::new(false),
+                snapshot_at: AtomicU64::new(0),
+                final_snapshot: OnceLock::new(),
             }),
         }
     }
@@ -78,11 +94,18 @@ impl KvProvider {
         self.inner.snapshots.as_ref()
     }
 
-    /// Writes a snapshot now (on a blocking thread), logging the outcome.
+    /// Writes a snapshot now (on a blocking thread), logging the outcome; writes nothing when
+    /// the store did not change since the last one.
     pub async fn write_snapshot(&self, which: &str) {
         let Some(settings) = self.snapshots() else {
             return;
         };
+        // Read before the walk: a write racing with it makes the next snapshot happen.
+        let changes = self.inner.engine.changes();
+        if changes == self.inner.snapshot_at.load(Ordering::SeqCst) {
+            debug!("{which} snapshot skipped: nothing changed since the last one");
+            return;
+        }
         let (provider, path) = (self.clone(), settings.path.clone());
         let started = std::time::Instant::now();
         let written =
@@ -90,30 +113,60 @@ impl KvProvider {
                 .await;
         let path = settings.path.display();
         match written {
-            Ok(Ok(stats)) => info!(
-                entries = stats.entries,
-                bytes = stats.bytes,
-                millis = started.elapsed().as_millis() as u64,
-                "{which} snapshot written to {path}"
-            ),
+            Ok(Ok(stats)) => {
+                self.inner.snapshot_at.store(changes, Ordering::SeqCst);
+                info!(
+                    entries = stats.entries,
+                    bytes = stats.bytes,
+                    millis = started.elapsed().as_millis() as u64,
+                    "{which} snapshot written to {path}"
+                )
+            }
             Ok(Err(err)) => tracing::error!("{which} snapshot to {path} failed: {err}"),
             Err(err) => tracing::error!("{which} snapshot task failed: {err}"),
         }
     }
 
-    /// The snapshot of a stop, once in-flight calls are done: written once, whichever stop
-    /// path (the host's shutdown request, a signal) comes first.
-    pub async fn write_final_snapshot(&self) {
-        let mut written = self.inner.final_written.lock().await;
-        if !*written {
-            self.write_snapshot("final").await;
-            *written = true;
+    /// Marks the store as saved as it stands (after a restore: the file holds it already).
+    pub fn mark_snapshot_current(&self) {
+        (self.inner.snapshot_at).store(self.inner.engine.changes(), Ordering::SeqCst);
+    }
+
+    /// The snapshot of a stop, once in-flight calls are done: one task, started by whichever
+    /// stop path (the host's shutdown request, a signal) comes first; each waits for it up to
+    /// [`FINAL_SNAPSHOT_WAIT`]. Answers whether it finished in that time.
+    pub async fn write_final_snapshot(&self) -> bool {
+        let task = self.inner.final_snapshot.get_or_init(|| {
+            let provider = self.clone();
+            let task = tokio::spawn(async move { provider.write_snapshot("final").await });
+            async move {
+                if let Err(err) = task.await {
+                    tracing::error!("final snapshot task failed: {err}");
+                }
+            }
+            .boxed()
+            .shared()
+        });
+        let finished = tokio::time::timeout(FINAL_SNAPSHOT_WAIT, task.clone())
+            .await
+            .is_ok();
+        if !finished {
+            tracing::error!(
+                "the final snapshot did not finish within {FINAL_SNAPSHOT_WAIT:?}; \
+                 the last complete snapshot stays in place"
+            );
         }
+        finished
     }
 
     /// The store.
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// What calls in flight hold.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.inner.budget
     }
 
     /// The active links.
@@ -138,6 +191,7 @@ impl KvProvider {
             warn!("{problem}");
         }
         self.inner.engine.set_limits(next.limits);
+        (self.inner.budget).set_limits(next.max_inflight_bytes, next.max_concurrent_calls);
         if *config != next {
             info!(config = ?next, "config applied");
         }
@@ -146,6 +200,7 @@ impl KvProvider {
 
     /// Asks the serving loop to stop taking calls and finish the ones in flight.
     pub fn stop(&self) {
+        telemetry::stopping();
         self.inner.stop.cancel();
     }
 
@@ -194,7 +249,10 @@ impl KvProvider {
             return Ok(ns);
         }
         if self.config().allow_unlinked {
-            return Ok(Arc::from(source.map_or(DEFAULT_NAMESPACE, String::as_str)));
+            return Ok(source.map_or_else(
+                || Arc::from(links::ANONYMOUS_NAMESPACE),
+                |source| links::component_namespace(source),
+            ));
         }
         debug!(?source, link_name, "call without an active link refused");
         Err(store::Error::AccessDenied)
@@ -207,6 +265,64 @@ impl From<EngineError> for store::Error {
     }
 }
 
+/// Why a call was refused: by the engine, or by a bound on what one call may hold.
+#[derive(Debug)]
+enum Refused {
+    Engine(EngineError),
+    /// A serving bound: its config key and the caller's message.
+    Bound(&'static str, String),
+}
+
+impl From<EngineError> for Refused {
+    fn from(err: EngineError) -> Self {
+        Refused::Engine(err)
+    }
+}
+
+/// Room for one answer: at most `max_response_bytes`, taken from the call's in-flight budget
+/// as it grows, asked by the engine before it copies each value or key.
+struct AnswerRoom {
+    limit: usize,
+    used: usize,
+    busy: Option<budget::Refusal>,
+}
+
+impl AnswerRoom {
+    fn new(config: &Config) -> Self {
+        Self {
+            limit: config.max_response_bytes,
+            used: 0,
+            busy: None,
+        }
+    }
+
+    fn take(&mut self, n: usize) -> bool {
+        if self.used.saturating_add(n) > self.limit {
+            return false;
+        }
+        if let Err(refusal) = budget::take_for_answer(n) {
+            self.busy = Some(refusal);
+            return false;
+        }
+        self.used += n;
+        true
+    }
+
+    /// Why `what` was refused.
+    fn refused(self, what: &str, refused: AnswerRefused) -> Refused {
+        match self.busy {
+            Some(busy) => Refused::Bound(busy.limit(), busy.to_string()),
+            None => Refused::Bound(
+                config::MAX_RESPONSE_BYTES,
+                format!(
+                    "{what} would answer {} bytes, over max_response_bytes={}: ask for less at once",
+                    refused.asked, self.limit
+                ),
+            ),
+        }
+    }
+}
+
 /// Runs `op` on `keys` keys of `bucket` in the caller's namespace, or answers
 /// `access-denied`. Puts what the call touched on its span (never values), and counts limit
 /// refusals.
@@ -215,7 +331,7 @@ fn in_namespace<T>(
     cx: &Option<Context>,
     bucket: &str,
     keys: usize,
-    op: impl FnOnce(&Engine, &str) -> Result<T, EngineError>,
+    op: impl FnOnce(&Engine, &str) -> Result<T, Refused>,
 ) -> anyhow::Result<Result<T, store::Error>> {
     let span = Span::current();
     span.record("keyvalue.bucket", bucket);
@@ -225,12 +341,20 @@ fn in_namespace<T>(
         Err(denied) => return Ok(Err(denied)),
     };
     span.record("keyvalue.namespace", &*ns);
-    Ok(op(&provider.inner.engine, &ns).map_err(|err| {
-        if let Some(limit) = err.limit() {
-            telemetry::metrics().rejection(limit);
-        }
-        store::Error::from(err)
-    }))
+    Ok(
+        op(&provider.inner.engine, &ns).map_err(|refused| match refused {
+            Refused::Engine(err) => {
+                if let Some(limit) = err.limit() {
+                    telemetry::metrics().rejection(limit);
+                }
+                store::Error::from(err)
+            }
+            Refused::Bound(limit, message) => {
+                telemetry::metrics().rejection(limit);
+                store::Error::Other(message)
+            }
+        }),
+    )
 }
 
 /// Puts a byte count on the call's span.
@@ -245,9 +369,12 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key: String,
     ) -> anyhow::Result<Result<Option<Bytes>, store::Error>> {
+        let mut room = AnswerRoom::new(&self.config());
         in_namespace(self, &cx, &bucket, 1, |e, ns| {
             e.check_key_limits(&bucket, &key)?;
-            let value = e.get(ns, &bucket, &key);
+            let value = e
+                .get_within(ns, &bucket, &key, |n| room.take(n))
+                .map_err(|refused| room.refused("get", refused))?;
             record_bytes("keyvalue.bytes_out", value.as_ref().map_or(0, Bytes::len));
             Ok(value)
         })
@@ -262,7 +389,7 @@ impl store::Handler<Option<Context>> for KvProvider {
     ) -> anyhow::Result<Result<(), store::Error>> {
         record_bytes("keyvalue.bytes_in", value.len());
         in_namespace(self, &cx, &bucket, 1, |e, ns| {
-            e.set(ns, &bucket, &key, &value)
+            Ok(e.set(ns, &bucket, &key, &value)?)
         })
     }
 
@@ -295,14 +422,43 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         cursor: Option<u64>,
     ) -> anyhow::Result<Result<store::KeyResponse, store::Error>> {
-        in_namespace(self, &cx, &bucket, 0, |e, ns| {
-            let page = e.list_keys(ns, &bucket, cursor)?;
+        let config = self.config();
+        let max_bytes = config.max_response_bytes;
+        // `Ok(Err(ns))`: a first page of a large bucket, which copies and sorts its keys: that
+        // runs on a blocking thread, not on an async worker.
+        let listed = in_namespace(self, &cx, &bucket, 0, |e, ns| {
+            if cursor.is_none() && e.bucket_len(ns, &bucket) > SORT_ON_BLOCKING_THREAD {
+                return Ok(Err(Arc::<str>::from(ns)));
+            }
+            Ok(Ok(e.list_keys_within(ns, &bucket, cursor, max_bytes)?))
+        })?;
+        let page = match listed {
+            Ok(Ok(page)) => Ok(page),
+            Ok(Err(ns)) => {
+                let (provider, bucket) = (self.clone(), bucket.clone());
+                tokio::task::spawn_blocking(move || {
+                    let engine = provider.engine();
+                    engine.list_keys_within(&ns, &bucket, None, max_bytes)
+                })
+                .await?
+                .map_err(|err| {
+                    if let Some(limit) = err.limit() {
+                        telemetry::metrics().rejection(limit);
+                    }
+                    store::Error::from(err)
+                })
+            }
+            Err(err) => Err(err),
+        };
+        Ok(page.map(|page| {
+            let size: usize = page.keys.iter().map(String::len).sum();
             Span::current().record("keyvalue.keys", page.keys.len());
-            Ok(store::KeyResponse {
+            record_bytes("keyvalue.bytes_out", size);
+            store::KeyResponse {
                 keys: page.keys,
                 cursor: page.cursor,
-            })
-        })
+            }
+        }))
     }
 }
 
@@ -315,7 +471,7 @@ impl atomics::Handler<Option<Context>> for KvProvider {
         delta: u64,
     ) -> anyhow::Result<Result<u64, store::Error>> {
         in_namespace(self, &cx, &bucket, 1, |e, ns| {
-            e.increment(ns, &bucket, &key, delta)
+            Ok(e.increment(ns, &bucket, &key, delta)?)
         })
     }
 }
@@ -327,8 +483,11 @@ impl batch::Handler<Option<Context>> for KvProvider {
         bucket: String,
         keys: Vec<String>,
     ) -> anyhow::Result<Result<Vec<Option<(String, Bytes)>>, store::Error>> {
+        let mut room = AnswerRoom::new(&self.config());
         in_namespace(self, &cx, &bucket, keys.len(), |e, ns| {
-            let values = e.get_many(ns, &bucket, keys);
+            let values = e
+                .get_many_within(ns, &bucket, keys, |n| room.take(n))
+                .map_err(|refused| room.refused("get-many", refused))?;
             let bytes = values.iter().flatten().map(|(_, v)| v.len()).sum();
             record_bytes("keyvalue.bytes_out", bytes);
             Ok(values)
@@ -346,11 +505,11 @@ impl batch::Handler<Option<Context>> for KvProvider {
             key_values.iter().map(|(_, v)| v.len()).sum(),
         );
         in_namespace(self, &cx, &bucket, key_values.len(), |e, ns| {
-            e.set_many(
+            Ok(e.set_many(
                 ns,
                 &bucket,
                 key_values.iter().map(|(k, v)| (k.as_str(), v.as_ref())),
-            )
+            )?)
         })
     }
 
@@ -395,19 +554,19 @@ impl Provider for KvProvider {
             link.source_id,
             link.link_name
         );
-        let namespace = link
-            .config
-            .get(LINK_NAMESPACE)
-            .map(|ns| ns.trim())
-            .filter(|ns| !ns.is_empty())
-            .unwrap_or(link.source_id);
+        // A named namespace and a component's own can never be the same one: naming another
+        // component's id reaches `named:<id>`, not that component's `component:<id>`.
+        let namespace = match link.config.get(LINK_NAMESPACE).map(|ns| ns.trim()) {
+            Some(name) if !name.is_empty() => links::named_namespace(name),
+            _ => links::component_namespace(link.source_id),
+        };
         self.inner
             .links
-            .put(link.source_id, link.link_name, namespace);
+            .put_namespace(link.source_id, link.link_name, namespace.clone());
         info!(
             source = link.source_id,
             link_name = link.link_name,
-            namespace,
+            namespace = &*namespace,
             "link added"
         );
         Ok(())
@@ -436,6 +595,12 @@ impl Provider for KvProvider {
     /// The host asked us to stop: stop taking calls and let in-flight ones finish before the
     /// SDK replies to the host.
     async fn shutdown(&self) -> anyhow::Result<()> {
+        // The SDK calls this again when its control loop sees its own subscriptions end
+        // after the host's request: a stop already under way is not a second request.
+        if self.inner.stop.is_cancelled() {
+            self.inner.drained.cancelled().await;
+            return Ok(());
+        }
         info!("shutdown requested by the host");
         self.stop();
         if tokio::time::timeout(DRAIN_WAIT, self.inner.drained.cancelled())
@@ -500,12 +665,60 @@ mod tests {
             "allow_unlinked".to_string(),
             "true".to_string(),
         )]));
-        assert_eq!(p.namespace(&cx(Some("c2"), None)).unwrap().as_ref(), "c2");
-        assert_eq!(p.namespace(&None).unwrap().as_ref(), DEFAULT_NAMESPACE);
+        assert_eq!(
+            p.namespace(&cx(Some("c2"), None)).unwrap().as_ref(),
+            "component:c2"
+        );
+        assert_eq!(
+            p.namespace(&None).unwrap().as_ref(),
+            links::ANONYMOUS_NAMESPACE
+        );
         assert_eq!(
             p.namespace(&cx(Some("c1"), None)).unwrap().as_ref(),
             "shared"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_path_that_stops_polling_cannot_hang_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::snapshot::Settings {
+            path: dir.path().join("snap"),
+            interval: Duration::from_secs(3600),
+            required: false,
+        };
+        let p = KvProvider::new(Config::default(), Some(settings.clone()));
+        let value = vec![7u8; 64 << 10];
+        for i in 0..512 {
+            p.engine().set("n", "b", &format!("{i}"), &value).unwrap();
+        }
+        // The host's path starts the final snapshot, then is never polled again (the main
+        // task gave up waiting for it), but stays alive.
+        let mut host_path = Box::pin(p.write_final_snapshot());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), &mut host_path)
+                .await
+                .is_err(),
+            "32 MiB written in a millisecond: the test needs a slower snapshot"
+        );
+        // The signal path must still see it finish.
+        let finished = tokio::time::timeout(Duration::from_secs(30), p.write_final_snapshot())
+            .await
+            .expect("the second stop path hung");
+        assert!(finished);
+        assert!(settings.path.exists());
+        drop(host_path);
+        // Nothing changed since: the next snapshot writes nothing.
+        let before = std::fs::metadata(&settings.path)
+            .unwrap()
+            .modified()
+            .unwrap();
+        p.write_snapshot("periodic").await;
+        let after = std::fs::metadata(&settings.path)
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(before, after);
     }
 
     #[test]

@@ -18,24 +18,28 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use anyhow::{anyhow, Context as _};
-use futures::{SinkExt as _, Stream, StreamExt as _, TryStreamExt as _};
+use futures::{SinkExt as _, Stream, StreamExt as _};
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedWrite;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument as _, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use wasmcloud_provider_sdk::Context;
-use wrpc_transport::{Serve, TupleDecode, TupleEncode};
+use wrpc_transport::{Serve, TupleEncode};
 
 use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
 use crate::provider::KvProvider;
 use crate::telemetry::{self, CALL_TARGET};
+use crate::{budget, wire};
 
 /// WIT instance names of what we export.
 pub const STORE: &str = "wrpc:keyvalue/store@0.2.0-draft";
@@ -46,6 +50,11 @@ pub const BATCH: &str = "wrpc:keyvalue/batch@0.2.0-draft";
 
 /// How long a stop waits for in-flight calls.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(8);
+
+/// After a stop, invocations are still taken until none arrived for this long…
+const DRAIN_QUIET: Duration = Duration::from_millis(50);
+/// …or for this long in all.
+const DRAIN_ACCEPT: Duration = Duration::from_millis(500);
 
 type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 type Accepted = (&'static str, &'static str, anyhow::Result<Call>);
@@ -114,26 +123,45 @@ impl Server {
         } = self;
         info!("serving {STORE}, {ATOMICS} and {BATCH}");
         let calls = TaskTracker::new();
+        let start = |accepted: Option<Accepted>| match accepted {
+            Some((instance, func, Ok(call))) => {
+                calls.spawn(async move {
+                    if let Err(err) = call.await {
+                        warn!(instance, func, "invocation failed: {err:#}");
+                    }
+                });
+                true
+            }
+            // No reply subject, or the transport could not set the call up.
+            Some((instance, func, Err(err))) => {
+                debug!(instance, func, "invocation refused: {err:#}");
+                true
+            }
+            None => false,
+        };
         let ended = loop {
             tokio::select! {
                 biased;
                 () = provider.stopping() => break false,
-                accepted = invocations.next() => match accepted {
-                    Some((instance, func, Ok(call))) => {
-                        calls.spawn(async move {
-                            if let Err(err) = call.await {
-                                warn!(instance, func, "invocation failed: {err:#}");
-                            }
-                        });
-                    }
-                    // No reply subject, or the transport could not set the call up.
-                    Some((instance, func, Err(err))) => {
-                        debug!(instance, func, "invocation refused: {err:#}");
-                    }
-                    None => break true,
-                },
+                accepted = invocations.next() => if !start(accepted) { break true },
             }
         };
+        // Invocations NATS already delivered to this process would be lost with the
+        // subscriptions: take what keeps arriving until it pauses for DRAIN_QUIET (bounded by
+        // DRAIN_ACCEPT, since callers may not pause).
+        if !ended {
+            let until = tokio::time::Instant::now() + DRAIN_ACCEPT;
+            while let Ok(Ok(accepted)) = tokio::time::timeout_at(
+                until,
+                tokio::time::timeout(DRAIN_QUIET, invocations.next()),
+            )
+            .await
+            {
+                if !start(accepted) {
+                    break;
+                }
+            }
+        }
         // Dropping the accept streams unsubscribes: no new calls reach us from here on, and
         // other instances in the queue group take them.
         drop(invocations);
@@ -159,8 +187,9 @@ impl Server {
     }
 }
 
-/// Subscribes to one function and turns each invocation into a [`Call`]: decode the
-/// parameters within the request bounds, run `handle`, encode the results.
+/// Subscribes to one function and turns each invocation into a [`Call`]: admit it into the
+/// in-flight budget, read and decode the parameters within the request bounds, run `handle`,
+/// encode the results.
 async fn route<C, P, R, F, Fut>(
     client: &C,
     provider: &KvProvider,
@@ -170,13 +199,13 @@ async fn route<C, P, R, F, Fut>(
 ) -> anyhow::Result<Invocations>
 where
     C: Serve<Context = Option<Context>>,
-    P: TupleDecode<C::Incoming> + Send + 'static,
-    <P::Decoder as tokio_util::codec::Decoder>::Error: std::error::Error + Send + Sync + 'static,
+    P: wire::Params,
     R: TupleEncode<C::Outgoing> + Answer + Send + 'static,
     <R::Encoder as tokio_util::codec::Encoder<R>>::Error: std::error::Error + Send + Sync + 'static,
     F: Fn(KvProvider, Option<Context>, P) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
 {
+    // The keyvalue functions take no `future`/`stream` parameters: no async parameter paths.
     let no_async_params: Arc<[Box<[Option<usize>]>]> = Arc::from([]);
     let accepted = client
         .serve(instance, func, no_async_params)
@@ -184,18 +213,36 @@ where
         .with_context(|| format!("failed to subscribe to {instance}.{func}"))?;
     let provider = provider.clone();
     let operation = operation_name(func);
+    let shape = Arc::new(P::shape());
     Ok(Box::pin(accepted.map(move |accepted| {
         let call = accepted.map(|(cx, outgoing, incoming)| {
-            let (provider, handle) = (provider.clone(), handle.clone());
+            let (provider, handle, shape) = (provider.clone(), handle.clone(), shape.clone());
             let started = Instant::now();
             let span = call_span(operation, instance, func, &cx);
             let answered = span.clone();
             Box::pin(
                 async move {
+                    let finish = |results: R, outcome: Outcome| async move {
+                        outcome.record(&answered);
+                        let sent = write_results::<C, R>(outgoing, results).await;
+                        telemetry::metrics().call(operation, outcome.label(), started.elapsed());
+                        sent
+                    };
+                    let caller = cx.as_ref().and_then(|cx| cx.tracing.get("source-id"));
+                    let caller = caller.map_or("", String::as_str);
+                    let mut call = match provider.budget().admit(caller) {
+                        Ok(call) => call,
+                        Err(refusal) => {
+                            telemetry::metrics().rejection(refusal.limit());
+                            let message = refusal.to_string();
+                            return finish(R::refused(message.clone()), Outcome::Error(message))
+                                .await;
+                        }
+                    };
                     let config = provider.config();
                     let params = tokio::time::timeout(
                         config.request_timeout,
-                        read_params::<C, P>(incoming, config.max_request_bytes),
+                        read_params::<P, _>(incoming, &shape, config.max_request_bytes, &mut call),
                     )
                     .await
                     .unwrap_or_else(|_| {
@@ -204,30 +251,59 @@ where
                             config.request_timeout.as_millis()
                         ))
                     });
-                    let (results, outcome) = match params {
-                        Ok(params) => {
-                            let results = handle(provider, cx, params).await?;
-                            let outcome = results.outcome();
-                            (results, outcome)
+                    // The call's bytes stay taken until its answer is sent.
+                    budget::scope(call, async move {
+                        match params {
+                            Ok(params) => {
+                                let results = handle(provider, cx, params).await?;
+                                let outcome = results.outcome();
+                                finish(results, outcome).await
+                            }
+                            // Tell the caller why, as an error value, rather than leave it to
+                            // time out.
+                            Err(err) => {
+                                if let Some(refusal) = err.downcast_ref::<budget::Refusal>() {
+                                    telemetry::metrics().rejection(refusal.limit());
+                                }
+                                let refusal =
+                                    format!("invalid {instance}.{func} invocation: {err:#}");
+                                warn_invalid(&refusal);
+                                finish(R::refused(refusal.clone()), Outcome::Invalid(refusal)).await
+                            }
                         }
-                        // Tell the caller why, as an error value, rather than leave it to time out.
-                        Err(err) => {
-                            let refusal = format!("invalid {instance}.{func} invocation: {err:#}");
-                            warn!("{refusal}");
-                            let outcome = Outcome::Invalid(refusal.clone());
-                            (R::refused(refusal), outcome)
-                        }
-                    };
-                    outcome.record(&answered);
-                    let sent = write_results::<C, R>(outgoing, results).await;
-                    telemetry::metrics().call(operation, outcome.label(), started.elapsed());
-                    sent
+                    })
+                    .await
                 }
                 .instrument(span),
             ) as Call
         });
         (instance, func, call)
     })))
+}
+
+/// Logs an unreadable invocation: a warning at most once a second (saying how many were not
+/// logged since), the rest at debug. A flood of garbage must not become a flood of logs.
+fn warn_invalid(refusal: &str) {
+    static LAST_WARNED_MS: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let now = EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
+    let last = LAST_WARNED_MS.load(Ordering::Relaxed);
+    if now >= last + 1000
+        && LAST_WARNED_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        if suppressed > 0 {
+            warn!("{refusal} ({suppressed} more unreadable invocations in the last second)");
+        } else {
+            warn!("{refusal}");
+        }
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        debug!("{refusal}");
+    }
 }
 
 /// What every keyvalue function answers: `result<_, error>`.
@@ -345,25 +421,54 @@ fn call_span(
     span
 }
 
-/// Reads one invocation's parameters, refusing more than `max_bytes`.
-async fn read_params<C, P>(incoming: C::Incoming, max_bytes: usize) -> anyhow::Result<P>
+/// Reads one invocation's parameters: as they arrive, into a buffer that grows with what
+/// arrived (never with what the parameters declare), taking each growth from the call's
+/// budget; refuses more than `max_bytes`. Decodes them once [`wire::Scanner`] finds them
+/// complete, without waiting for the caller's end of parameters.
+async fn read_params<P, I>(
+    mut incoming: I,
+    shape: &wire::Shape,
+    max_bytes: usize,
+    call: &mut budget::Call,
+) -> anyhow::Result<P>
 where
-    C: Serve,
-    P: TupleDecode<C::Incoming>,
-    <P::Decoder as tokio_util::codec::Decoder>::Error: std::error::Error + Send + Sync + 'static,
+    P: wire::Params,
+    I: tokio::io::AsyncRead + Unpin,
 {
-    let limit = u64::try_from(max_bytes).unwrap_or(u64::MAX);
-    let mut params = FramedRead::new(incoming.take(limit), P::Decoder::default());
-    let decoded = params.try_next().await;
-    if params.get_ref().limit() == 0 {
-        return Err(anyhow!(
-            "parameters are larger than max_request_bytes={max_bytes}"
-        ));
+    let mut buf: Vec<u8> = Vec::new();
+    let mut scanner = wire::Scanner::new(shape, max_bytes);
+    loop {
+        if buf.len() == buf.capacity() {
+            // Double, from 4 KiB, up to one byte past the bound (which tells "too large").
+            let capacity = buf.capacity();
+            let grown = (capacity.saturating_mul(2).max(4096)).min(max_bytes.saturating_add(1));
+            call.take(grown - capacity)?;
+            buf.reserve_exact(grown - buf.len());
+        }
+        let read = incoming
+            .read_buf(&mut buf)
+            .await
+            .context("failed to read parameters")?;
+        if buf.len() > max_bytes {
+            return Err(anyhow!(
+                "parameters are larger than max_request_bytes={max_bytes}"
+            ));
+        }
+        if scanner.advance(&buf)? {
+            // Decoding turns each list element into a struct of its own: take that too.
+            let structs = scanner.elements().saturating_mul(DECODED_ELEMENT_BYTES);
+            call.take(usize::try_from(structs).unwrap_or(usize::MAX))?;
+            return Ok(wire::decode::<P>(Bytes::from(buf))?);
+        }
+        if read == 0 {
+            return Err(anyhow!("parameters ended before they were complete"));
+        }
     }
-    decoded
-        .context("failed to decode parameters")?
-        .context("parameters ended before they were complete")
 }
+
+/// What a decoded list element costs besides its bytes: a `String` or `(String, Bytes)`
+/// (24 to 56 bytes) and its allocation's header.
+const DECODED_ELEMENT_BYTES: u64 = 64;
 
 /// Writes the results and closes the result stream.
 async fn write_results<C, R>(outgoing: C::Outgoing, results: R) -> anyhow::Result<()>

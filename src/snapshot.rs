@@ -1,11 +1,11 @@
 //! Opt-in snapshots: the whole store written to one file, periodically and on a graceful stop,
 //! and read back at start before the provider answers its first health check.
 //!
-//! # File format (version 1)
+//! # File format (version 2)
 //!
 //! ```text
 //! magic    8 bytes  "KVINMEM1"
-//! version  u32 LE   1
+//! version  u32 LE   2
 //! records  …        tag u8, then
 //!                     1 namespace: len u32 LE, UTF-8 name   (following buckets belong to it)
 //!                     2 bucket:    len u32 LE, UTF-8 name   (following entries belong to it)
@@ -19,10 +19,18 @@
 //! file is read into memory once at start (a transient copy of its size) and its checksum
 //! verified before any entry is loaded.
 //!
+//! Version 2 is version 1 with the engine's tagged namespace names (`named:<name>`,
+//! `component:<id>`, see `links.rs`). Version 1 did not tell a component's own namespace from
+//! one that link config names, so a version 1 file loads every namespace as a named one: a
+//! component's old data is reached by linking it with `namespace=<its id>`.
+//!
 //! # Writing
 //!
-//! To `<path>.tmp`, fsync'd, renamed over `<path>`, then the directory fsync'd: a crash leaves
-//! either the old snapshot or the new one. The walk takes no global lock: per bucket it copies
+//! To a new temporary file beside it, `<path>.tmp-<pid>-<n>`, created exclusively (a file or
+//! symlink already there is never followed nor reused) and readable by the provider's user
+//! only (0600: it holds every tenant's values), fsync'd, renamed over `<path>`, then the
+//! directory fsync'd: a crash leaves either the old snapshot or the new one, and a leftover
+//! temporary file, which the next start removes. The walk takes no global lock: per bucket it copies
 //! the key list (DashMap holds one shard's read lock while that shard's keys are copied;
 //! readers never wait, writers to that shard wait for the copy), then reads values a key at a
 //! time, and writes to the file with no lock held. A snapshot is therefore not a point in
@@ -37,8 +45,8 @@ use crate::engine::Engine;
 
 /// The first bytes of a snapshot file.
 pub const MAGIC: &[u8; 8] = b"KVINMEM1";
-/// The format version this provider writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this provider writes (it reads 1 as well).
+pub const VERSION: u32 = 2;
 
 const TAG_END: u8 = 0;
 const TAG_NAMESPACE: u8 = 1;
@@ -61,25 +69,36 @@ pub struct Settings {
 
 impl Settings {
     /// The snapshot settings of the provider config: `None` without `snapshot_path`. A value
-    /// that cannot be used is an error (the provider does not start): a typo must not quietly
-    /// turn durability off.
+    /// that cannot be used keeps its default and is reported in the second half of the answer
+    /// (the provider logs it), as every other config key: a typo never stops the provider.
     pub fn from_config(
         config: &std::collections::HashMap<String, String>,
-    ) -> Result<Option<Settings>, String> {
+    ) -> (Option<Settings>, Vec<String>) {
+        let mut problems = Vec::new();
+        let settings = Self::read(config, &mut problems);
+        (settings, problems)
+    }
+
+    fn read(
+        config: &std::collections::HashMap<String, String>,
+        problems: &mut Vec<String>,
+    ) -> Option<Settings> {
         let get = |key: &str| {
             config
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(key))
                 .map(|(_, v)| v.trim())
         };
-        let Some(path) = get(SNAPSHOT_PATH).filter(|p| !p.is_empty()) else {
-            return Ok(None);
-        };
+        let path = get(SNAPSHOT_PATH).filter(|p| !p.is_empty())?;
         let interval = match get(SNAPSHOT_INTERVAL_SECS) {
             None => 60,
-            Some(v) => v.parse::<u64>().ok().filter(|&s| s > 0).ok_or_else(|| {
-                format!("config {SNAPSHOT_INTERVAL_SECS}={v:?}: expected whole seconds > 0")
-            })?,
+            Some(v) => v.parse::<u64>().ok().filter(|&s| s > 0).unwrap_or_else(|| {
+                problems.push(format!(
+                    "config {SNAPSHOT_INTERVAL_SECS}={v:?} ignored: expected whole seconds > 0; \
+                     snapshotting every 60 s"
+                ));
+                60
+            }),
         };
         let required = match get(SNAPSHOT_REQUIRED)
             .map(str::to_ascii_lowercase)
@@ -88,16 +107,18 @@ impl Settings {
             None | Some("false") => false,
             Some("true") => true,
             Some(v) => {
-                return Err(format!(
-                    "config {SNAPSHOT_REQUIRED}={v:?}: expected true or false"
-                ))
+                problems.push(format!(
+                    "config {SNAPSHOT_REQUIRED}={v:?} ignored: expected true or false; \
+                     an unreadable snapshot is moved aside"
+                ));
+                false
             }
         };
-        Ok(Some(Settings {
+        Some(Settings {
             path: PathBuf::from(path),
             interval: Duration::from_secs(interval),
             required,
-        }))
+        })
     }
 }
 
@@ -108,7 +129,7 @@ pub enum SnapshotError {
     Io(#[from] io::Error),
     #[error("not a keyvalue-inmemory snapshot (bad magic)")]
     BadMagic,
-    #[error("written in format version {0}; this provider reads version {VERSION}")]
+    #[error("written in format version {0}; this provider reads versions 1 and {VERSION}")]
     Version(u32),
     #[error("truncated (it ends before its checksum)")]
     Truncated,
@@ -127,13 +148,15 @@ pub struct Stats {
 
 /// One snapshot write at a time in this process: a periodic write still running on its
 /// blocking thread when the provider stops must finish before the final one starts, or it
-/// could rename an older snapshot over the final one (both share `<path>.tmp`).
+/// could rename an older snapshot over the final one.
 static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Writes the whole store to `path` atomically.
 pub fn write(engine: &Engine, path: &Path) -> io::Result<Stats> {
     let _one_at_a_time = WRITING.lock().unwrap_or_else(|poison| poison.into_inner());
-    let tmp = tmp_path(path);
+    static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = tmp_path(path, &format!("{}-{n}", std::process::id()));
     let result = write_to(engine, &tmp).and_then(|stats| {
         fs::rename(&tmp, path)?;
         sync_dir(path)?;
@@ -145,10 +168,44 @@ pub fn write(engine: &Engine, path: &Path) -> io::Result<Stats> {
     result
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
+/// `<path>.tmp-<unique>`.
+fn tmp_path(path: &Path, unique: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
+    name.push(".tmp-");
+    name.push(unique);
     path.with_file_name(name)
+}
+
+/// Removes what a write that never finished left beside `path` (`<path>.tmp-*`, and the
+/// `<path>.tmp` of earlier versions): files or symlinks, never what a symlink points at.
+pub fn remove_leftovers(path: &Path) -> io::Result<Vec<PathBuf>> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let prefix = format!("{name}.tmp");
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            continue;
+        };
+        if file_name == prefix || file_name.starts_with(&format!("{prefix}-")) {
+            // `remove_file` unlinks a symlink itself.
+            fs::remove_file(entry.path())?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
@@ -181,7 +238,13 @@ impl<W: Write> Checksummed<W> {
 }
 
 fn write_to(engine: &Engine, tmp: &Path) -> io::Result<Stats> {
-    let file = File::create(tmp)?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Exclusive: fails on anything already at `tmp`, a planted symlink included.
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tmp)?;
     let mut out = Checksummed {
         inner: BufWriter::with_capacity(1 << 20, file),
         crc: crc32fast::Hasher::new(),
@@ -258,7 +321,7 @@ fn decode_bytes(data: &[u8], sink: &mut impl FnMut(Record<'_>)) -> Result<Stats,
         at: MAGIC.len(),
     };
     let version = header.u32()?;
-    if version != VERSION {
+    if version != 1 && version != VERSION {
         return Err(SnapshotError::Version(version));
     }
     let Some(split) = data.len().checked_sub(4) else {
@@ -387,18 +450,30 @@ impl<'a> Cursor<'a> {
 
 /// Decodes a snapshot into `engine`; entries its limits refuse are left out (restore lifts
 /// the limits while it loads).
-pub fn load(reader: impl Read, engine: &Engine) -> Result<Stats, SnapshotError> {
-    decode(
-        reader,
-        |Record::Entry {
-             namespace,
-             bucket,
-             key,
-             value,
-         }| {
-            let _ = engine.set(namespace, bucket, key, value);
-        },
-    )
+pub fn load(mut reader: impl Read, engine: &Engine) -> Result<Stats, SnapshotError> {
+    let mut data = Vec::new();
+    reader.read_to_end(&mut data)?;
+    let version_1 = data.get(8..12) == Some(&1u32.to_le_bytes()[..]);
+    // Version 1 names are untagged: they load as named namespaces (see the module docs).
+    let mut migrated: (String, String) = Default::default();
+    decode_bytes(&data, &mut |Record::Entry {
+                                  namespace,
+                                  bucket,
+                                  key,
+                                  value,
+                              }| {
+        let namespace = if version_1 {
+            if migrated.0 != namespace {
+                // What `links::named_namespace` makes of it (a test checks they agree);
+                // spelled out so that the fuzz targets can include this file alone.
+                migrated = (namespace.to_owned(), format!("named:{namespace}"));
+            }
+            migrated.1.as_str()
+        } else {
+            namespace
+        };
+        let _ = engine.set(namespace, bucket, key, value);
+    })
 }
 
 /// What happened at start.
@@ -532,10 +607,60 @@ mod tests {
     #[test]
     fn another_version_is_named() {
         let mut bytes = encoded(&engine());
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
         let err = decode(&bytes[..], |_| ()).unwrap_err();
-        assert!(matches!(err, SnapshotError::Version(2)), "{err}");
-        assert!(err.to_string().contains("version 2"), "{err}");
+        assert!(matches!(err, SnapshotError::Version(3)), "{err}");
+        assert!(err.to_string().contains("version 3"), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_file_loads_its_namespaces_as_named_ones() {
+        let mut bytes = encoded(&engine());
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let body = bytes.len() - 4;
+        let crc = crc32fast::hash(&bytes[..body]);
+        bytes[body..].copy_from_slice(&crc.to_le_bytes());
+        let e = Engine::new(Limits::UNLIMITED);
+        load(&bytes[..], &e).unwrap();
+        let named = crate::links::named_namespace("a");
+        assert_eq!(e.get(&named, "b1", "k1").as_deref(), Some(&b"v1"[..]));
+        assert_eq!(e.get("a", "b1", "k1"), None);
+        // A version 2 file loads as written.
+        let e = Engine::new(Limits::UNLIMITED);
+        load(&encoded(&engine())[..], &e).unwrap();
+        assert_eq!(e.get("a", "b1", "k1").as_deref(), Some(&b"v1"[..]));
+    }
+
+    #[test]
+    fn the_file_is_private_and_a_planted_symlink_is_never_followed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        // What an attacker could plant: the old fixed temporary name and the next unique ones.
+        std::os::unix::fs::symlink(&victim, dir.path().join("snap.tmp")).unwrap();
+        for n in 0..4 {
+            let name = format!("snap.tmp-{}-{n}", std::process::id());
+            std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
+        }
+        let e = engine();
+        // Some names are taken by the symlinks: those writes fail, none writes through them.
+        let written = (0..8).filter(|_| write(&e, &path).is_ok()).count();
+        assert!(written > 0);
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        // The next start removes the leftovers (the links, not what they point at).
+        let removed = remove_leftovers(&path).unwrap();
+        assert_eq!(removed.len(), 5, "{removed:?}");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(path.exists());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]
@@ -572,28 +697,29 @@ mod tests {
     }
 
     #[test]
-    fn settings_come_from_config_and_refuse_bad_values() {
+    fn settings_come_from_config_and_bad_values_keep_their_defaults() {
         let map = |pairs: &[(&str, &str)]| {
             pairs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect()
         };
-        assert_eq!(Settings::from_config(&map(&[])), Ok(None));
-        let s = Settings::from_config(&map(&[("SNAPSHOT_PATH", "/tmp/x")]))
-            .unwrap()
-            .unwrap();
+        assert_eq!(Settings::from_config(&map(&[])), (None, vec![]));
+        let (s, problems) = Settings::from_config(&map(&[("SNAPSHOT_PATH", "/tmp/x")]));
+        let s = s.unwrap();
+        assert!(problems.is_empty());
         assert_eq!(s.interval, Duration::from_secs(60));
         assert!(!s.required);
-        assert!(Settings::from_config(&map(&[
+        let (s, problems) = Settings::from_config(&map(&[
             ("snapshot_path", "/tmp/x"),
-            ("snapshot_interval_secs", "0")
-        ]))
-        .is_err());
-        assert!(Settings::from_config(&map(&[
-            ("snapshot_path", "/tmp/x"),
-            ("snapshot_required", "yes")
-        ]))
-        .is_err());
+            ("snapshot_interval_secs", "0"),
+            ("snapshot_required", "yes"),
+        ]));
+        let s = s.expect("a bad value does not turn snapshots off");
+        assert_eq!(s.interval, Duration::from_secs(60));
+        assert!(!s.required);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("snapshot_interval_secs=\"0\""));
+        assert!(problems[1].contains("snapshot_required=\"yes\""));
     }
 }

@@ -76,12 +76,14 @@ pub fn init(host_data: &HostData) -> anyhow::Result<Telemetry> {
             .with_filter(level_filter(&otel.trace_level))
     });
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    use tracing_subscriber::filter::FilterExt as _;
+    let quiet = tracing_subscriber::filter::filter_fn(|meta| !is_sdk_stop_noise(meta));
     let fmt = if host_data.structured_logging {
         fmt.json()
-            .with_filter(log_filter(host_data.log_level.as_ref()))
+            .with_filter(log_filter(host_data.log_level.as_ref()).and(quiet))
             .boxed()
     } else {
-        fmt.with_filter(log_filter(host_data.log_level.as_ref()))
+        fmt.with_filter(log_filter(host_data.log_level.as_ref()).and(quiet))
             .boxed()
     };
     tracing_subscriber::registry()
@@ -120,6 +122,24 @@ impl Telemetry {
             eprintln!("telemetry did not flush within 5 s");
         }
     }
+}
+
+/// Set once the provider stops.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells the log filter that the provider is stopping.
+pub fn stopping() {
+    STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The SDK 0.17's control loop logs `ERROR failed to handle health check, shutdown` on every
+/// clean stop: the host's shutdown request makes its subscriptions end, and its loop reads the
+/// ended health channel before its quit signal. Once we are stopping, its errors say nothing
+/// (ours, under our own target, still show).
+fn is_sdk_stop_noise(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() == tracing::Level::ERROR
+        && meta.target().starts_with("wasmcloud_provider_sdk")
+        && STOPPING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The host's `otel_config` with the provider config's `OTEL_*` overrides applied.

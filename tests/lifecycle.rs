@@ -5,7 +5,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt as _;
 
 const C1: &str = "component-one";
 
@@ -50,60 +49,6 @@ async fn sigterm_and_sigint_stop_the_process_cleanly() {
     }
 }
 
-/// An invocation sent by hand: what a wRPC client does, one message at a time.
-struct RawCall {
-    handshake: async_nats::Subscriber,
-    results: async_nats::Subscriber,
-}
-
-impl RawCall {
-    async fn send(p: &Provider, instance: &str, func: &str, params: Vec<u8>) -> Self {
-        let reply = p.nats.new_inbox();
-        let handshake = p.nats.subscribe(reply.clone()).await.unwrap();
-        let results = p.nats.subscribe(format!("{reply}.results")).await.unwrap();
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("source-id", C1);
-        headers.insert("link-name", "default");
-        p.nats
-            .publish_with_reply_and_headers(
-                p.function_subject(instance, func),
-                reply,
-                headers,
-                params.into(),
-            )
-            .await
-            .unwrap();
-        Self { handshake, results }
-    }
-
-    /// The subject the server reads further parameters from.
-    async fn server_params_subject(&mut self) -> String {
-        let handshake = tokio::time::timeout(CALL_TIMEOUT, self.handshake.next())
-            .await
-            .expect("no handshake")
-            .expect("handshake subscription ended");
-        format!(
-            "{}.params",
-            handshake.reply.expect("handshake without reply subject")
-        )
-    }
-
-    /// The result bytes, up to the closing empty message.
-    async fn results(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let msg = tokio::time::timeout(CALL_TIMEOUT, self.results.next())
-                .await
-                .expect("no results")
-                .expect("result subscription ended");
-            if msg.payload.is_empty() {
-                return out;
-            }
-            out.extend_from_slice(&msg.payload);
-        }
-    }
-}
-
 /// `(bucket, key, value)` parameters of `store.set`.
 fn set_params(bucket: &str, key: &str, value: &[u8]) -> Vec<u8> {
     let mut params = Vec::new();
@@ -119,8 +64,14 @@ async fn a_stop_lets_in_flight_calls_finish() {
     // A `set` whose value is still on its way when the stop comes.
     let params = set_params("b", "k", b"0123456789");
     let (first, rest) = params.split_at(params.len() - 4);
-    let mut call =
-        RawCall::send(&p, "wrpc:keyvalue/store@0.2.0-draft", "set", first.to_vec()).await;
+    let mut call = RawCall::send(
+        &p,
+        C1,
+        "wrpc:keyvalue/store@0.2.0-draft",
+        "set",
+        first.to_vec(),
+    )
+    .await;
     let more = call.server_params_subject().await;
     p.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -178,7 +129,7 @@ async fn garbage_on_every_subject_is_dropped_and_every_function_keeps_serving() 
                 .unwrap();
         }
         // A valid start that never completes: a string announced as 100 bytes, 3 sent.
-        stuck.push(RawCall::send(&p, instance, func, vec![100, b'a', b'b', b'c']).await);
+        stuck.push(RawCall::send(&p, C1, instance, func, vec![100, b'a', b'b', b'c']).await);
     }
     for suffix in [
         "linkdefs.put",
@@ -245,9 +196,10 @@ async fn unreadable_invocations_get_an_error_that_says_why() {
     // Parameters that never complete are answered once request_timeout_ms passes.
     let mut call = RawCall::send(
         &p,
+        C1,
         "wrpc:keyvalue/store@0.2.0-draft",
         "get",
-        vec![100, b'a'],
+        vec![30, b'a'],
     )
     .await;
     let results = call.results().await;
@@ -258,6 +210,7 @@ async fn unreadable_invocations_get_an_error_that_says_why() {
     // Bytes that are not parameters at all.
     let mut call = RawCall::send(
         &p,
+        C1,
         "wrpc:keyvalue/atomics@0.2.0-draft",
         "increment",
         vec![1, b'b', 1, b'k', 0xff, 0xff],
@@ -265,7 +218,37 @@ async fn unreadable_invocations_get_an_error_that_says_why() {
     .await;
     let results = call.results().await;
     assert_eq!(&results[..2], &[1, 2], "{results:?}");
-    c.set("b", "k", b"fine").await.unwrap();
+    c.set("b", "k", b"fine").await.unwrap(); // Parameters of exactly max_request_bytes are accepted; one byte more is not.
+                                             // bucket "b" and key "k" are 2 bytes each, the value's length 1: 59 bytes of value.
+    let value = vec![1; 59];
+    c.set("b", "k", &value).await.unwrap();
+    assert_eq!(c.get("b", "k").await, Ok(Some(value)));
+    let message = other_message(c.set("b", "k", &[1; 60]).await);
+    assert!(message.contains("max_request_bytes=64"), "{message}");
+}
+
+#[tokio::test]
+async fn invocations_already_delivered_when_a_stop_begins_are_answered() {
+    let (_server, mut p) = linked(&[]).await;
+    let mut calls = Vec::new();
+    for i in 0..300 {
+        let params = set_params("b", &format!("k{i}"), b"v");
+        calls.push(RawCall::send(&p, C1, "wrpc:keyvalue/store@0.2.0-draft", "set", params).await);
+    }
+    p.nats.flush().await.unwrap();
+    p.signal("TERM");
+    let mut unanswered = 0;
+    for call in &mut calls {
+        match call.results_within(CALL_TIMEOUT).await {
+            Some(results) => assert_eq!(results, vec![0]),
+            None => unanswered += 1,
+        }
+    }
+    assert_eq!(
+        unanswered, 0,
+        "calls sent before the stop were never answered"
+    );
+    assert!(p.wait_exit().await.success());
 }
 
 #[test]

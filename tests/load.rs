@@ -391,18 +391,6 @@ async fn sigterm_during_a_flood_finishes_in_flight_calls_and_loses_no_answered_w
     stop_during_flood(false).await;
 }
 
-/// Resident memory of a process, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS");
-    kib * 1024
-}
-
 #[tokio::test]
 async fn a_write_flood_against_max_total_bytes_keeps_rss_bounded() {
     const LIMIT: u64 = 64 << 20;

@@ -209,7 +209,7 @@ async fn each_call_is_one_span_in_the_callers_trace_and_metrics_count_them() {
     }
     let attrs: Vec<HashMap<String, String>> =
         spans.iter().map(|s| attributes(&s.attributes)).collect();
-    assert_eq!(attrs[0]["keyvalue.namespace"], "team");
+    assert_eq!(attrs[0]["keyvalue.namespace"], "named:team");
     assert_eq!(attrs[0]["keyvalue.bucket"], "b");
     assert_eq!(attrs[0]["keyvalue.keys"], "1");
     assert_eq!(attrs[0]["keyvalue.bytes_in"], "6");
@@ -266,7 +266,7 @@ async fn each_call_is_one_span_in_the_callers_trace_and_metrics_count_them() {
             ("keyvalue.keys", Some(metric::Data::Gauge(gauge))) => {
                 for point in &gauge.data_points {
                     let a = attributes(&point.attributes);
-                    if a.get("namespace").map(String::as_str) == Some("team") {
+                    if a.get("namespace").map(String::as_str) == Some("named:team") {
                         let Some(number_data_point::Value::AsInt(n)) = point.value else {
                             panic!("{point:?}")
                         };

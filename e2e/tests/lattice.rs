@@ -351,7 +351,11 @@ fn stopped_by_the_host_loses_nothing(path: &Path) {
     let engine =
         keyvalue_inmemory::engine::Engine::new(keyvalue_inmemory::engine::Limits::UNLIMITED);
     keyvalue_inmemory::snapshot::load(file, &engine).expect("the final snapshot does not load");
-    let get = |ns: &str, bucket: &str, key: &str| engine.get(ns, bucket, key).map(|v| v.to_vec());
+    // The links name `shared` and `alone`: named namespaces.
+    let get = |ns: &str, bucket: &str, key: &str| {
+        let ns = keyvalue_inmemory::links::named_namespace(ns);
+        engine.get(&ns, bucket, key).map(|v| v.to_vec())
+    };
     assert_eq!(get("shared", "team", "owner"), Some(b"a".to_vec()));
     assert_eq!(get("alone", "team", "owner"), Some(b"c".to_vec()));
     assert_eq!(get("shared", "count", "hits"), Some(b"25".to_vec()));

@@ -54,6 +54,7 @@ fuzz_target!(|ops: Vec<Op>| {
         max_keys: MAX_KEYS as u64,
         max_total_bytes: MAX_TOTAL,
         list_page_size: 5,
+        max_listing_bytes: 1 << 20,
     });
     let mut model = Model::new();
     for op in ops.into_iter().take(300) {

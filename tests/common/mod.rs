@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_nats as nats;
 use base64::Engine as _;
+use futures::StreamExt as _;
 use serde_json::json;
 
 pub use keyvalue_inmemory::client::{atomics, batch, store, Transport};
@@ -456,4 +457,120 @@ pub fn encode_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
         out.push(byte | 0x80);
     }
     out.extend_from_slice(bytes);
+}
+
+/// The nine functions we serve: (instance, function).
+pub const FUNCTIONS: [(&str, &str); 9] = [
+    ("wrpc:keyvalue/store@0.2.0-draft", "get"),
+    ("wrpc:keyvalue/store@0.2.0-draft", "set"),
+    ("wrpc:keyvalue/store@0.2.0-draft", "delete"),
+    ("wrpc:keyvalue/store@0.2.0-draft", "exists"),
+    ("wrpc:keyvalue/store@0.2.0-draft", "list-keys"),
+    ("wrpc:keyvalue/atomics@0.2.0-draft", "increment"),
+    ("wrpc:keyvalue/batch@0.2.0-draft", "get-many"),
+    ("wrpc:keyvalue/batch@0.2.0-draft", "set-many"),
+    ("wrpc:keyvalue/batch@0.2.0-draft", "delete-many"),
+];
+
+/// An invocation sent by hand: what a wRPC client does, one message at a time.
+pub struct RawCall {
+    pub handshake: nats::Subscriber,
+    pub results: nats::Subscriber,
+}
+
+impl RawCall {
+    /// Publishes an invocation from component `source` whose first parameter bytes are
+    /// `params`.
+    pub async fn send(
+        p: &Provider,
+        source: &str,
+        instance: &str,
+        func: &str,
+        params: Vec<u8>,
+    ) -> Self {
+        let reply = p.nats.new_inbox();
+        let handshake = p.nats.subscribe(reply.clone()).await.unwrap();
+        let results = p.nats.subscribe(format!("{reply}.results")).await.unwrap();
+        let headers = keyvalue_inmemory::client::component_headers(source, "default");
+        p.nats
+            .publish_with_reply_and_headers(
+                p.function_subject(instance, func),
+                reply,
+                headers,
+                params.into(),
+            )
+            .await
+            .unwrap();
+        Self { handshake, results }
+    }
+
+    /// The subject the server reads further parameters from.
+    pub async fn server_params_subject(&mut self) -> String {
+        let handshake = tokio::time::timeout(CALL_TIMEOUT, self.handshake.next())
+            .await
+            .expect("no handshake")
+            .expect("handshake subscription ended");
+        format!(
+            "{}.params",
+            handshake.reply.expect("handshake without reply subject")
+        )
+    }
+
+    /// The result bytes, up to the closing empty message.
+    pub async fn results(&mut self) -> Vec<u8> {
+        self.results_within(CALL_TIMEOUT).await.expect("no results")
+    }
+
+    /// The result bytes, or `None` if they did not all come within `limit`.
+    pub async fn results_within(&mut self, limit: Duration) -> Option<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut out = Vec::new();
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.results.next())
+                .await
+                .ok()?
+                .expect("result subscription ended");
+            if msg.payload.is_empty() {
+                return Some(out);
+            }
+            out.extend_from_slice(&msg.payload);
+        }
+    }
+}
+
+/// The message of a raw `result<_, error>` answer that is `err(other(message))`: tag 1
+/// (err), case 2 (other), then the string.
+pub fn raw_other_message(results: &[u8]) -> Option<String> {
+    if results.len() < 3 || results[..2] != [1, 2] {
+        return None;
+    }
+    let mut at = 2;
+    let mut len = 0usize;
+    let mut shift = 0;
+    loop {
+        let byte = *results.get(at)?;
+        len |= usize::from(byte & 0x7f) << shift;
+        at += 1;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    let text = results.get(at..at + len)?;
+    Some(String::from_utf8_lossy(text).into_owned())
+}
+
+/// The resident memory of a process, in bytes (Linux).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS value");
+    kib * 1024
 }
