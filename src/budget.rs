@@ -58,6 +58,9 @@ pub enum Refusal {
         /// The limit in force.
         limit: usize,
     },
+    /// One call needs more than a component may hold.
+    #[error(transparent)]
+    Alone(TooLargeAlone),
     /// Calls in flight hold too many bytes.
     #[error(
         "calls in flight hold {held} bytes ({whose}); {asked} more would pass \
@@ -77,12 +80,26 @@ pub enum Refusal {
     },
 }
 
+/// A call that alone needs more than one component's half of `max_inflight_bytes`: retrying
+/// cannot help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this call alone needs {needs} bytes in flight, over the half of max_inflight_bytes={limit} \
+     one component may use: send less at once, or raise max_inflight_bytes"
+)]
+pub struct TooLargeAlone {
+    /// What the call needs.
+    pub needs: usize,
+    /// The limit in force.
+    pub limit: usize,
+}
+
 impl Refusal {
     /// The config key of the bound.
     pub fn limit(&self) -> &'static str {
         match self {
             Refusal::Calls { .. } => crate::config::MAX_CONCURRENT_CALLS,
-            Refusal::Bytes { .. } => crate::config::MAX_INFLIGHT_BYTES,
+            Refusal::Bytes { .. } | Refusal::Alone(_) => crate::config::MAX_INFLIGHT_BYTES,
         }
     }
 }
@@ -201,6 +218,10 @@ impl Call {
     /// Takes `n` more bytes.
     pub fn take(&mut self, n: usize) -> Result<(), Refusal> {
         let limit = self.budget.max_bytes.load(Ordering::Relaxed);
+        let needs = self.held.saturating_add(n);
+        if needs > half(limit) {
+            return Err(Refusal::Alone(TooLargeAlone { needs, limit }));
+        }
         let mut shares = self.budget.shares();
         let share = share_of(&mut shares, &self.caller);
         if share.1.saturating_add(n) > half(limit) {
@@ -328,10 +349,18 @@ mod tests {
     fn one_caller_holds_at_most_half_and_never_what_another_needs() {
         let budget = Budget::new(100, 4);
         let mut hog = budget.admit("hog").unwrap();
-        hog.take(50).unwrap();
-        let err = hog.take(1).unwrap_err();
+        // One call past the half can never be served: it is told so.
+        let err = hog.take(51).unwrap_err();
+        assert!(matches!(err, Refusal::Alone(_)), "{err}");
+        assert!(
+            err.to_string().contains("raise max_inflight_bytes"),
+            "{err}"
+        );
+        hog.take(30).unwrap();
+        let mut second = budget.admit("hog").unwrap();
+        second.take(20).unwrap();
+        let err = second.take(1).unwrap_err();
         assert!(err.to_string().contains("from this component"), "{err}");
-        let _second = budget.admit("hog").unwrap();
         let err = budget.admit("hog").unwrap_err();
         assert!(
             matches!(

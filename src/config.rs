@@ -80,7 +80,9 @@ impl Default for Config {
     ///   host sends us), one component holding at most half of each: the largest request
     ///   still fits in one component's half, and with `max_total_bytes` and
     ///   `max_listing_bytes` this bounds the process's memory whatever arrives;
-    /// - 64 MiB of listings: a full listing of ~1.5M keys of 16 bytes.
+    /// - 256 MiB of listings, as much as the store holds: listing a bucket of `max_keys` (1M)
+    ///   keys of up to ~100 bytes fits (1M keys of 16 bytes take 72 MiB while they are
+    ///   copied and sorted, 24 MiB once the listing is open).
     fn default() -> Self {
         Self {
             limits: Limits {
@@ -89,7 +91,7 @@ impl Default for Config {
                 max_keys: 1_000_000,
                 max_total_bytes: 256 << 20,
                 list_page_size: 1000,
-                max_listing_bytes: 64 << 20,
+                max_listing_bytes: 256 << 20,
             },
             allow_unlinked: false,
             max_request_bytes: 64 << 20,

@@ -27,9 +27,10 @@
 //!   all its keys' locks at once.
 //!
 //! A worst-case reservation can make a concurrent write see a fuller store than any serial
-//! order would. So a write refused for `max_keys` or `max_total_bytes` under the shared gate is
-//! tried once more under the exclusive gate, where no other write is in flight, the counters
-//! are exact and a batch reserves exactly what it changes. A refusal therefore always means
+//! order would. So a batch refused for `max_keys` or `max_total_bytes` under the shared gate,
+//! or a single-key write so refused while a batch was under way, is tried once more under the
+//! exclusive gate, where no other write is in flight, the counters are exact and a batch
+//! reserves exactly what it changes. A refusal therefore always means
 //! that the store, as it stood at one instant between other writes, had no room: every
 //! accepted history has a serial order that explains it. The exclusive path is only taken at
 //! a limit, and holds the gate for one write.
@@ -296,6 +297,10 @@ pub struct Engine {
     removals: AtomicU64,
     /// Successful writes and removals so far: a snapshot is only needed when this moved.
     changes: AtomicU64,
+    /// Batches that began writing under the shared gate, and those still writing: a
+    /// single-key refusal is retried alone in the store only when one may have caused it.
+    batches_begun: AtomicU64,
+    batches_pending: AtomicU64,
     /// Writes hold it shared; a write refused at a usage limit retries holding it alone (see
     /// the module docs, "Accounting"). A std lock: never held across an await.
     gate: RwLock<()>,
@@ -311,6 +316,8 @@ impl Engine {
             listings: Listings::default(),
             removals: AtomicU64::new(0),
             changes: AtomicU64::new(0),
+            batches_begun: AtomicU64::new(0),
+            batches_pending: AtomicU64::new(0),
             gate: RwLock::new(()),
         }
     }
@@ -380,7 +387,7 @@ impl Engine {
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
         check_value(&limits, value)?;
-        self.limited_write(ns, bucket, |space, entries, _| {
+        self.limited_write(ns, bucket, false, |space, entries, _| {
             // Exact: the old entry cannot change while its shard lock is held.
             match entries.entry(Item::new(key, value)) {
                 Entry::Occupied(old) => {
@@ -422,7 +429,7 @@ impl Engine {
         if latest.is_empty() {
             return Ok(());
         }
-        self.limited_write(ns, bucket, |space, entries, exclusive| {
+        self.limited_write(ns, bucket, true, |space, entries, exclusive| {
             let (mut new_keys, mut change) = (0u64, 0i64);
             for (key, value) in &latest {
                 match entries.get(*key).filter(|_| exclusive) {
@@ -498,7 +505,7 @@ impl Engine {
         let limits = self.limits();
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
-        self.limited_write(ns, bucket, |space, entries, _| loop {
+        self.limited_write(ns, bucket, false, |space, entries, _| loop {
             // Read, compute, then write only if the value is still the one read: a
             // compare-and-swap under the key's shard lock (an item is replaced whole, so the
             // read cannot keep the lock across the new allocation).
@@ -542,21 +549,44 @@ impl Engine {
     /// Runs a write under the gate: shared, then, if a usage limit refused it, once more
     /// alone in the store (`exclusive` tells `write` which). Drops the bucket if the write
     /// created it and then failed.
+    ///
+    /// A single-key write reserves exactly, so its refusal is only retried when a batch's
+    /// worst-case reservation may have caused it: a batch was under way when it began, or
+    /// began while it ran. A tenant refused at its own `max_keys` therefore does not take the
+    /// store-wide lock from every other tenant on each refused write.
     fn limited_write<R>(
         &self,
         ns: &str,
         bucket: &str,
+        batch: bool,
         write: impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
+        let batches_before = self.batches_begun.load(Ordering::SeqCst);
+        let pending_before = self.batches_pending.load(Ordering::SeqCst);
         let shared = {
             let _shared = self
                 .gate
                 .read()
                 .unwrap_or_else(|poison| poison.into_inner());
-            self.write_bucket(ns, bucket, |space, entries| write(space, entries, false))
+            if batch {
+                self.batches_begun.fetch_add(1, Ordering::SeqCst);
+                self.batches_pending.fetch_add(1, Ordering::SeqCst);
+            }
+            let written =
+                self.write_bucket(ns, bucket, |space, entries| write(space, entries, false));
+            if batch {
+                self.batches_pending.fetch_sub(1, Ordering::SeqCst);
+            }
+            written
+        };
+        let batch_may_have_refused = || {
+            batch
+                || pending_before > 0
+                || self.batches_pending.load(Ordering::SeqCst) > 0
+                || self.batches_begun.load(Ordering::SeqCst) != batches_before
         };
         let result = match shared {
-            Err(err) if err.is_usage_limit() => {
+            Err(err) if err.is_usage_limit() && batch_may_have_refused() => {
                 let _alone = self
                     .gate
                     .write()
@@ -983,7 +1013,11 @@ impl UnsortedKeys {
         mut grow: impl FnMut(u64) -> Result<(), EngineError>,
     ) -> Result<UnsortedKeys, EngineError> {
         let mut out = UnsortedKeys::default();
-        let (mut granted, mut used) = (0u64, 0u64);
+        // The least the copy can take, asked first: a bucket that can never fit is refused
+        // before its copy makes anyone else's listings give way.
+        let least = entries.len() as u64 * (LISTING_BYTES_PER_KEY as u64 + 2);
+        grow(least)?;
+        let (mut granted, mut used) = (least, 0u64);
         for item in entries.iter() {
             let key = item.key().key().as_bytes();
             let cost = (2 * key.len() + LISTING_BYTES_PER_KEY) as u64;
@@ -1091,6 +1125,8 @@ struct ListingTable {
     open: HashMap<u32, (Listing, u64)>,
     /// Bytes of open listings and of listings being copied.
     held: u64,
+    /// Bytes of listings being copied, by namespace.
+    building: HashMap<Box<str>, u64>,
 }
 
 impl ListingTable {
@@ -1100,46 +1136,73 @@ impl ListingTable {
         }
     }
 
-    /// The least recently used listing of `ns`, and what `ns`'s open listings hold.
-    fn oldest_of(&self, ns: &str) -> (Option<u32>, u64) {
-        let mine = self.open.iter().filter(|(_, (l, _))| &*l.namespace == ns);
-        let held = mine.clone().map(|(_, (_, bytes))| bytes).sum();
-        let oldest = mine
+    /// The least recently used listing of `ns`.
+    fn oldest_of(&self, ns: &str) -> Option<u32> {
+        (self.open.iter())
+            .filter(|(_, (l, _))| &*l.namespace == ns)
             .min_by_key(|(_, (l, _))| l.last_used)
-            .map(|(id, _)| *id);
-        (oldest, held)
+            .map(|(id, _)| *id)
     }
 
-    /// Makes room for `need` more bytes for namespace `ns`. The namespace whose open listings
-    /// hold the most gives way, its least recently used listing first; another namespace's
-    /// listings are only dropped while it holds more than `ns` does: one tenant cannot push
-    /// out the listings of a tenant that holds less than it does.
+    /// Makes room for `need` more bytes for a listing of namespace `ns` being copied, or
+    /// refuses without dropping anything. Listings are dropped least recently used first,
+    /// from the namespace whose open listings hold the most, but another namespace's only
+    /// while it holds more than `ns` does (open and being copied): one tenant cannot push out
+    /// the listings of a tenant that holds less than it does.
     fn make_room(&mut self, ns: &str, need: u64, limit: u64) -> Result<(), EngineError> {
-        while self.held.saturating_add(need) > limit {
-            let (my_oldest, mine) = self.oldest_of(ns);
-            let mut per_namespace: HashMap<&str, u64> = HashMap::new();
-            for (listing, bytes) in self.open.values() {
-                *per_namespace.entry(&*listing.namespace).or_default() += bytes;
+        let building = self.building.get(ns).copied().unwrap_or(0);
+        if self.held.saturating_add(need) > limit {
+            // Plan first: drop nothing unless dropping makes enough room.
+            let mut by_namespace: HashMap<&str, Vec<(Instant, u32, u64)>> = HashMap::new();
+            for (id, (listing, bytes)) in &self.open {
+                (by_namespace.entry(&*listing.namespace).or_default()).push((
+                    listing.last_used,
+                    *id,
+                    *bytes,
+                ));
             }
-            let largest = per_namespace
-                .into_iter()
-                .filter(|(other, _)| *other != ns)
-                .max_by_key(|(_, bytes)| *bytes)
-                .filter(|(_, bytes)| *bytes > mine)
-                .map(|(other, _)| other.to_owned());
-            let victim = match largest {
-                Some(other) => self.oldest_of(&other).0,
-                None => my_oldest,
-            };
-            match victim {
-                Some(id) => self.remove(id),
-                None => {
+            let mut totals: HashMap<&str, u64> = (by_namespace.iter())
+                .map(|(name, listings)| (*name, listings.iter().map(|l| l.2).sum()))
+                .collect();
+            for listings in by_namespace.values_mut() {
+                // Newest first, so that `pop` takes the oldest.
+                listings.sort_by_key(|l| std::cmp::Reverse(l.0));
+            }
+            let (mut held, mut victims) = (self.held, Vec::new());
+            while held.saturating_add(need) > limit {
+                let mine = totals.get(ns).copied().unwrap_or(0) + building;
+                let other = (totals.iter())
+                    .filter(|(name, bytes)| **name != ns && **bytes > mine)
+                    .max_by_key(|(_, bytes)| **bytes)
+                    .map(|(name, _)| *name);
+                let from = other.unwrap_or(ns);
+                let Some((_, id, bytes)) = by_namespace.get_mut(from).and_then(Vec::pop) else {
                     return Err(EngineError::ListingTooLarge { limit, held: mine });
+                };
+                victims.push(id);
+                held -= bytes;
+                if let Some(total) = totals.get_mut(from) {
+                    *total -= bytes;
                 }
+            }
+            for id in victims {
+                self.remove(id);
             }
         }
         self.held += need;
+        *self.building.entry(ns.into()).or_default() += need;
         Ok(())
+    }
+
+    /// Gives back `bytes` of a listing of `ns` being copied.
+    fn release_building(&mut self, ns: &str, bytes: u64) {
+        self.held -= bytes;
+        if let Some(building) = self.building.get_mut(ns) {
+            *building -= bytes;
+            if *building == 0 {
+                self.building.remove(ns);
+            }
+        }
     }
 }
 
@@ -1163,7 +1226,7 @@ impl Held<'_> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.listings.lock().held -= self.bytes;
+        (self.listings.lock()).release_building(self.namespace, self.bytes);
     }
 }
 
@@ -1219,12 +1282,12 @@ impl Listings {
     /// answers its cursor with offset 0.
     fn open(&self, listing: Listing, mut held: Held<'_>) -> u64 {
         let footprint = (listing.keys.footprint() + LISTING_OVERHEAD).min(held.bytes);
-        let unused = held.bytes - footprint;
-        held.bytes = 0;
-        drop(held);
         let mut table = self.lock();
-        table.held -= unused;
-        let (oldest, _) = table.oldest_of(&listing.namespace);
+        // From being copied to open: `footprint` stays counted, the rest goes back.
+        table.release_building(&listing.namespace, held.bytes);
+        table.held += footprint;
+        held.bytes = 0;
+        let oldest = table.oldest_of(&listing.namespace);
         let count = (table.open.values())
             .filter(|(l, _)| l.namespace == listing.namespace)
             .count();
@@ -1240,6 +1303,8 @@ impl Listings {
             }
         };
         table.open.insert(id, (listing, footprint));
+        drop(table);
+        drop(held);
         u64::from(id) << 32
     }
 
@@ -1722,16 +1787,21 @@ mod tests {
             open("big");
         }
         assert!(e.list_keys("small", "b", Some(small)).is_ok());
-        // A bucket whose keys can never fit is refused with the key to raise.
+        // A bucket whose keys can never fit is refused with the key to raise, and its attempt
+        // drops nobody's listing.
         for i in 0..20_000 {
             e.set("huge", "b", &format!("key{i:05}"), b"").unwrap();
         }
+        let open_before = e.listings.lock().open.len();
         let err = e.list_keys("huge", "b", None).unwrap_err();
         assert_eq!(err.limit(), Some("max_listing_bytes"), "{err}");
+        assert_eq!(e.listings.lock().open.len(), open_before);
+        assert!(e.list_keys("small", "b", Some(small)).is_ok());
         // Nothing leaks: every byte held belongs to an open listing.
         let table = e.listings.lock();
         let open_bytes: u64 = table.open.values().map(|(_, bytes)| bytes).sum();
         assert_eq!(table.held, open_bytes);
+        assert!(table.building.is_empty());
     }
 
     /// Runs `threads` closures at once, `rounds` times, each round started together; answers

@@ -58,15 +58,36 @@ pub async fn run() -> anyhow::Result<()> {
     for problem in problems {
         warn!("{problem}");
     }
-    let served = serve_until_stopped(snapshots).await;
+    let (served, snapshot_finished) = serve_until_stopped(snapshots).await;
     if let Err(err) = &served {
         tracing::error!("{err:#}");
     }
     telemetry.shutdown().await;
+    if !snapshot_finished {
+        // The write still runs on a blocking thread, which the runtime would wait for on its
+        // way out, without bound (a hung filesystem): leave now; the last complete snapshot
+        // stays in place.
+        std::process::exit(1);
+    }
     served
 }
 
-async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> anyhow::Result<()> {
+/// Serves until stopped; answers how serving ended and whether the final snapshot (if any)
+/// finished in time.
+async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> (anyhow::Result<()>, bool) {
+    match serve(snapshots).await {
+        Ok((served, provider)) => {
+            let finished = provider.write_final_snapshot().await;
+            (served, finished)
+        }
+        Err(err) => (Err(err), true),
+    }
+}
+
+/// Starts, serves until stopped, and hands back the provider for its final snapshot.
+async fn serve(
+    snapshots: Option<snapshot::Settings>,
+) -> anyhow::Result<(anyhow::Result<()>, KvProvider)> {
     let provider = KvProvider::new(config::Config::default(), snapshots);
     // Restore before the SDK answers its first health check.
     if let Some(settings) = provider.snapshots() {
@@ -99,9 +120,11 @@ async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> anyhow::R
         () = &mut control => { info!("control loop ended"); None }
         () = stop_signal() => { info!("stop signal received"); None }
         // Serving ends on its own only after `Provider::shutdown` (a host request, through
-        // `control`): let the SDK send its reply before the process goes.
+        // `control`): let the SDK send its reply (after the final snapshot, which
+        // `Provider::shutdown` waits for) before the process goes.
         served = &mut serving => {
-            if tokio::time::timeout(Duration::from_secs(5), &mut control).await.is_err() {
+            let wait = provider::FINAL_SNAPSHOT_WAIT + Duration::from_secs(5);
+            if tokio::time::timeout(wait, &mut control).await.is_err() {
                 warn!("control loop did not end after shutdown");
             }
             Some(served)
@@ -127,21 +150,32 @@ async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> anyhow::R
         periodic.abort();
         let _ = periodic.await;
     }
-    provider.write_final_snapshot().await;
-    served
+    Ok((served, provider))
 }
 
 async fn restore(provider: &KvProvider, settings: &snapshot::Settings) -> anyhow::Result<()> {
-    let removed = snapshot::remove_leftovers(&settings.path).with_context(|| {
-        format!(
-            "cannot remove what earlier snapshot writes left beside {}",
+    // Neither a leftover nor a file's mode stops a start: the next write uses a fresh name.
+    match snapshot::remove_leftovers(&settings.path) {
+        Ok((removed, failed)) => {
+            for leftover in removed {
+                info!(
+                    "removed {}, left by a snapshot write that never finished",
+                    leftover.display()
+                );
+            }
+            for (leftover, err) in failed {
+                warn!("cannot remove {}: {err}", leftover.display());
+            }
+        }
+        Err(err) => warn!(
+            "cannot look for leftovers of snapshot writes beside {}: {err}",
             settings.path.display()
-        )
-    })?;
-    for leftover in removed {
-        info!(
-            "removed {}, left by a snapshot write that never finished",
-            leftover.display()
+        ),
+    }
+    if let Err(err) = snapshot::make_private(&settings.path) {
+        warn!(
+            "cannot make {} readable by this user only: {err}",
+            settings.path.display()
         );
     }
     let (p, s) = (provider.clone(), settings.clone());

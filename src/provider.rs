@@ -238,6 +238,25 @@ impl KvProvider {
         )
     }
 
+    /// Whose share of the in-flight budget a call uses: its `source-id` when a link admits it
+    /// (the host vouches for that header), one share for every unlinked caller (with
+    /// `allow_unlinked`), or `access-denied` before anything of the call is read: an unlinked
+    /// caller cannot take budget by naming a new source on each call.
+    pub fn budget_share(&self, cx: &Option<Context>) -> Result<String, store::Error> {
+        let headers = cx.as_ref().map(|cx| &cx.tracing);
+        let source = headers.and_then(|h| h.get("source-id"));
+        let link_name = headers
+            .and_then(|h| h.get("link-name"))
+            .map_or("default", String::as_str);
+        match source {
+            Some(source) if self.inner.links.resolve(source, link_name).is_some() => {
+                Ok(source.clone())
+            }
+            _ if self.config().allow_unlinked => Ok(String::new()),
+            _ => Err(store::Error::AccessDenied),
+        }
+    }
+
     /// The namespace a call works in, from its `source-id` and `link-name` headers.
     fn namespace(&self, cx: &Option<Context>) -> Result<Arc<str>, store::Error> {
         let headers = cx.as_ref().map(|cx| &cx.tracing);
@@ -450,15 +469,22 @@ impl store::Handler<Option<Context>> for KvProvider {
             }
             Err(err) => Err(err),
         };
-        Ok(page.map(|page| {
+        let page = page.and_then(|page| {
             let size: usize = page.keys.iter().map(String::len).sum();
+            // The page is already bounded by max_response_bytes; it counts in flight too.
+            let answer = size + page.keys.len() * crate::engine::ANSWER_ELEMENT_BYTES;
+            budget::take_for_answer(answer).map_err(|busy| {
+                telemetry::metrics().rejection(busy.limit());
+                store::Error::Other(busy.to_string())
+            })?;
             Span::current().record("keyvalue.keys", page.keys.len());
             record_bytes("keyvalue.bytes_out", size);
-            store::KeyResponse {
+            Ok(store::KeyResponse {
                 keys: page.keys,
                 cursor: page.cursor,
-            }
-        }))
+            })
+        });
+        Ok(page)
     }
 }
 

@@ -30,6 +30,7 @@ use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::codec::FramedWrite;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument as _, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -52,9 +53,9 @@ pub const BATCH: &str = "wrpc:keyvalue/batch@0.2.0-draft";
 pub const DRAIN_GRACE: Duration = Duration::from_secs(8);
 
 /// After a stop, invocations are still taken until none arrived for this long…
-const DRAIN_QUIET: Duration = Duration::from_millis(50);
-/// …or for this long in all.
-const DRAIN_ACCEPT: Duration = Duration::from_millis(500);
+const DRAIN_QUIET: Duration = Duration::from_millis(20);
+/// …or for this long in all: the host kills a provider 300 ms after asking it to stop.
+const DRAIN_ACCEPT: Duration = Duration::from_millis(100);
 
 type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 type Accepted = (&'static str, &'static str, anyhow::Result<Call>);
@@ -123,11 +124,21 @@ impl Server {
         } = self;
         info!("serving {STORE}, {ATOMICS} and {BATCH}");
         let calls = TaskTracker::new();
+        // Cancelled when the grace period is over: a call still running then is dropped at
+        // its next await, before the final snapshot, so no call is answered after it.
+        let abandon = CancellationToken::new();
         let start = |accepted: Option<Accepted>| match accepted {
             Some((instance, func, Ok(call))) => {
+                let abandon = abandon.clone();
                 calls.spawn(async move {
-                    if let Err(err) = call.await {
-                        warn!(instance, func, "invocation failed: {err:#}");
+                    tokio::select! {
+                        biased;
+                        () = abandon.cancelled() => {
+                            warn!(instance, func, "call abandoned: it did not finish before the stop");
+                        }
+                        done = call => if let Err(err) = done {
+                            warn!(instance, func, "invocation failed: {err:#}");
+                        }
                     }
                 });
                 true
@@ -175,8 +186,10 @@ impl Server {
         {
             warn!(
                 left = calls.len(),
-                "in-flight calls did not finish within {DRAIN_GRACE:?}"
+                "in-flight calls did not finish within {DRAIN_GRACE:?}; abandoning them"
             );
+            abandon.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), calls.wait()).await;
         }
         provider.mark_drained();
         if ended {
@@ -228,9 +241,15 @@ where
                         telemetry::metrics().call(operation, outcome.label(), started.elapsed());
                         sent
                     };
-                    let caller = cx.as_ref().and_then(|cx| cx.tracing.get("source-id"));
-                    let caller = caller.map_or("", String::as_str);
-                    let mut call = match provider.budget().admit(caller) {
+                    let caller = match provider.budget_share(&cx) {
+                        Ok(caller) => caller,
+                        Err(denied) => {
+                            let results = R::denied(denied);
+                            let outcome = results.outcome();
+                            return finish(results, outcome).await;
+                        }
+                    };
+                    let mut call = match provider.budget().admit(&caller) {
                         Ok(call) => call,
                         Err(refusal) => {
                             telemetry::metrics().rejection(refusal.limit());
@@ -310,6 +329,8 @@ fn warn_invalid(refusal: &str) {
 pub trait Answer {
     /// The answer to an invocation we could not read.
     fn refused(message: String) -> Self;
+    /// The answer to a caller refused before its parameters were read.
+    fn denied(error: store::Error) -> Self;
     /// How the call went, for its span and metrics.
     fn outcome(&self) -> Outcome;
 }
@@ -317,6 +338,10 @@ pub trait Answer {
 impl<T> Answer for (Result<T, store::Error>,) {
     fn refused(message: String) -> Self {
         (Err(store::Error::Other(message)),)
+    }
+
+    fn denied(error: store::Error) -> Self {
+        (Err(error),)
     }
 
     fn outcome(&self) -> Outcome {
@@ -467,8 +492,9 @@ where
 }
 
 /// What a decoded list element costs besides its bytes: a `String` or `(String, Bytes)`
-/// (24 to 56 bytes) and its allocation's header.
-const DECODED_ELEMENT_BYTES: u64 = 64;
+/// (24 to 56 bytes), its allocation's header, and the engine's per-key work (a `set-many`'s
+/// map of the latest value of each key, a `get-many`'s answer slot).
+const DECODED_ELEMENT_BYTES: u64 = 128;
 
 /// Writes the results and closes the result stream.
 async fn write_results<C, R>(outgoing: C::Outgoing, results: R) -> anyhow::Result<()>

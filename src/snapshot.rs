@@ -21,16 +21,19 @@
 //!
 //! Version 2 is version 1 with the engine's tagged namespace names (`named:<name>`,
 //! `component:<id>`, see `links.rs`). Version 1 did not tell a component's own namespace from
-//! one that link config names, so a version 1 file loads every namespace as a named one: a
-//! component's old data is reached by linking it with `namespace=<its id>`.
+//! one that link config names, so a version 1 file loads every namespace `<n>` as the own
+//! namespace of a component `<n>` (`component:<n>`): a component's private data stays
+//! private and its own. Data of a version 1 named namespace is then reached by no link (a
+//! named namespace never reaches a component's own, by design): it stays in the store and in
+//! later snapshots, but is no longer served.
 //!
 //! # Writing
 //!
-//! To a new temporary file beside it, `<path>.tmp-<pid>-<n>`, created exclusively (a file or
-//! symlink already there is never followed nor reused) and readable by the provider's user
-//! only (0600: it holds every tenant's values), fsync'd, renamed over `<path>`, then the
-//! directory fsync'd: a crash leaves either the old snapshot or the new one, and a leftover
-//! temporary file, which the next start removes. The walk takes no global lock: per bucket it copies
+//! To a new temporary file beside it, `<path>.tmp-<pid>-<random hex>`, created exclusively (a
+//! file or symlink already there is never followed nor reused: another name is tried) and
+//! readable by the provider's user only (0600: it holds every tenant's values), fsync'd,
+//! renamed over `<path>`, then the directory fsync'd: a crash leaves either the old snapshot
+//! or the new one, and a leftover temporary file, which the next start removes. The walk takes no global lock: per bucket it copies
 //! the key list (DashMap holds one shard's read lock while that shard's keys are copied;
 //! readers never wait, writers to that shard wait for the copy), then reads values a key at a
 //! time, and writes to the file with no lock held. A snapshot is therefore not a point in
@@ -154,10 +157,25 @@ static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Writes the whole store to `path` atomically.
 pub fn write(engine: &Engine, path: &Path) -> io::Result<Stats> {
     let _one_at_a_time = WRITING.lock().unwrap_or_else(|poison| poison.into_inner());
-    static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = tmp_path(path, &format!("{}-{n}", std::process::id()));
-    let result = write_to(engine, &tmp).and_then(|stats| {
+    // A name nobody can guess, tried again if taken: a planted file or symlink only costs a
+    // retry, never the snapshot.
+    let (tmp, file) = {
+        let mut attempt = 0;
+        loop {
+            let tmp = tmp_path(
+                path,
+                &format!("{}-{:016x}", std::process::id(), unguessable()),
+            );
+            match create_private(&tmp) {
+                Ok(file) => break (tmp, file),
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists && attempt < 16 => {
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    };
+    let result = write_to(engine, file).and_then(|stats| {
         fs::rename(&tmp, path)?;
         sync_dir(path)?;
         Ok(stats)
@@ -176,36 +194,76 @@ fn tmp_path(path: &Path, unique: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Removes what a write that never finished left beside `path` (`<path>.tmp-*`, and the
-/// `<path>.tmp` of earlier versions): files or symlinks, never what a symlink points at.
-pub fn remove_leftovers(path: &Path) -> io::Result<Vec<PathBuf>> {
+/// What [`remove_leftovers`] removed, and what it could not remove and why.
+pub type Leftovers = (Vec<PathBuf>, Vec<(PathBuf, io::Error)>);
+
+/// Removes what a write that never finished left beside `path`: files or symlinks named
+/// `<path>.tmp-<digits>-<hex>` (and the `<path>.tmp` of earlier versions), never what a
+/// symlink points at, nor anything else. Answers what was removed and what could not be (a
+/// file another user planted in a shared directory, say): neither stops the provider.
+pub fn remove_leftovers(path: &Path) -> io::Result<Leftovers> {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
     let prefix = format!("{name}.tmp");
-    let mut removed = Vec::new();
+    let ours = |file_name: &str| {
+        if file_name == prefix {
+            return true;
+        }
+        let Some(rest) = file_name.strip_prefix(&format!("{prefix}-")) else {
+            return false;
+        };
+        let Some((pid, unique)) = rest.split_once('-') else {
+            return false;
+        };
+        !pid.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && !unique.is_empty()
+            && unique.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    let (mut removed, mut failed) = (Vec::new(), Vec::new());
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok((removed, failed)),
         Err(err) => return Err(err),
     };
-    for entry in entries {
-        let entry = entry?;
+    for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(file_name) = file_name.to_str() else {
+        if !file_name.to_str().is_some_and(ours) {
+            continue;
+        }
+        // Not followed: a symlink is a symlink here.
+        let Ok(kind) = entry.file_type() else {
             continue;
         };
-        if file_name == prefix || file_name.starts_with(&format!("{prefix}-")) {
-            // `remove_file` unlinks a symlink itself.
-            fs::remove_file(entry.path())?;
-            removed.push(entry.path());
+        if !(kind.is_file() || kind.is_symlink()) {
+            continue;
+        }
+        // `remove_file` unlinks a symlink itself.
+        match fs::remove_file(entry.path()) {
+            Ok(()) => removed.push(entry.path()),
+            Err(err) => failed.push((entry.path(), err)),
         }
     }
-    Ok(removed)
+    Ok((removed, failed))
+}
+
+/// Makes an existing snapshot file private (0600): files written before snapshots were made
+/// private kept the mode they were created with.
+pub fn make_private(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o077 != 0 => {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        }
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    }
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
@@ -237,14 +295,30 @@ impl<W: Write> Checksummed<W> {
     }
 }
 
-fn write_to(engine: &Engine, tmp: &Path) -> io::Result<Stats> {
+/// A random 64-bit number (the standard library's per-process random hash keys).
+fn unguessable() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
+
+/// Creates `tmp` for writing, readable by our user only. Exclusive: fails on anything
+/// already there, a planted symlink included.
+fn create_private(tmp: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    // Exclusive: fails on anything already at `tmp`, a planted symlink included.
-    let file = fs::OpenOptions::new()
+    fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(tmp)?;
+        .open(tmp)
+}
+
+fn write_to(engine: &Engine, file: File) -> io::Result<Stats> {
     let mut out = Checksummed {
         inner: BufWriter::with_capacity(1 << 20, file),
         crc: crc32fast::Hasher::new(),
@@ -454,7 +528,8 @@ pub fn load(mut reader: impl Read, engine: &Engine) -> Result<Stats, SnapshotErr
     let mut data = Vec::new();
     reader.read_to_end(&mut data)?;
     let version_1 = data.get(8..12) == Some(&1u32.to_le_bytes()[..]);
-    // Version 1 names are untagged: they load as named namespaces (see the module docs).
+    // Version 1 names are untagged: they load as components' own namespaces (see the module
+    // docs).
     let mut migrated: (String, String) = Default::default();
     decode_bytes(&data, &mut |Record::Entry {
                                   namespace,
@@ -464,9 +539,9 @@ pub fn load(mut reader: impl Read, engine: &Engine) -> Result<Stats, SnapshotErr
                               }| {
         let namespace = if version_1 {
             if migrated.0 != namespace {
-                // What `links::named_namespace` makes of it (a test checks they agree);
-                // spelled out so that the fuzz targets can include this file alone.
-                migrated = (namespace.to_owned(), format!("named:{namespace}"));
+                // What `links::component_namespace` makes of it (a test checks they
+                // agree); spelled out so that the fuzz targets can include this file alone.
+                migrated = (namespace.to_owned(), format!("component:{namespace}"));
             }
             migrated.1.as_str()
         } else {
@@ -614,7 +689,7 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_file_loads_its_namespaces_as_named_ones() {
+    fn a_version_1_file_loads_its_namespaces_as_components_own() {
         let mut bytes = encoded(&engine());
         bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
         let body = bytes.len() - 4;
@@ -622,8 +697,8 @@ mod tests {
         bytes[body..].copy_from_slice(&crc.to_le_bytes());
         let e = Engine::new(Limits::UNLIMITED);
         load(&bytes[..], &e).unwrap();
-        let named = crate::links::named_namespace("a");
-        assert_eq!(e.get(&named, "b1", "k1").as_deref(), Some(&b"v1"[..]));
+        let own = crate::links::component_namespace("a");
+        assert_eq!(e.get(&own, "b1", "k1").as_deref(), Some(&b"v1"[..]));
         assert_eq!(e.get("a", "b1", "k1"), None);
         // A version 2 file loads as written.
         let e = Engine::new(Limits::UNLIMITED);
@@ -638,29 +713,53 @@ mod tests {
         let path = dir.path().join("snap");
         let victim = dir.path().join("victim");
         fs::write(&victim, b"precious").unwrap();
-        // What an attacker could plant: the old fixed temporary name and the next unique ones.
+        // An old snapshot, readable by all.
+        fs::write(&path, b"old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        make_private(&path).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // What an attacker could plant: the old fixed temporary name, names of the new form,
+        // and a file that only looks alike (not ours to remove).
         std::os::unix::fs::symlink(&victim, dir.path().join("snap.tmp")).unwrap();
         for n in 0..4 {
-            let name = format!("snap.tmp-{}-{n}", std::process::id());
+            let name = format!("snap.tmp-{}-{n:016x}", std::process::id());
             std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
         }
+        fs::write(dir.path().join("snap.tmp-notes"), b"mine").unwrap();
+        // A name is tried exclusively: no write goes through a planted link.
+        let name = tmp_path(&path, "1-00");
+        std::os::unix::fs::symlink(&victim, &name).unwrap();
+        assert_eq!(
+            create_private(&name).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
         let e = engine();
-        // Some names are taken by the symlinks: those writes fail, none writes through them.
-        let written = (0..8).filter(|_| write(&e, &path).is_ok()).count();
-        assert!(written > 0);
+        for _ in 0..4 {
+            write(&e, &path).unwrap();
+        }
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{mode:o}");
-        // The next start removes the leftovers (the links, not what they point at).
-        let removed = remove_leftovers(&path).unwrap();
-        assert_eq!(removed.len(), 5, "{removed:?}");
+        // The next start removes the leftovers (the links, not what they point at), and
+        // nothing else.
+        let (removed, failed) = remove_leftovers(&path).unwrap();
+        assert_eq!(removed.len(), 6, "{removed:?}");
+        assert!(failed.is_empty(), "{failed:?}");
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert!(path.exists());
-        let names: Vec<_> = fs::read_dir(dir.path())
+        let mut names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
+        names.sort();
+        assert_eq!(names, ["snap", "snap.tmp-notes", "victim"]);
+        // A directory where a leftover would be is not removed, and does not stop a start.
+        fs::create_dir(dir.path().join("snap.tmp")).unwrap();
+        let (removed, failed) = remove_leftovers(&path).unwrap();
+        assert!(removed.is_empty() && failed.is_empty());
     }
 
     #[test]

@@ -26,17 +26,7 @@ async fn linked(config: &[(&str, &str)]) -> (NatsServer, Provider) {
 async fn still_serving(p: &Provider) {
     let c = p.as_component(C1, "default");
     assert_eq!(c.get("b", "kept").await, Ok(Some(b"before".to_vec())));
-    c.set("b", "k", b"v").await.unwrap();
-    assert_eq!(c.exists("b", "k").await, Ok(true));
-    assert!(c.list_all("b", 1000).await.contains(&"k".to_string()));
-    assert_eq!(c.increment("b", "n", 2).await.map(|n| n >= 2), Ok(true));
-    c.set_many("b", &[("x", b"1")]).await.unwrap();
-    assert_eq!(
-        c.get_many("b", &["x"]).await,
-        Ok(vec![Some(("x".into(), b"1".to_vec()))])
-    );
-    c.delete_many("b", &["x"]).await.unwrap();
-    c.delete("b", "k").await.unwrap();
+    every_function_serves(&c).await;
 }
 
 #[tokio::test]
@@ -51,8 +41,7 @@ async fn declared_lengths_are_never_trusted_on_any_function() {
         &[0xff, 0xff, 0xff, 0xff, 0x0f],
         // Bucket "b", then 2^31.
         &[0x01, b'b', 0x80, 0x80, 0x80, 0x80, 0x08],
-        // A list of 2^28 empty keys after bucket "b" (no more than 2^28 bytes declared, but
-        // each would be a struct of its own once decoded).
+        // Bucket "b", then 2^28: a list of that many keys needs more than 64 MiB.
         &[0x01, b'b', 0x80, 0x80, 0x80, 0x80, 0x01],
     ];
     for (instance, func) in FUNCTIONS {
@@ -266,4 +255,55 @@ async fn garbage_is_answered_and_logged_at_most_once_a_second() {
         warnings as u64 <= seconds + 1,
         "{warnings} warnings in {seconds} s:\n{text}"
     );
+}
+
+#[tokio::test]
+async fn many_small_elements_are_charged_for_what_decoding_them_costs() {
+    // 100,000 empty pairs are 200 KB on the wire, but 100,000 structs once decoded.
+    let (_server, p) = linked(&[("max_inflight_bytes", "4194304")]).await;
+    let mut params = vec![0x01, b'b'];
+    let mut n = 100_000u32;
+    while n >= 0x80 {
+        params.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    params.push(n as u8);
+    params.extend(std::iter::repeat_n([0u8, 0u8], 100_000).flatten());
+    let mut call = RawCall::send(
+        &p,
+        C1,
+        "wrpc:keyvalue/batch@0.2.0-draft",
+        "set-many",
+        params,
+    )
+    .await;
+    let message = raw_other_message(&call.results().await).expect("an error");
+    assert!(message.contains("max_inflight_bytes=4194304"), "{message}");
+    assert!(message.contains("this call alone"), "{message}");
+    // A batch of a sensible size goes through.
+    let pairs: Vec<(String, Vec<u8>)> = (0..1000).map(|i| (format!("k{i}"), vec![])).collect();
+    let pairs: Vec<(&str, &[u8])> = pairs.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    p.as_component(C1, "default")
+        .set_many("b", &pairs)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_unlinked_caller_is_refused_before_anything_it_sends_is_read() {
+    let (_server, p) = linked(&[]).await;
+    // A stranger naming a new source on each call gets access-denied at once, whatever it
+    // declares: it takes no share of the budget.
+    for i in 0..20 {
+        let frame = vec![0x00, 0xff, 0xff, 0xff, 0x0f];
+        let source = format!("stranger-{i}");
+        let mut call =
+            RawCall::send(&p, &source, "wrpc:keyvalue/store@0.2.0-draft", "set", frame).await;
+        // result::err (1), error::access-denied (1).
+        assert_eq!(call.results().await, vec![1, 1]);
+    }
+    p.as_component(C1, "default")
+        .set("b", "k", b"v")
+        .await
+        .unwrap();
 }

@@ -90,17 +90,6 @@ async fn a_stop_lets_in_flight_calls_finish() {
 async fn garbage_on_every_subject_is_dropped_and_every_function_keeps_serving() {
     // Stuck invocations stay stuck for the whole test: they must not block valid calls.
     let (_server, mut p) = linked(&[("request_timeout_ms", "60000")]).await;
-    let functions = [
-        ("wrpc:keyvalue/store@0.2.0-draft", "get"),
-        ("wrpc:keyvalue/store@0.2.0-draft", "set"),
-        ("wrpc:keyvalue/store@0.2.0-draft", "delete"),
-        ("wrpc:keyvalue/store@0.2.0-draft", "exists"),
-        ("wrpc:keyvalue/store@0.2.0-draft", "list-keys"),
-        ("wrpc:keyvalue/atomics@0.2.0-draft", "increment"),
-        ("wrpc:keyvalue/batch@0.2.0-draft", "get-many"),
-        ("wrpc:keyvalue/batch@0.2.0-draft", "set-many"),
-        ("wrpc:keyvalue/batch@0.2.0-draft", "delete-many"),
-    ];
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut noise = |len: usize| -> Vec<u8> {
         (0..len)
@@ -113,7 +102,7 @@ async fn garbage_on_every_subject_is_dropped_and_every_function_keeps_serving() 
             .collect()
     };
     let mut stuck = Vec::new();
-    for (instance, func) in functions {
+    for (instance, func) in FUNCTIONS {
         let subject = p.function_subject(instance, func);
         for round in 0..50 {
             let garbage = noise(1 + round * 7);
@@ -168,19 +157,7 @@ async fn garbage_on_every_subject_is_dropped_and_every_function_keeps_serving() 
     let message = p.try_health().await.expect("health after the flood");
     assert!(message.starts_with("1 links,"), "{message}");
     assert!(message.contains("max_keys=1000000 "), "{message}");
-    let c = p.as_component(C1, "default");
-    c.set("b", "k", b"v").await.unwrap();
-    assert_eq!(c.get("b", "k").await, Ok(Some(b"v".to_vec())));
-    assert_eq!(c.exists("b", "k").await, Ok(true));
-    assert_eq!(c.list_all("b", 3).await, vec!["k".to_string()]);
-    assert_eq!(c.increment("b", "n", 2).await, Ok(2));
-    c.set_many("b", &[("x", b"1")]).await.unwrap();
-    assert_eq!(
-        c.get_many("b", &["x"]).await,
-        Ok(vec![Some(("x".into(), b"1".to_vec()))])
-    );
-    c.delete_many("b", &["x"]).await.unwrap();
-    c.delete("b", "k").await.unwrap();
+    every_function_serves(&p.as_component(C1, "default")).await;
     drop(stuck);
     p.signal("TERM");
     let status = p.wait_exit().await;

@@ -472,6 +472,28 @@ pub const FUNCTIONS: [(&str, &str); 9] = [
     ("wrpc:keyvalue/batch@0.2.0-draft", "delete-many"),
 ];
 
+/// Every function answers a valid call from `c` (keys `k`, `n`, `x` of bucket `b`).
+pub async fn every_function_serves(c: &Caller<'_>) {
+    c.set("b", "k", b"v").await.unwrap();
+    assert_eq!(c.get("b", "k").await, Ok(Some(b"v".to_vec())));
+    assert_eq!(c.exists("b", "k").await, Ok(true));
+    assert!(c.list_all("b", 1000).await.contains(&"k".to_string()));
+    let before = c
+        .get("b", "n")
+        .await
+        .unwrap()
+        .map_or(0, |v| String::from_utf8(v).unwrap().parse::<u64>().unwrap());
+    assert_eq!(c.increment("b", "n", 2).await, Ok(before + 2));
+    c.set_many("b", &[("x", b"1")]).await.unwrap();
+    assert_eq!(
+        c.get_many("b", &["x"]).await,
+        Ok(vec![Some(("x".into(), b"1".to_vec()))])
+    );
+    c.delete_many("b", &["x"]).await.unwrap();
+    c.delete("b", "k").await.unwrap();
+    assert_eq!(c.get("b", "k").await, Ok(None));
+}
+
 /// An invocation sent by hand: what a wRPC client does, one message at a time.
 pub struct RawCall {
     pub handshake: nats::Subscriber,
