@@ -733,6 +733,10 @@ impl Engine {
                 None => SortedKeys::default(),
                 Some(copied) => copied?.sort(),
             };
+            // A cursor holds a page's offset in 32 bits.
+            if keys.len() > u32::MAX as usize {
+                return Err(EngineError::ListingTooLarge { limit, held: 0 });
+            }
             let end = page_end(&keys, 0, page_size, max_bytes);
             let first = keys.strings(0..end);
             if end == keys.len() {

@@ -623,8 +623,11 @@ impl Provider for KvProvider {
     async fn shutdown(&self) -> anyhow::Result<()> {
         // The SDK calls this again when its control loop sees its own subscriptions end
         // after the host's request: a stop already under way is not a second request.
+        // A stop a signal began also ends here: answer the host only once the final snapshot
+        // (the same task the signal path awaits) is written.
         if self.inner.stop.is_cancelled() {
-            self.inner.drained.cancelled().await;
+            let _ = tokio::time::timeout(DRAIN_WAIT, self.inner.drained.cancelled()).await;
+            self.write_final_snapshot().await;
             return Ok(());
         }
         info!("shutdown requested by the host");

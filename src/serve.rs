@@ -315,7 +315,7 @@ fn warn_invalid(refusal: &str) {
     {
         let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
         if suppressed > 0 {
-            warn!("{refusal} ({suppressed} more unreadable invocations in the last second)");
+            warn!("{refusal} ({suppressed} more unreadable invocations since the last warning)");
         } else {
             warn!("{refusal}");
         }

@@ -77,7 +77,7 @@ pub fn init(host_data: &HostData) -> anyhow::Result<Telemetry> {
     });
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     use tracing_subscriber::filter::FilterExt as _;
-    let quiet = tracing_subscriber::filter::filter_fn(|meta| !is_sdk_stop_noise(meta));
+    let quiet = SdkStopNoise;
     let fmt = if host_data.structured_logging {
         fmt.json()
             .with_filter(log_filter(host_data.log_level.as_ref()).and(quiet))
@@ -132,14 +132,47 @@ pub fn stopping() {
     STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The SDK 0.17's control loop logs `ERROR failed to handle health check, shutdown` on every
-/// clean stop: the host's shutdown request makes its subscriptions end, and its loop reads the
-/// ended health channel before its quit signal. Once we are stopping, its errors say nothing
-/// (ours, under our own target, still show).
-fn is_sdk_stop_noise(meta: &tracing::Metadata<'_>) -> bool {
-    *meta.level() == tracing::Level::ERROR
-        && meta.target().starts_with("wasmcloud_provider_sdk")
-        && STOPPING.load(std::sync::atomic::Ordering::Relaxed)
+/// Drops one message of the SDK 0.17's control loop: on every clean stop it logs `ERROR failed
+/// to handle health check, shutdown` (or another of its channels), because the host's
+/// shutdown request ends its subscriptions and its loop reads an ended channel before its
+/// quit signal. Only that message, only once we are stopping: the SDK's other errors show.
+struct SdkStopNoise;
+
+impl<S> tracing_subscriber::layer::Filter<S> for SdkStopNoise {
+    fn enabled(
+        &self,
+        _: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        true
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let meta = event.metadata();
+        if *meta.level() != tracing::Level::ERROR
+            || !meta.target().starts_with("wasmcloud_provider_sdk")
+            || !STOPPING.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return true;
+        }
+        /// Whether the event's message is "failed to handle <channel>, shutdown".
+        struct EndedChannel(bool);
+        impl tracing::field::Visit for EndedChannel {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    let text = format!("{value:?}");
+                    self.0 = text.starts_with("failed to handle ") && text.ends_with(", shutdown");
+                }
+            }
+        }
+        let mut ended = EndedChannel(false);
+        event.record(&mut ended);
+        !ended.0
+    }
 }
 
 /// The host's `otel_config` with the provider config's `OTEL_*` overrides applied.

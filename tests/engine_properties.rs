@@ -2,7 +2,10 @@
 //! `src/engine.rs`:
 //! - histories of concurrent set / delete / increment / get on one key are linearizable;
 //! - list-keys paging under random churn lists every key that exists for the whole listing
-//!   exactly once, never lists a key twice, and never lists a key that was never written.
+//!   exactly once, never lists a key twice, and never lists a key that was never written;
+//! - under limits, concurrent histories of sets, batches, increments and deletes never pass a
+//!   limit, not even for a moment, end with exact usage figures, and never refuse a write that
+//!   no serial order refuses (an overwrite that adds neither a key nor a byte).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Barrier};
@@ -219,5 +222,109 @@ proptest! {
                 prop_assert!(listed.contains_key(&k), "{} existed throughout but was not listed", k);
             }
         }
+    }
+}
+
+/// One writer's step in the limits property.
+#[derive(Clone, Debug)]
+enum LimitOp {
+    /// Overwrite a permanent key with a value of its size: no serial order refuses it.
+    Overwrite(u8),
+    Set(u8, u8),
+    SetMany(Vec<(u8, u8)>),
+    Delete(u8),
+    Increment(u8),
+}
+
+fn limit_op() -> impl Strategy<Value = LimitOp> {
+    prop_oneof![
+        2 => (0u8..2).prop_map(LimitOp::Overwrite),
+        3 => (0u8..4, 0u8..6).prop_map(|(k, n)| LimitOp::Set(k, n)),
+        2 => prop::collection::vec((0u8..4, 0u8..6), 1..4).prop_map(LimitOp::SetMany),
+        3 => (0u8..4).prop_map(LimitOp::Delete),
+        1 => (0u8..4).prop_map(LimitOp::Increment),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn concurrent_histories_never_pass_a_limit_nor_refuse_what_fits(
+        threads in prop::collection::vec(prop::collection::vec(limit_op(), 50..200), 2..4),
+    ) {
+        // Two permanent keys of 4 bytes (p0, p1, values of 2 bytes), up to four more keys.
+        let limits = Limits { max_keys: 4, max_total_bytes: 24, ..Limits::UNLIMITED };
+        let engine = Arc::new(Engine::new(limits));
+        for p in 0..2 {
+            engine.set("ns", "b", &format!("p{p}"), b"00").unwrap();
+        }
+        let barrier = Arc::new(Barrier::new(threads.len() + 1));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let monitor = {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut worst = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (keys, bytes) = engine.namespace_usage("ns");
+                    worst = (worst.0.max(keys), worst.1.max(bytes.max(engine.usage().bytes)));
+                }
+                worst
+            })
+        };
+        let handles: Vec<_> = threads
+            .into_iter()
+            .map(|ops| {
+                let (engine, barrier) = (engine.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut wrongly_refused = Vec::new();
+                    for op in ops {
+                        let key = |k: u8| format!("k{k}");
+                        let value = |n: u8| vec![b'v'; n as usize];
+                        match &op {
+                            LimitOp::Overwrite(p) => {
+                                if let Err(err) = engine.set("ns", "b", &format!("p{p}"), b"11") {
+                                    wrongly_refused.push(format!("{op:?}: {err}"));
+                                }
+                            }
+                            LimitOp::Set(k, n) => drop(engine.set("ns", "b", &key(*k), &value(*n))),
+                            LimitOp::SetMany(pairs) => {
+                                let pairs: Vec<(String, Vec<u8>)> =
+                                    pairs.iter().map(|(k, n)| (key(*k), value(*n))).collect();
+                                drop(engine.set_many(
+                                    "ns",
+                                    "b",
+                                    pairs.iter().map(|(k, v)| (k.as_str(), &v[..])),
+                                ));
+                            }
+                            LimitOp::Delete(k) => engine.delete("ns", "b", &key(*k)),
+                            LimitOp::Increment(k) => drop(engine.increment("ns", "b", &key(*k), 1)),
+                        }
+                    }
+                    wrongly_refused
+                })
+            })
+            .collect();
+        barrier.wait();
+        let mut wrongly_refused = Vec::new();
+        for handle in handles {
+            wrongly_refused.extend(handle.join().unwrap());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let worst = monitor.join().unwrap();
+        prop_assert!(wrongly_refused.is_empty(), "{:?}", wrongly_refused);
+        prop_assert!(worst.0 <= 4 && worst.1 <= 24, "usage passed a limit: {:?}", worst);
+        // Exact figures once the writers are done.
+        let mut keys = 0;
+        let mut bytes = 0;
+        for key in engine.bucket_keys("ns", "b") {
+            if let Some(v) = engine.get("ns", "b", &key) {
+                keys += 1;
+                bytes += (key.len() + v.len()) as u64;
+            }
+        }
+        prop_assert_eq!(engine.namespace_usage("ns"), (keys, bytes));
+        prop_assert_eq!(engine.usage().bytes, bytes);
     }
 }
