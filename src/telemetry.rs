@@ -138,6 +138,13 @@ pub fn stopping() {
 /// quit signal. Only that message, only once we are stopping: the SDK's other errors show.
 struct SdkStopNoise;
 
+impl SdkStopNoise {
+    fn may_drop(meta: &tracing::Metadata<'_>) -> bool {
+        *meta.level() == tracing::Level::ERROR
+            && meta.target().starts_with("wasmcloud_provider_sdk")
+    }
+}
+
 impl<S> tracing_subscriber::layer::Filter<S> for SdkStopNoise {
     fn enabled(
         &self,
@@ -147,15 +154,31 @@ impl<S> tracing_subscriber::layer::Filter<S> for SdkStopNoise {
         true
     }
 
+    /// Only the SDK's error callsites are looked at event by event; the rest is left to the
+    /// level filter, whose static answers (and max level) stay in force. Without this, the
+    /// combined filter had no max level: every trace-level span of the wRPC stack (one per
+    /// encoded list element) was created and formatted, and get-many ran at half speed.
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if Self::may_drop(meta) {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::always()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+
     fn event_enabled(
         &self,
         event: &tracing::Event<'_>,
         _: &tracing_subscriber::layer::Context<'_, S>,
     ) -> bool {
-        let meta = event.metadata();
-        if *meta.level() != tracing::Level::ERROR
-            || !meta.target().starts_with("wasmcloud_provider_sdk")
-            || !STOPPING.load(std::sync::atomic::Ordering::Relaxed)
+        if !Self::may_drop(event.metadata()) || !STOPPING.load(std::sync::atomic::Ordering::Relaxed)
         {
             return true;
         }
