@@ -473,14 +473,18 @@ impl Engine {
             let Some(entries) = ns_ref.buckets.get(bucket) else {
                 return;
             };
-            let (mut removed, mut freed) = (0u64, 0u64);
+            let space = Space::new(&self.total_bytes, &ns_ref);
+            let mut removed = 0u64;
             for key in keys {
-                if let Some((item, ())) = entries.remove(key) {
-                    removed += 1;
-                    freed += item.size();
-                }
+                // The counters go down under the entry's shard lock, as the entry goes: a
+                // writer of the same key cannot see it gone while it is still counted (and be
+                // refused at a limit the delete already made room under).
+                let released = entries.remove_if(key, |item, ()| {
+                    space.release(1, item.size());
+                    true
+                });
+                removed += u64::from(released.is_some());
             }
-            Space::new(&self.total_bytes, &ns_ref).release(removed, freed);
             if removed > 0 {
                 self.removals.fetch_add(removed, Ordering::SeqCst);
                 self.changes.fetch_add(1, Ordering::Relaxed);
