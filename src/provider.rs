@@ -243,14 +243,10 @@ impl KvProvider {
     /// `allow_unlinked`), or `access-denied` before anything of the call is read: an unlinked
     /// caller cannot take budget by naming a new source on each call.
     pub fn budget_share(&self, cx: &Option<Context>) -> Result<String, store::Error> {
-        let headers = cx.as_ref().map(|cx| &cx.tracing);
-        let source = headers.and_then(|h| h.get("source-id"));
-        let link_name = headers
-            .and_then(|h| h.get("link-name"))
-            .map_or("default", String::as_str);
+        let (source, link_name) = caller(cx);
         match source {
             Some(source) if self.inner.links.resolve(source, link_name).is_some() => {
-                Ok(source.clone())
+                Ok(source.to_owned())
             }
             _ if self.config().allow_unlinked => Ok(String::new()),
             _ => Err(store::Error::AccessDenied),
@@ -259,23 +255,30 @@ impl KvProvider {
 
     /// The namespace a call works in, from its `source-id` and `link-name` headers.
     fn namespace(&self, cx: &Option<Context>) -> Result<Arc<str>, store::Error> {
-        let headers = cx.as_ref().map(|cx| &cx.tracing);
-        let source = headers.and_then(|h| h.get("source-id"));
-        let link_name = headers
-            .and_then(|h| h.get("link-name"))
-            .map_or("default", String::as_str);
+        let (source, link_name) = caller(cx);
         if let Some(ns) = source.and_then(|s| self.inner.links.resolve(s, link_name)) {
             return Ok(ns);
         }
         if self.config().allow_unlinked {
             return Ok(source.map_or_else(
                 || Arc::from(links::ANONYMOUS_NAMESPACE),
-                |source| links::component_namespace(source),
+                links::component_namespace,
             ));
         }
         debug!(?source, link_name, "call without an active link refused");
         Err(store::Error::AccessDenied)
     }
+}
+
+/// The calling component (`source-id` header) and its link name (`link-name`, `default` when
+/// absent), as the host sends them on each invocation.
+fn caller(cx: &Option<Context>) -> (Option<&str>, &str) {
+    let headers = cx.as_ref().map(|cx| &cx.tracing);
+    let source = headers.and_then(|h| h.get("source-id")).map(String::as_str);
+    let link_name = headers
+        .and_then(|h| h.get("link-name"))
+        .map_or("default", String::as_str);
+    (source, link_name)
 }
 
 impl From<EngineError> for store::Error {

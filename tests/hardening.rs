@@ -111,13 +111,7 @@ async fn stalled_large_invocations_stay_within_the_inflight_budget() {
     let mut params = Vec::new();
     encode_bytes(&mut params, b"b");
     encode_bytes(&mut params, b"stalled");
-    let declared = 15 * MIB as u64;
-    let mut n = declared;
-    while n >= 0x80 {
-        params.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    params.push(n as u8);
+    encode_len(&mut params, 15 * MIB as u64);
     let chunk = vec![0u8; MIB - 1024];
     let (mut stalled, mut refused) = (Vec::new(), Vec::new());
     for _ in 0..60 {
@@ -262,12 +256,7 @@ async fn many_small_elements_are_charged_for_what_decoding_them_costs() {
     // 100,000 empty pairs are 200 KB on the wire, but 100,000 structs once decoded.
     let (_server, p) = linked(&[("max_inflight_bytes", "4194304")]).await;
     let mut params = vec![0x01, b'b'];
-    let mut n = 100_000u32;
-    while n >= 0x80 {
-        params.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    params.push(n as u8);
+    encode_len(&mut params, 100_000);
     params.extend(std::iter::repeat_n([0u8, 0u8], 100_000).flatten());
     let mut call = RawCall::send(
         &p,

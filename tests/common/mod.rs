@@ -446,7 +446,12 @@ pub fn is_denied<T>(result: &Result<T, store::Error>) -> bool {
 
 /// wRPC value encoding of a string or byte list: LEB128 length, then the bytes.
 pub fn encode_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    let mut n = bytes.len() as u64;
+    encode_len(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// wRPC value encoding of a length or count: LEB128.
+pub fn encode_len(out: &mut Vec<u8>, mut n: u64) {
     loop {
         let byte = (n & 0x7f) as u8;
         n >>= 7;
@@ -456,7 +461,6 @@ pub fn encode_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
         }
         out.push(byte | 0x80);
     }
-    out.extend_from_slice(bytes);
 }
 
 /// The nine functions we serve: (instance, function).
