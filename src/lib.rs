@@ -12,8 +12,10 @@
 //! - [`config`]: provider config keys, defaults and parsing.
 //! - [`links`]: active links and the namespace each one's calls use.
 //! - [`provider`]: the SDK control-plane callbacks and the generated wRPC handler traits.
-//! - [`serve`]: accepting invocations, one task each, with bounded parameter reading; the
-//!   span and metrics of each call.
+//! - [`serve`]: the routing table of served functions; accepting invocations, one task each,
+//!   with bounded parameter reading; the span and metrics of each call.
+//! - [`transport`]: our serving side of wRPC over NATS, which covers for the handshakes and
+//!   results the host's client drops.
 //! - [`wire`]: reading parameters without trusting the lengths they declare.
 //! - [`budget`]: what calls in flight may hold (bytes, calls), in all and per component.
 //! - [`snapshot`]: the snapshot file format, writer, verifying reader and restore.
@@ -31,6 +33,7 @@ pub mod provider;
 pub mod serve;
 pub mod snapshot;
 pub mod telemetry;
+pub mod transport;
 pub mod wire;
 
 /// Bindings generated from `wit/` (world `provider`).
@@ -99,13 +102,11 @@ async fn serve(
         .await
         .context("failed to start the provider")?;
     let connection = wasmcloud_provider_sdk::get_connection();
-    let client = connection
-        .get_wrpc_client(connection.provider_key())
-        .await
-        .context("failed to create the wRPC server")?;
     // Subscribe the data plane before the control loop first runs: the host (and our tests)
     // take the first health answer to mean calls can be sent.
-    let server = serve::Server::subscribe(&client, provider.clone()).await?;
+    let prefix = format!("{}.{}", connection.lattice, connection.provider_key());
+    let server =
+        serve::Server::subscribe((*connection.nats).clone(), &prefix, provider.clone()).await?;
     connection
         .nats
         .flush()

@@ -1,20 +1,19 @@
 //! The data plane: accepting wRPC invocations and running each in a task of its own.
 //!
-//! This replaces the `serve` function that `wit_bindgen_wrpc::generate!` writes (and the SDK's
-//! `serve_provider_exports` that drives it), keeping its shape: one accept stream per exported
-//! function, each routed to the generated `Handler` trait method. We do not use the generated
-//! one because of what it does with a bad invocation (../shared/CONTRACT.md §7): it decodes
-//! parameters *inside* the accept stream (`wrpc_transport::ServeExt::serve_values` uses
-//! `and_then`), so an invocation whose parameters never complete stops that function's stream
-//! for good, and every later call to it hangs. Here the accept stream only accepts; decoding
-//! happens in the invocation's own task, bounded in time (`request_timeout_ms`) and size
-//! (`max_request_bytes`). The SDK's loop also aborts in-flight calls when it stops; ours stops
-//! accepting, then lets them finish.
+//! The routing table ([`Server::subscribe`]) lists every served function with the generated
+//! `Handler` trait method it goes to; the wire under it is ours ([`crate::transport`]), not
+//! `wrpc-transport-nats`'s. The accept loop only accepts: each invocation's handshake,
+//! parameter reading (bounded in time by `request_timeout_ms` and in size by
+//! `max_request_bytes`), handler and answer run in the invocation's own task, so one caller
+//! that never completes its parameters holds up no one else (the generated `serve` decodes
+//! inside the accept stream and stops serving a function for good after one such caller). On a
+//! stop, accepting ends, then in-flight calls finish.
 //!
 //! A reader following one `set`: NATS subject `{lattice}.{provider}.wrpc.0.0.1.
-//! wrpc:keyvalue/store@0.2.0-draft.set` → [`Server::run`] accepts → [`route`]'s task decodes
-//! `(bucket, key, value)` → `store::Handler::set` in `provider.rs` → `Engine::set` in
-//! `engine.rs` → result encoded back on the caller's `….results` subject.
+//! wrpc:keyvalue/store@0.2.0-draft.set` → [`Server::run`] accepts → the route's task
+//! ([`serve_call`]) handshakes and decodes `(bucket, key, value)` → `store::Handler::set` in
+//! `provider.rs` → `Engine::set` in `engine.rs` → results published on the caller's
+//! `….results` subject.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,24 +21,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use anyhow::{anyhow, Context as _};
-use futures::{SinkExt as _, Stream, StreamExt as _};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt as _};
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio_util::codec::FramedWrite;
+use tokio_util::codec::Encoder as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument as _, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use wasmcloud_provider_sdk::Context;
-use wrpc_transport::{Serve, TupleEncode};
+use wrpc_transport::TupleEncode;
 
 use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
+use crate::client::NoAsync;
 use crate::provider::KvProvider;
 use crate::telemetry::{self, CALL_TARGET};
+use crate::transport::{self, Invocation, Transport};
 use crate::{budget, wire};
 
 /// WIT instance names of what we export.
@@ -58,32 +57,46 @@ const DRAIN_QUIET: Duration = Duration::from_millis(20);
 const DRAIN_ACCEPT: Duration = Duration::from_millis(100);
 
 type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
-type Accepted = (&'static str, &'static str, anyhow::Result<Call>);
-type Invocations = Pin<Box<dyn Stream<Item = Accepted> + Send>>;
+/// Runs one accepted invocation of a route's function.
+type Serve = Arc<dyn Fn(Invocation) -> Call + Send + Sync>;
+type Invocations = Pin<Box<dyn Stream<Item = (usize, async_nats::Message)> + Send>>;
+
+/// One served function.
+struct Route {
+    instance: &'static str,
+    func: &'static str,
+    serve: Serve,
+}
 
 /// The subscribed functions, ready to serve.
 pub struct Server {
     provider: KvProvider,
+    transport: Arc<Transport>,
+    /// The task routing parameters to invocations.
+    routing: tokio::task::JoinHandle<()>,
+    routes: Arc<[Route]>,
     invocations: futures::stream::SelectAll<Invocations>,
 }
 
 impl Server {
-    /// Subscribes to every function of store, atomics and batch. Calls that arrive before
-    /// [`Server::run`] wait in their subscriptions.
-    pub async fn subscribe<C>(client: &C, provider: KvProvider) -> anyhow::Result<Self>
-    where
-        C: Serve<Context = Option<Context>>,
-    {
-        // One accept stream per function, each routed to its generated `Handler` method.
+    /// Subscribes to every function of store, atomics and batch under `prefix`
+    /// (`{lattice}.{provider_key}`), in the queue group `prefix` as every instance of this
+    /// provider does. Calls that arrive before [`Server::run`] wait in their subscriptions.
+    pub async fn subscribe(
+        nats: async_nats::Client,
+        prefix: &str,
+        provider: KvProvider,
+    ) -> anyhow::Result<Self> {
+        // The routing table: each function with the generated `Handler` method it calls. The
+        // handlers answer a bare `Result`; the wire's answer is a tuple of results, hence `(r,)`.
         macro_rules! route {
             ($instance:expr, $func:literal, $handler:path, ($($param:ident),+)) => {
-                route(client, &provider, $instance, $func, |p, cx, ($($param),+)| async move {
+                route(&provider, $instance, $func, |p, cx, ($($param),+)| async move {
                     $handler(&p, cx, $($param),+).await.map(|r| (r,))
                 })
-                .await?
             };
         }
-        let routes = vec![
+        let routes: Arc<[Route]> = Arc::from([
             route!(STORE, "get", store::Handler::get, (bucket, key)),
             route!(STORE, "set", store::Handler::set, (bucket, key, value)),
             route!(STORE, "delete", store::Handler::delete, (bucket, key)),
@@ -108,10 +121,23 @@ impl Server {
                 batch::Handler::delete_many,
                 (bucket, keys)
             ),
-        ];
+        ]);
+        let (transport, routing) = Transport::start(nats.clone()).await?;
+        let mut invocations = Vec::with_capacity(routes.len());
+        for (index, route) in routes.iter().enumerate() {
+            let subject = transport::invocation_subject(prefix, route.instance, route.func);
+            let sub = nats
+                .queue_subscribe(subject.clone(), prefix.to_string())
+                .await
+                .with_context(|| format!("failed to subscribe to {subject}"))?;
+            invocations.push(Box::pin(sub.map(move |msg| (index, msg))) as Invocations);
+        }
         Ok(Self {
-            invocations: futures::stream::select_all(routes),
             provider,
+            transport,
+            routing,
+            routes,
+            invocations: futures::stream::select_all(invocations),
         })
     }
 
@@ -120,6 +146,9 @@ impl Server {
     pub async fn run(self) -> anyhow::Result<()> {
         let Self {
             provider,
+            transport,
+            routing,
+            routes,
             mut invocations,
         } = self;
         info!("serving {STORE}, {ATOMICS} and {BATCH}");
@@ -127,28 +156,39 @@ impl Server {
         // Cancelled when the grace period is over: a call still running then is dropped at
         // its next await, before the final snapshot, so no call is answered after it.
         let abandon = CancellationToken::new();
-        let start = |accepted: Option<Accepted>| match accepted {
-            Some((instance, func, Ok(call))) => {
-                let abandon = abandon.clone();
-                calls.spawn(async move {
-                    tokio::select! {
-                        biased;
-                        () = abandon.cancelled() => {
-                            warn!(instance, func, "call abandoned: it did not finish before the stop");
-                        }
-                        done = call => if let Err(err) = done {
-                            warn!(instance, func, "invocation failed: {err:#}");
+        let start = |accepted: Option<(usize, async_nats::Message)>| {
+            let Some((index, msg)) = accepted else {
+                return false;
+            };
+            let (abandon, transport, provider) =
+                (abandon.clone(), transport.clone(), provider.clone());
+            let routes = Arc::clone(&routes);
+            calls.spawn(async move {
+                let route = &routes[index];
+                let (instance, func) = (route.instance, route.func);
+                let config = provider.config();
+                let accepted =
+                    transport.accept(msg, config.max_request_bytes, config.request_timeout);
+                let call = async {
+                    match accepted.await {
+                        Some(invocation) => (route.serve)(invocation).await,
+                        None => {
+                            debug!(instance, func, "invocation without a reply subject ignored");
+                            Ok(())
                         }
                     }
-                });
-                true
-            }
-            // No reply subject, or the transport could not set the call up.
-            Some((instance, func, Err(err))) => {
-                debug!(instance, func, "invocation refused: {err:#}");
-                true
-            }
-            None => false,
+                };
+                tokio::select! {
+                    biased;
+                    () = abandon.cancelled() => {
+                        warn!(instance, func, "call abandoned: it did not finish before the stop");
+                    }
+                    done = call => if let Err(err) = done {
+                        warn!(instance, func, "invocation failed: {err:#}");
+                    }
+                }
+            });
+            true
         };
         let ended = loop {
             tokio::select! {
@@ -173,9 +213,10 @@ impl Server {
                 }
             }
         }
-        // Dropping the accept streams unsubscribes: no new calls reach us from here on, and
+        // Dropping the subscriptions unsubscribes: no new calls reach us from here on, and
         // other instances in the queue group take them.
         drop(invocations);
+        transport.hurry();
         calls.close();
         if !calls.is_empty() {
             info!(in_flight = calls.len(), "waiting for in-flight calls");
@@ -191,6 +232,14 @@ impl Server {
             abandon.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(1), calls.wait()).await;
         }
+        routing.abort();
+        let stats = transport::stats();
+        info!(
+            handshakes_resent = stats.handshakes_resent.load(Ordering::Relaxed),
+            recovered = stats.recovered.load(Ordering::Relaxed),
+            unconfirmed = stats.unconfirmed.load(Ordering::Relaxed),
+            "covered for callers that lost handshakes"
+        );
         provider.mark_drained();
         if ended {
             error!("every invocation subscription ended; the NATS connection is gone");
@@ -200,104 +249,121 @@ impl Server {
     }
 }
 
-/// Subscribes to one function and turns each invocation into a [`Call`]: admit it into the
-/// in-flight budget, read and decode the parameters within the request bounds, run `handle`,
-/// encode the results.
-async fn route<C, P, R, F, Fut>(
-    client: &C,
+/// The route of one function: how its accepted invocations are served.
+fn route<P, R, F, Fut>(
     provider: &KvProvider,
     instance: &'static str,
     func: &'static str,
     handle: F,
-) -> anyhow::Result<Invocations>
+) -> Route
 where
-    C: Serve<Context = Option<Context>>,
     P: wire::Params,
-    R: TupleEncode<C::Outgoing> + Answer + Send + 'static,
-    <R::Encoder as tokio_util::codec::Encoder<R>>::Error: std::error::Error + Send + Sync + 'static,
+    R: Encoded + Answer + Send + 'static,
     F: Fn(KvProvider, Option<Context>, P) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
 {
-    // The keyvalue functions take no `future`/`stream` parameters: no async parameter paths.
-    let no_async_params: Arc<[Box<[Option<usize>]>]> = Arc::from([]);
-    let accepted = client
-        .serve(instance, func, no_async_params)
-        .await
-        .with_context(|| format!("failed to subscribe to {instance}.{func}"))?;
     let provider = provider.clone();
-    let operation = operation_name(func);
     let shape = Arc::new(P::shape());
-    Ok(Box::pin(accepted.map(move |accepted| {
-        let call = accepted.map(|(cx, outgoing, incoming)| {
-            let (provider, handle, shape) = (provider.clone(), handle.clone(), shape.clone());
-            let started = Instant::now();
-            let span = call_span(operation, instance, func, &cx);
-            let answered = span.clone();
-            Box::pin(
-                async move {
-                    let finish = |results: R, outcome: Outcome| async move {
-                        outcome.record(&answered);
-                        let sent = write_results::<C, R>(outgoing, results).await;
-                        telemetry::metrics().call(operation, outcome.label(), started.elapsed());
-                        sent
-                    };
-                    let caller = match provider.budget_share(&cx) {
-                        Ok(caller) => caller,
-                        Err(denied) => {
-                            let results = R::denied(denied);
-                            let outcome = results.outcome();
-                            return finish(results, outcome).await;
-                        }
-                    };
-                    let mut call = match provider.budget().admit(&caller) {
-                        Ok(call) => call,
-                        Err(refusal) => {
-                            telemetry::metrics().rejection(refusal.limit());
-                            let message = refusal.to_string();
-                            return finish(R::refused(message.clone()), Outcome::Error(message))
-                                .await;
-                        }
-                    };
-                    let config = provider.config();
-                    let params = tokio::time::timeout(
-                        config.request_timeout,
-                        read_params::<P, _>(incoming, &shape, config.max_request_bytes, &mut call),
-                    )
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(anyhow!(
-                            "parameters did not arrive within request_timeout_ms={}",
-                            config.request_timeout.as_millis()
-                        ))
-                    });
-                    // The call's bytes stay taken until its answer is sent.
-                    budget::scope(call, async move {
-                        match params {
-                            Ok(params) => {
-                                let results = handle(provider, cx, params).await?;
-                                let outcome = results.outcome();
-                                finish(results, outcome).await
-                            }
-                            // Tell the caller why, as an error value, rather than leave it to
-                            // time out.
-                            Err(err) => {
-                                if let Some(refusal) = err.downcast_ref::<budget::Refusal>() {
-                                    telemetry::metrics().rejection(refusal.limit());
-                                }
-                                let refusal =
-                                    format!("invalid {instance}.{func} invocation: {err:#}");
-                                warn_invalid(&refusal);
-                                finish(R::refused(refusal.clone()), Outcome::Invalid(refusal)).await
-                            }
-                        }
-                    })
-                    .await
+    let operation = operation_name(func);
+    Route {
+        instance,
+        func,
+        serve: Arc::new(move |invocation| {
+            let call = serve_call(
+                provider.clone(),
+                invocation,
+                Arc::clone(&shape),
+                handle.clone(),
+                (operation, instance, func),
+            );
+            Box::pin(call) as Call
+        }),
+    }
+}
+
+/// Serves one invocation: admit it into the in-flight budget, read and decode the parameters
+/// within the request bounds, run `handle`, answer.
+async fn serve_call<P, R, F, Fut>(
+    provider: KvProvider,
+    mut invocation: Invocation,
+    shape: Arc<wire::Shape>,
+    handle: F,
+    (operation, instance, func): (&'static str, &'static str, &'static str),
+) -> anyhow::Result<()>
+where
+    P: wire::Params,
+    R: Encoded + Answer + Send + 'static,
+    F: Fn(KvProvider, Option<Context>, P) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
+{
+    let cx = invocation.headers().map(transport::context);
+    let started = Instant::now();
+    let span = call_span(operation, instance, func, &cx);
+    let answered = span.clone();
+    // Records how the call went and encodes the answer.
+    let finish = move |results: R, outcome: Outcome| {
+        outcome.record(&answered);
+        let encoded = results.encoded();
+        telemetry::metrics().call(operation, outcome.label(), started.elapsed());
+        encoded
+    };
+    async move {
+        // Refused before admission: answered at once, holding nothing while the caller
+        // confirms.
+        let caller = match provider.budget_share(&cx) {
+            Ok(caller) => caller,
+            Err(denied) => {
+                let results = R::denied(denied);
+                let outcome = results.outcome();
+                invocation.answer_now(finish(results, outcome)?).await;
+                return Ok(());
+            }
+        };
+        let mut call = match provider.budget().admit(&caller) {
+            Ok(call) => call,
+            Err(refusal) => {
+                telemetry::metrics().rejection(refusal.limit());
+                let message = refusal.to_string();
+                let answer = finish(R::refused(message.clone()), Outcome::Error(message))?;
+                invocation.answer_now(answer).await;
+                return Ok(());
+            }
+        };
+        let config = provider.config();
+        let params = read_params::<P>(&mut invocation, &shape, config.max_request_bytes, &mut call)
+            .await
+            .map_err(|err| match invocation.expired() {
+                true => anyhow!(
+                    "parameters did not arrive within request_timeout_ms={}",
+                    config.request_timeout.as_millis()
+                ),
+                false => err,
+            });
+        // The call's bytes and its slot stay taken until its caller has its answer.
+        budget::scope(call, async move {
+            let (results, outcome) = match params {
+                Ok(params) => {
+                    let results = handle(provider, cx, params).await?;
+                    let outcome = results.outcome();
+                    (results, outcome)
                 }
-                .instrument(span),
-            ) as Call
-        });
-        (instance, func, call)
-    })))
+                // Tell the caller why, as an error value, rather than leave it to time out.
+                Err(err) => {
+                    if let Some(refusal) = err.downcast_ref::<budget::Refusal>() {
+                        telemetry::metrics().rejection(refusal.limit());
+                    }
+                    let refusal = format!("invalid {instance}.{func} invocation: {err:#}");
+                    warn_invalid(&refusal);
+                    (R::refused(refusal.clone()), Outcome::Invalid(refusal))
+                }
+            };
+            invocation.answer(finish(results, outcome)?).await;
+            Ok(())
+        })
+        .await
+    }
+    .instrument(span)
+    .await
 }
 
 /// Logs an unreadable invocation: a warning at most once a second (saying how many were not
@@ -446,49 +512,68 @@ fn call_span(
     span
 }
 
-/// Reads one invocation's parameters: as they arrive, into a buffer that grows with what
-/// arrived (never with what the parameters declare), taking each growth from the call's
-/// budget; refuses more than `max_bytes`. Decodes them once [`wire::Scanner`] finds them
-/// complete, without waiting for the caller's end of parameters.
-async fn read_params<P, I>(
-    mut incoming: I,
+/// Reads one invocation's parameters within `max_bytes`, taking what they hold from the call's
+/// budget: those that came with the invocation are decoded in place when they are complete
+/// (the usual case); otherwise they are gathered, as they arrive, into a buffer that grows with
+/// what arrived (never with what the parameters declare). Decodes them once [`wire::Scanner`]
+/// finds them complete, without waiting for the caller's end of parameters.
+async fn read_params<P: wire::Params>(
+    invocation: &mut Invocation,
     shape: &wire::Shape,
     max_bytes: usize,
     call: &mut budget::Call,
-) -> anyhow::Result<P>
-where
-    P: wire::Params,
-    I: tokio::io::AsyncRead + Unpin,
-{
-    let mut buf: Vec<u8> = Vec::new();
+) -> anyhow::Result<P> {
+    let too_large = || anyhow!("parameters are larger than max_request_bytes={max_bytes}");
     let mut scanner = wire::Scanner::new(shape, max_bytes);
+    let Some(first) = invocation.params().await? else {
+        return Err(anyhow!("parameters ended before they were complete"));
+    };
+    if first.len() > max_bytes {
+        return Err(too_large());
+    }
+    call.take(first.len())?;
+    if scanner.advance(&first)? {
+        return decode(first, &scanner, call);
+    }
+    let mut charged = first.len();
+    let mut buf: Vec<u8> = Vec::with_capacity(charged);
+    buf.extend_from_slice(&first);
+    drop(first);
     loop {
-        if buf.len() == buf.capacity() {
-            // Double, from 4 KiB, up to one byte past the bound (which tells "too large").
-            let capacity = buf.capacity();
-            let grown = (capacity.saturating_mul(2).max(4096)).min(max_bytes.saturating_add(1));
-            call.take(grown - capacity)?;
-            buf.reserve_exact(grown - buf.len());
-        }
-        let read = incoming
-            .read_buf(&mut buf)
-            .await
-            .context("failed to read parameters")?;
-        if buf.len() > max_bytes {
-            return Err(anyhow!(
-                "parameters are larger than max_request_bytes={max_bytes}"
-            ));
-        }
-        if scanner.advance(&buf)? {
-            // Decoding turns each list element into a struct of its own: take that too.
-            let structs = scanner.elements().saturating_mul(DECODED_ELEMENT_BYTES);
-            call.take(usize::try_from(structs).unwrap_or(usize::MAX))?;
-            return Ok(wire::decode::<P>(Bytes::from(buf))?);
-        }
-        if read == 0 {
+        let Some(chunk) = invocation.params().await? else {
             return Err(anyhow!("parameters ended before they were complete"));
+        };
+        let needs = buf.len().saturating_add(chunk.len());
+        if needs > max_bytes {
+            return Err(too_large());
+        }
+        if needs > buf.capacity() {
+            // Double, from 4 KiB, up to the bound.
+            let grown = needs
+                .max(buf.capacity().saturating_mul(2))
+                .max(4096)
+                .min(max_bytes);
+            call.take(grown.saturating_sub(charged))?;
+            buf.reserve_exact(grown - buf.len());
+            charged = charged.max(grown);
+        }
+        buf.extend_from_slice(&chunk);
+        if scanner.advance(&buf)? {
+            return decode(Bytes::from(buf), &scanner, call);
         }
     }
+}
+
+/// Decodes complete parameters, first taking what decoding them costs besides their bytes.
+fn decode<P: wire::Params>(
+    buf: Bytes,
+    scanner: &wire::Scanner<'_>,
+    call: &mut budget::Call,
+) -> anyhow::Result<P> {
+    // Decoding turns each list element into a struct of its own: take that too.
+    let structs = scanner.elements().saturating_mul(DECODED_ELEMENT_BYTES);
+    call.take(usize::try_from(structs).unwrap_or(usize::MAX))?;
+    Ok(wire::decode::<P>(buf)?)
 }
 
 /// What a decoded list element costs besides its bytes: a `String` or `(String, Bytes)`
@@ -496,21 +581,22 @@ where
 /// map of the latest value of each key, a `get-many`'s answer slot).
 const DECODED_ELEMENT_BYTES: u64 = 128;
 
-/// Writes the results and closes the result stream.
-async fn write_results<C, R>(outgoing: C::Outgoing, results: R) -> anyhow::Result<()>
+/// An answer encoded for the wire (the keyvalue functions have no asynchronous results).
+pub trait Encoded {
+    /// The encoded bytes.
+    fn encoded(self) -> anyhow::Result<Bytes>;
+}
+
+impl<R> Encoded for R
 where
-    C: Serve,
-    R: TupleEncode<C::Outgoing>,
+    R: TupleEncode<NoAsync>,
     <R::Encoder as tokio_util::codec::Encoder<R>>::Error: std::error::Error + Send + Sync + 'static,
 {
-    let mut framed = FramedWrite::new(outgoing, R::Encoder::default());
-    framed
-        .send(results)
-        .await
-        .context("failed to send results")?;
-    framed
-        .into_inner()
-        .shutdown()
-        .await
-        .context("failed to close the result stream")
+    fn encoded(self) -> anyhow::Result<Bytes> {
+        let mut buf = BytesMut::new();
+        R::Encoder::default()
+            .encode(self, &mut buf)
+            .context("failed to encode results")?;
+        Ok(buf.freeze())
+    }
 }

@@ -131,7 +131,7 @@ async fn stalled_large_invocations_stay_within_the_inflight_budget() {
                 .unwrap();
         }
         p.nats.flush().await.unwrap();
-        match call.results_within(Duration::from_millis(300)).await {
+        match call.answer_within(Duration::from_millis(300)).await {
             Some(results) => refused.push(raw_other_message(&results).expect("an error")),
             None => stalled.push(call),
         }
@@ -165,8 +165,12 @@ async fn stalled_large_invocations_stay_within_the_inflight_budget() {
         other.get("b", "k").await.unwrap().map(|v| v.len()),
         Some(900 * 1024)
     );
-    // The stalled component itself is told why.
-    let own = other_message(p.as_component(C1, "default").set("b", "k2", b"v").await);
+    // The stalled component itself is told why (its share has a few KiB left at most).
+    let own = other_message(
+        p.as_component(C1, "default")
+            .set("b", "k2", &vec![1; 256 * 1024])
+            .await,
+    );
     assert!(own.contains("from this component"), "{own}");
     drop(stalled);
 }

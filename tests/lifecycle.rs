@@ -179,7 +179,7 @@ async fn unreadable_invocations_get_an_error_that_says_why() {
         vec![30, b'a'],
     )
     .await;
-    let results = call.results().await;
+    let results = call.answer_within(CALL_TIMEOUT).await.expect("no answer");
     // result::err (1), error::other (2), then the message.
     assert_eq!(&results[..2], &[1, 2]);
     let text = String::from_utf8_lossy(&results[3..]);

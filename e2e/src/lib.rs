@@ -175,6 +175,17 @@ impl Lattice {
     /// Runs a component from a `.wasm` file (as `wash start component file://…`) and waits
     /// until the host lists it.
     pub async fn scale_component(&self, wasm: &Path, component_id: &str) -> anyhow::Result<()> {
+        self.scale_component_to(wasm, component_id, 16).await
+    }
+
+    /// Like [`Lattice::scale_component`], allowing at most `max_instances` instances of the
+    /// component to run at once (a wadm manifest's `instances`).
+    pub async fn scale_component_to(
+        &self,
+        wasm: &Path,
+        component_id: &str,
+        max_instances: u32,
+    ) -> anyhow::Result<()> {
         let reference = format!("file://{}", wasm.display());
         let response = self
             .ctl
@@ -182,7 +193,7 @@ impl Lattice {
                 &self.host_id,
                 &reference,
                 component_id,
-                16,
+                max_instances,
                 Some(BTreeMap::new()),
                 Vec::new(),
                 false,

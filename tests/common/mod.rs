@@ -500,8 +500,13 @@ pub async fn every_function_serves(c: &Caller<'_>) {
 
 /// An invocation sent by hand: what a wRPC client does, one message at a time.
 pub struct RawCall {
+    nats: nats::Client,
     pub handshake: nats::Subscriber,
     pub results: nats::Subscriber,
+    /// The server's parameter subject, once its handshake came.
+    params: Option<String>,
+    /// The end of parameters was sent.
+    ended: bool,
 }
 
 impl RawCall {
@@ -527,30 +532,63 @@ impl RawCall {
             )
             .await
             .unwrap();
-        Self { handshake, results }
+        Self {
+            nats: p.nats.clone(),
+            handshake,
+            results,
+            params: None,
+            ended: false,
+        }
     }
 
-    /// The subject the server reads further parameters from.
+    /// The subject the server reads further parameters from, from its handshake.
     pub async fn server_params_subject(&mut self) -> String {
-        let handshake = tokio::time::timeout(CALL_TIMEOUT, self.handshake.next())
+        self.handshake_within(CALL_TIMEOUT)
             .await
             .expect("no handshake")
-            .expect("handshake subscription ended");
-        format!(
-            "{}.params",
-            handshake.reply.expect("handshake without reply subject")
-        )
     }
 
-    /// The result bytes, up to the closing empty message.
+    async fn handshake_within(&mut self, limit: Duration) -> Option<String> {
+        if self.params.is_none() {
+            let handshake = tokio::time::timeout(limit, self.handshake.next())
+                .await
+                .ok()?
+                .expect("handshake subscription ended");
+            self.params = Some(format!(
+                "{}.params",
+                handshake.reply.expect("handshake without reply subject")
+            ));
+        }
+        self.params.clone()
+    }
+
+    /// Sends the end of parameters (once), as a client does once it has sent them all.
+    pub async fn end_params_within(&mut self, limit: Duration) -> Option<()> {
+        if !self.ended {
+            let subject = self.handshake_within(limit).await?;
+            self.nats
+                .publish(subject, bytes::Bytes::new())
+                .await
+                .unwrap();
+            self.ended = true;
+        }
+        Some(())
+    }
+
+    /// Ends the parameters and reads the result bytes, up to the closing empty message.
     pub async fn results(&mut self) -> Vec<u8> {
         self.results_within(CALL_TIMEOUT).await.expect("no results")
     }
 
-    /// The result bytes, or `None` if they did not all come within `limit`.
+    /// Ends the parameters and reads the result bytes, or `None` if they did not all come
+    /// within `limit`. A one-message answer may be followed by copies of itself (sent with a
+    /// repeated handshake when our end of parameters was late); a wRPC client reads one value
+    /// and never sees them, and neither does this.
     pub async fn results_within(&mut self, limit: Duration) -> Option<Vec<u8>> {
         let deadline = tokio::time::Instant::now() + limit;
+        self.end_params_within(limit).await?;
         let mut out = Vec::new();
+        let mut first = None;
         loop {
             let msg = tokio::time::timeout_at(deadline, self.results.next())
                 .await
@@ -559,8 +597,23 @@ impl RawCall {
             if msg.payload.is_empty() {
                 return Some(out);
             }
+            match &first {
+                None => first = Some(msg.payload.clone()),
+                Some(first) if *first == msg.payload => continue,
+                Some(_) => {}
+            }
             out.extend_from_slice(&msg.payload);
         }
+    }
+
+    /// The first results message, without ending the parameters (an answer given while the
+    /// parameters are still on their way), or `None` if none came within `limit`.
+    pub async fn answer_within(&mut self, limit: Duration) -> Option<Vec<u8>> {
+        let msg = tokio::time::timeout(limit, self.results.next())
+            .await
+            .ok()?
+            .expect("result subscription ended");
+        Some(msg.payload.to_vec())
     }
 }
 

@@ -11,7 +11,6 @@
 //! wit-bindgen-wrpc 0.10 generates); calls it loses (CONTRACT.md §7) are counted per phase as
 //! `lost`, each one stalling its worker for the call timeout.
 
-mod drops;
 mod floor;
 
 use std::collections::BTreeMap;
@@ -246,7 +245,7 @@ async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Result
 /// `inflight` workers calling for `seconds`.
 async fn drive(target: &Target, workload: Workload, inflight: usize, seconds: f64) -> Phase {
     let duration = Duration::from_secs_f64(seconds);
-    let drops_before = drops::dropped();
+    let drops_before = keyvalue_inmemory::client::drops::dropped();
     let start = Instant::now();
     let deadline = start + duration;
     let workers: Vec<_> = (0..inflight)
@@ -285,7 +284,7 @@ async fn drive(target: &Target, workload: Workload, inflight: usize, seconds: f6
     total.seconds = start.elapsed().as_secs_f64();
     total.latencies_us.sort_unstable();
     // Late answers to calls already counted lost also land here; phases run one at a time.
-    let drops_after = drops::dropped();
+    let drops_after = keyvalue_inmemory::client::drops::dropped();
     total.client_drops = (
         drops_after.0 - drops_before.0,
         drops_after.1 - drops_before.1,
@@ -330,7 +329,7 @@ impl Drop for Killed {
 
 /// Entry of the release build: measures and writes the report.
 pub fn run_release(args: Args) -> anyhow::Result<ExitCode> {
-    drops::install();
+    keyvalue_inmemory::client::drops::install();
     tokio::runtime::Runtime::new()?.block_on(measure(args))
 }
 

@@ -1,5 +1,6 @@
-//! Counts the messages the load generator's wRPC client (wrpc-transport-nats 0.29, the host's)
-//! throws away, as that client reports them itself.
+//! Counts the messages the host's wRPC stack (wrpc-transport-nats 0.29) throws away, as it
+//! reports them itself: in the process of a load generator using its client, or in a process
+//! running the wasmCloud host library.
 //!
 //! Its demultiplexing task routes every message on the client's inbox to the call that
 //! registered its subject. A call registers its handshake and result subjects by sending a
@@ -7,7 +8,9 @@
 //! the command; the task `select!`s between its command queue and incoming messages, so a
 //! reply can be handled before its subscription and is dropped with the debug event
 //! "drop message with no subscriber". The call then waits for an answer that already came.
-//! Each such event is counted here; `bench` prints them next to the calls it lost.
+//! Each such event is counted here; `bench` and the real-lattice test print them next to the
+//! calls they lost and the handshakes the provider sent again. The 0.29 *serving* path has the
+//! same race for a call's parameter subject (`….params`): those are counted apart.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,15 +20,25 @@ use tracing_subscriber::Layer;
 
 static HANDSHAKES: AtomicU64 = AtomicU64::new(0);
 static OTHERS: AtomicU64 = AtomicU64::new(0);
+static PARAMS: AtomicU64 = AtomicU64::new(0);
 
-/// Messages the client dropped so far: (handshakes, others). A dropped handshake (a message on
-/// the call's own inbox subject) leaves its call waiting for good; results arriving after a
-/// call gave up or finished land in "others".
+/// Messages the client dropped so far: (handshakes, results). A dropped handshake (a message
+/// on the call's own inbox subject) leaves its call waiting unless the server sends it again;
+/// results arriving after a call gave up or finished, and copies the server sent with a
+/// repeated handshake, land in "results". A repeated handshake that arrives after its call
+/// went on is counted as a dropped handshake too.
 pub fn dropped() -> (u64, u64) {
     (
         HANDSHAKES.load(Ordering::Relaxed),
         OTHERS.load(Ordering::Relaxed),
     )
+}
+
+/// Parameter messages the serving side dropped so far (a caller's end of parameters that
+/// arrived before the server applied its subscription; harmless when all parameters came with
+/// the invocation).
+pub fn dropped_params() -> u64 {
+    PARAMS.load(Ordering::Relaxed)
 }
 
 struct CountDrops;
@@ -62,6 +75,8 @@ impl<S: tracing::Subscriber> Layer<S> for CountDrops {
             // field is the Debug form of async_nats::Subject, with the subject inside).
             if drop.subject.contains(".results") {
                 OTHERS.fetch_add(1, Ordering::Relaxed);
+            } else if drop.subject.contains(".params") {
+                PARAMS.fetch_add(1, Ordering::Relaxed);
             } else {
                 HANDSHAKES.fetch_add(1, Ordering::Relaxed);
             }

@@ -20,9 +20,10 @@
 //!
 //! Wire protocol (what the server sees is what any wRPC client sends): publish the encoded
 //! parameters to `{prefix}.wrpc.0.0.1.{instance}.{func}` with reply subject `R` and headers;
-//! the server answers a handshake on `R` and the encoded results on `R.results`, closed by an
-//! empty message. Parameters must fit one NATS message (asynchronous parameters and
-//! results, which no keyvalue function has, are not supported).
+//! the server answers a handshake on `R` (its reply subject `S`) and the encoded results on
+//! `R.results`, closed by an empty message; on the handshake we send the end of parameters,
+//! an empty message on `S.params`. Parameters must fit one NATS message (asynchronous
+//! parameters and results, which no keyvalue function has, are not supported).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -33,6 +34,8 @@ use futures::StreamExt as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use bindings::wrpc::keyvalue::{atomics, batch, store};
+
+pub mod drops;
 
 /// Client bindings of `wrpc:keyvalue/imports`, generated from `wit/`.
 pub mod bindings {
@@ -72,7 +75,7 @@ pub fn component_headers(source_id: &str, link_name: &str) -> async_nats::Header
 
 impl wrpc_transport::Invoke for Transport {
     type Context = Option<async_nats::HeaderMap>;
-    type Outgoing = NoParams;
+    type Outgoing = NoAsync;
     type Incoming = Results;
 
     async fn invoke<P>(
@@ -82,7 +85,7 @@ impl wrpc_transport::Invoke for Transport {
         func: &str,
         params: Bytes,
         paths: impl AsRef<[P]> + Send,
-    ) -> anyhow::Result<(NoParams, Results)>
+    ) -> anyhow::Result<(NoAsync, Results)>
     where
         P: AsRef<[Option<usize>]> + Send + Sync,
     {
@@ -95,26 +98,37 @@ impl wrpc_transport::Invoke for Transport {
             "parameters of {} bytes do not fit one NATS message",
             params.len()
         );
-        let reply = self.nats.new_inbox();
-        let results = self
+        // One subscription for the handshake (on `reply`) and the results (`reply.results`),
+        // made before the invocation is published, on the same connection: nothing the server
+        // sends can arrive before it.
+        let inbox = self.nats.new_inbox();
+        let reply = format!("{inbox}.r");
+        let sub = self
             .nats
-            .subscribe(format!("{reply}.results"))
+            .subscribe(format!("{inbox}.>"))
             .await
-            .context("failed to subscribe to results")?;
+            .context("failed to subscribe to the handshake and results")?;
         let subject = format!("{}.wrpc.0.0.1.{instance}.{func}", self.prefix);
         match cx {
             Some(headers) => {
                 self.nats
-                    .publish_with_reply_and_headers(subject, reply, headers, params)
+                    .publish_with_reply_and_headers(subject, reply.clone(), headers, params)
                     .await
             }
-            None => self.nats.publish_with_reply(subject, reply, params).await,
+            None => {
+                self.nats
+                    .publish_with_reply(subject, reply.clone(), params)
+                    .await
+            }
         }
         .context("failed to publish the invocation")?;
         Ok((
-            NoParams,
+            NoAsync,
             Results {
-                sub: results,
+                nats: self.nats.clone(),
+                sub,
+                handshake: reply,
+                confirmed: false,
                 buffer: Bytes::new(),
                 done: false,
             },
@@ -122,10 +136,11 @@ impl wrpc_transport::Invoke for Transport {
     }
 }
 
-/// All parameters went with the invocation: nothing more to write.
-pub struct NoParams;
+/// An asynchronous parameter or result stream that does not exist: the keyvalue functions
+/// have none, and all parameters go with the invocation.
+pub struct NoAsync;
 
-impl AsyncWrite for NoParams {
+impl AsyncWrite for NoAsync {
     fn poll_write(
         self: Pin<&mut Self>,
         _: &mut Context<'_>,
@@ -145,15 +160,20 @@ impl AsyncWrite for NoParams {
     }
 }
 
-impl wrpc_transport::Index<NoParams> for NoParams {
-    fn index(&self, _: &[usize]) -> anyhow::Result<NoParams> {
+impl wrpc_transport::Index<NoAsync> for NoAsync {
+    fn index(&self, _: &[usize]) -> anyhow::Result<NoAsync> {
         anyhow::bail!("asynchronous parameters are not supported")
     }
 }
 
-/// The result stream: message payloads in order, ended by an empty message.
+/// The result stream: message payloads in order, ended by an empty message. Reading it also
+/// answers the server's handshake with the end of parameters (all of them went with the
+/// invocation), which tells the server our subscription is live.
 pub struct Results {
+    nats: async_nats::Client,
     sub: async_nats::Subscriber,
+    handshake: String,
+    confirmed: bool,
     buffer: Bytes,
     done: bool,
 }
@@ -166,6 +186,15 @@ impl AsyncRead for Results {
     ) -> Poll<std::io::Result<()>> {
         while self.buffer.is_empty() && !self.done {
             match ready!(self.sub.poll_next_unpin(cx)) {
+                Some(msg) if msg.subject.as_str() == self.handshake => {
+                    if let (false, Some(server)) = (self.confirmed, msg.reply) {
+                        self.confirmed = true;
+                        let nats = self.nats.clone();
+                        tokio::spawn(async move {
+                            let _ = nats.publish(format!("{server}.params"), Bytes::new()).await;
+                        });
+                    }
+                }
                 Some(msg) if msg.payload.is_empty() => self.done = true,
                 Some(msg) => self.buffer = msg.payload,
                 None => self.done = true,

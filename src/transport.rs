@@ -1,0 +1,570 @@
+//! The serving side of wRPC over NATS (protocol `wrpc.0.0.1`), on the NATS connection the SDK
+//! gives us. It replaces `wrpc-transport-nats` 0.29's `Serve`, and covers for what that
+//! version's client (the one inside every wasmCloud 1.x host) loses.
+//!
+//! # The protocol, as the 0.29 and 0.31 clients speak it
+//! 1. The caller subscribes its reply subject `R` (the handshake) and `R.results`, then
+//!    publishes the invocation to `{prefix}.wrpc.0.0.1.{instance}.{func}` with reply subject
+//!    `R`, its headers (`source-id`, `link-name`, `traceparent`) and as much of the encoded
+//!    parameters as fits one message.
+//! 2. The server answers the *handshake*: an empty message to `R` whose reply subject is the
+//!    server's own subject `S`.
+//! 3. On the handshake, the caller publishes the rest of the parameters to `S.params` and
+//!    closes them with an empty message there (*end of parameters*).
+//! 4. The server publishes the encoded results to `R.results`, closed by an empty message.
+//!
+//! Asynchronous (`future`/`stream`) parameters and results travel on indexed subjects
+//! (`S.params.0`, `R.results.1.2`); no keyvalue function has any, so a chunk on such a subject
+//! fails the call with an error saying so.
+//!
+//! # What the host's client drops, and how we cover for it
+//! The 0.29 client routes everything that arrives on its inbox through one task that takes
+//! "subscribe `R`" commands and inbox messages in an unbiased `select!`: a handshake that
+//! arrives before that task applied the command for `R` is thrown away ("drop message with no
+//! subscriber" at debug level), and results published right after it can go the same way. The
+//! caller then waits on its handshake until it gives up (10 s in the host), holding a
+//! component instance all that time. Messages on one connection arrive in the order they were
+//! published, and the caller's task applies its subscriptions in one batch, so of what we send
+//! a prefix may be lost, never a message in the middle. Hence:
+//!
+//! - The results go out as soon as they are ready (no added latency), in one message when they
+//!   fit; only the closing empty message waits for the caller's end of parameters, which
+//!   proves its subscriptions are live (a lost closing message before lost results would
+//!   otherwise read as "no results").
+//! - If the end of parameters has not arrived after a retransmission timeout (adaptive:
+//!   smoothed handshake round trip plus four deviations, as TCP computes it, doubling on each
+//!   retry, bounded by the call's `request_timeout_ms`), the handshake is published again,
+//!   followed by the one-message results when they are ready. A caller that missed the first
+//!   handshake proceeds on the second and reads the results. A caller that had them already
+//!   has read exactly one value and left; a copy it never reads is dropped with its
+//!   subscription. Results too large for one message are held until the end of parameters.
+//!
+//! On our side the same race cannot happen: an invocation's `S.params` is entered in the
+//! routing table before its handshake is published, and one task routes `{inbox}.>` without
+//! ever waiting on a call.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use async_nats::{HeaderMap, Message, Subject};
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// The wRPC protocol version in every invocation subject.
+pub const PROTOCOL: &str = "wrpc.0.0.1";
+
+/// The shortest retransmission timeout: below it, a caller that is merely busy would get
+/// handshakes it does not need.
+const MIN_RTO: Duration = Duration::from_millis(50);
+/// The longest wait between two handshakes.
+const MAX_RTO: Duration = Duration::from_secs(1);
+/// Handshakes sent again at most this many times per call. With one results message per
+/// handshake, a caller's result queue (16 messages in 0.29) never fills.
+const MAX_RESENDS: u32 = 8;
+
+/// What the transport did to cover for callers, since the process started.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Handshakes published again because the caller's end of parameters was late.
+    pub handshakes_resent: AtomicU64,
+    /// Calls whose end of parameters arrived after at least one resent handshake.
+    pub recovered: AtomicU64,
+    /// Admitted calls whose caller never confirmed the handshake within the call's deadline.
+    pub unconfirmed: AtomicU64,
+}
+
+static STATS: Stats = Stats {
+    handshakes_resent: AtomicU64::new(0),
+    recovered: AtomicU64::new(0),
+    unconfirmed: AtomicU64::new(0),
+};
+
+/// The transport's counters.
+pub fn stats() -> &'static Stats {
+    &STATS
+}
+
+/// The invocation subject of `instance.func` under `prefix` (`{lattice}.{provider_key}`).
+pub fn invocation_subject(prefix: &str, instance: &str, func: &str) -> String {
+    format!("{prefix}.{PROTOCOL}.{instance}.{func}")
+}
+
+/// Parameters that arrived for one invocation after its handshake.
+#[derive(Debug)]
+enum Chunk {
+    Data(Bytes),
+    /// The caller's end of parameters.
+    End,
+    /// More bytes than the invocation may receive arrived; the rest are dropped.
+    Overflow,
+    /// A chunk on an indexed (asynchronous) parameter subject.
+    Nested,
+}
+
+/// An open invocation in the routing table.
+#[derive(Debug)]
+struct Open {
+    chunks: mpsc::UnboundedSender<Chunk>,
+    /// Bytes this invocation may still receive.
+    room: usize,
+    /// An overflow or an indexed chunk was passed on: nothing more is.
+    failed: bool,
+    /// The end of parameters was passed on: nothing more is.
+    ended: bool,
+}
+
+/// What one queued parameter message costs besides its bytes (the queue's node, the `Bytes`).
+const CHUNK_COST: usize = 64;
+
+/// The transport shared by the routing task and every invocation.
+#[derive(Debug)]
+pub struct Transport {
+    nats: async_nats::Client,
+    /// Our inbox: invocation `n` receives its parameters on `{inbox}.{n}.params`.
+    inbox: String,
+    open: DashMap<u64, Open>,
+    next_id: AtomicU64,
+    rto: Rto,
+    /// Cancelled when the provider stops: answered calls then wait at most [`STOP_WAIT`] more
+    /// for their caller's confirmation.
+    hurry: CancellationToken,
+}
+
+/// After a stop, how long an answered call still waits for its caller's end of parameters.
+const STOP_WAIT: Duration = Duration::from_millis(50);
+
+impl Transport {
+    /// Subscribes our inbox and starts routing what arrives on it. The routing task ends when
+    /// the subscription does (the connection closed) or when the returned handle is aborted.
+    pub async fn start(
+        nats: async_nats::Client,
+    ) -> anyhow::Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
+        let inbox = nats.new_inbox();
+        let mut sub = nats
+            .subscribe(format!("{inbox}.>"))
+            .await
+            .context("failed to subscribe to the parameter inbox")?;
+        let transport = Arc::new(Self {
+            nats,
+            inbox,
+            open: DashMap::new(),
+            next_id: AtomicU64::new(0),
+            rto: Rto::default(),
+            hurry: CancellationToken::new(),
+        });
+        let routing = Arc::clone(&transport);
+        let task = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                routing.route(msg);
+            }
+        });
+        Ok((transport, task))
+    }
+
+    /// Tells answered calls to stop waiting for their callers' confirmations (soon).
+    pub fn hurry(&self) {
+        self.hurry.cancel();
+    }
+
+    /// Hands a message on our inbox to its invocation. Never waits: one slow call must not
+    /// hold up another's parameters.
+    fn route(&self, msg: Message) {
+        let Some(rest) = msg
+            .subject
+            .strip_prefix(self.inbox.as_str())
+            .and_then(|s| s.strip_prefix('.'))
+        else {
+            return;
+        };
+        let Some((id, path)) = rest.split_once('.') else {
+            debug!(subject = %msg.subject, "message on the inbox without a parameter path");
+            return;
+        };
+        let Ok(id) = id.parse::<u64>() else {
+            debug!(subject = %msg.subject, "message on the inbox for no invocation");
+            return;
+        };
+        let chunk = match path {
+            "params" if msg.payload.is_empty() => Chunk::End,
+            "params" => Chunk::Data(msg.payload),
+            _ if path.starts_with("params.") => Chunk::Nested,
+            _ => return,
+        };
+        let Some(mut open) = self.open.get_mut(&id) else {
+            debug!(subject = %msg.subject, "parameters for an invocation that has ended");
+            return;
+        };
+        // Each invocation gets at most its room in bytes (counting each message's own cost),
+        // one failure and one end: a flood of small messages cannot queue without bound.
+        let chunk = match chunk {
+            Chunk::End if open.ended => return,
+            Chunk::End => {
+                open.ended = true;
+                Chunk::End
+            }
+            _ if open.failed || open.ended => return,
+            Chunk::Data(data) if data.len().saturating_add(CHUNK_COST) <= open.room => {
+                open.room -= data.len() + CHUNK_COST;
+                Chunk::Data(data)
+            }
+            Chunk::Data(_) | Chunk::Overflow => {
+                open.failed = true;
+                Chunk::Overflow
+            }
+            Chunk::Nested => {
+                open.failed = true;
+                Chunk::Nested
+            }
+        };
+        // The receiver is gone only while the invocation is being removed.
+        let _ = open.chunks.send(chunk);
+    }
+
+    /// Accepts an invocation message: enters its parameter subject in the routing table, then
+    /// publishes the handshake. `max_params` bounds the bytes it may receive, `timeout` how
+    /// long it may take from now. `None` when the message has no reply subject (no caller
+    /// waits for an answer).
+    pub async fn accept(
+        self: &Arc<Self>,
+        msg: Message,
+        max_params: usize,
+        timeout: Duration,
+    ) -> Option<Invocation> {
+        let caller = msg.reply?;
+        let started = Instant::now();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, chunks) = mpsc::unbounded_channel();
+        // Room for the rest of the parameters and each message's cost: an eighth more than the
+        // bytes, so that a caller's large messages never run out of it; the reader refuses
+        // parameters past `max_params` itself.
+        let room = max_params
+            .saturating_sub(msg.payload.len())
+            .saturating_add(max_params / 8 + 4096);
+        self.open.insert(
+            id,
+            Open {
+                chunks: tx,
+                room,
+                failed: false,
+                ended: false,
+            },
+        );
+        let own = Subject::from(format!("{}.{id}", self.inbox));
+        let results = Subject::from(format!("{caller}.results"));
+        let rto = self.rto.timeout();
+        let mut invocation = Invocation {
+            transport: Arc::clone(self),
+            id,
+            headers: msg.headers,
+            first: Some(msg.payload),
+            chunks,
+            caller,
+            own,
+            results,
+            handshake_at: started,
+            deadline: started + timeout,
+            resend_at: started + rto,
+            rto,
+            resends: 0,
+            confirmed: false,
+            answer: None,
+            answered: false,
+            hurried: false,
+        };
+        invocation.handshake().await;
+        Some(invocation)
+    }
+}
+
+/// One accepted invocation, from its handshake to its closing results message. Dropping it
+/// takes it out of the routing table.
+#[derive(Debug)]
+pub struct Invocation {
+    transport: Arc<Transport>,
+    id: u64,
+    headers: Option<HeaderMap>,
+    /// The parameters that came with the invocation.
+    first: Option<Bytes>,
+    chunks: mpsc::UnboundedReceiver<Chunk>,
+    /// The caller's reply subject, where handshakes go.
+    caller: Subject,
+    /// Ours, in the handshake's reply: the caller sends parameters to `{own}.params`.
+    own: Subject,
+    results: Subject,
+    handshake_at: Instant,
+    deadline: Instant,
+    resend_at: Instant,
+    rto: Duration,
+    resends: u32,
+    /// The caller's end of parameters arrived.
+    confirmed: bool,
+    /// The one-message results, published again after each resent handshake.
+    answer: Option<Bytes>,
+    /// The results are out (or held): only the confirmation is awaited.
+    answered: bool,
+    /// Its wait was shortened for a stop.
+    hurried: bool,
+}
+
+impl Drop for Invocation {
+    fn drop(&mut self) {
+        self.transport.open.remove(&self.id);
+    }
+}
+
+impl Invocation {
+    /// The invocation's NATS headers.
+    pub fn headers(&self) -> Option<&HeaderMap> {
+        self.headers.as_ref()
+    }
+
+    /// The call's deadline has passed.
+    pub fn expired(&self) -> bool {
+        Instant::now() >= self.deadline
+    }
+
+    async fn handshake(&mut self) {
+        let nats = &self.transport.nats;
+        if let Err(err) = nats
+            .publish_with_reply(self.caller.clone(), self.own.clone(), Bytes::new())
+            .await
+        {
+            debug!(%err, "failed to publish a handshake");
+        }
+    }
+
+    /// The next parameter bytes: first those that came with the invocation, then what the
+    /// caller sends after the handshake. `Ok(None)` at the caller's end of parameters. Resends
+    /// the handshake while waiting; fails at the call's deadline.
+    pub async fn params(&mut self) -> anyhow::Result<Option<Bytes>> {
+        if let Some(first) = self.first.take() {
+            if !first.is_empty() {
+                return Ok(Some(first));
+            }
+        }
+        if self.confirmed {
+            return Ok(None);
+        }
+        match self.next_chunk().await {
+            Some(Chunk::Data(data)) => Ok(Some(data)),
+            Some(Chunk::End) => Ok(None),
+            Some(Chunk::Overflow) => Err(anyhow!("more parameters arrived than may be read")),
+            Some(Chunk::Nested) => Err(anyhow!(
+                "asynchronous parameters (indexed parameter subjects) are not part of the \
+                 keyvalue interfaces"
+            )),
+            None => Err(anyhow!("the caller's parameters did not end in time")),
+        }
+    }
+
+    /// Waits for the next chunk, resending the handshake (and the results, once there are
+    /// any) on each retransmission timeout. `None` at the deadline.
+    async fn next_chunk(&mut self) -> Option<Chunk> {
+        loop {
+            let wake = self.resend_at.min(self.deadline);
+            tokio::select! {
+                biased;
+                chunk = self.chunks.recv() => {
+                    let chunk = chunk?;
+                    if matches!(chunk, Chunk::End) {
+                        self.confirm();
+                    }
+                    return Some(chunk);
+                }
+                () = self.transport.hurry.cancelled(), if self.answered && !self.hurried => {
+                    self.hurried = true;
+                    self.deadline = self.deadline.min(Instant::now() + STOP_WAIT);
+                }
+                () = tokio::time::sleep_until(wake) => {
+                    if Instant::now() >= self.deadline {
+                        return None;
+                    }
+                    self.resend().await;
+                }
+            }
+        }
+    }
+
+    fn confirm(&mut self) {
+        self.confirmed = true;
+        if self.resends == 0 {
+            // Only unambiguous round trips count (Karn's rule).
+            self.transport.rto.sample(self.handshake_at.elapsed());
+        } else {
+            STATS.recovered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn resend(&mut self) {
+        if self.resends >= MAX_RESENDS {
+            self.resend_at = self.deadline;
+            return;
+        }
+        self.resends += 1;
+        STATS.handshakes_resent.fetch_add(1, Ordering::Relaxed);
+        self.handshake().await;
+        if let Some(answer) = &self.answer {
+            self.publish_results(answer.clone()).await;
+        }
+        self.rto = (self.rto * 2).min(MAX_RTO);
+        self.resend_at = Instant::now() + self.rto;
+    }
+
+    async fn publish_results(&self, payload: Bytes) {
+        if let Err(err) = self
+            .transport
+            .nats
+            .publish(self.results.clone(), payload)
+            .await
+        {
+            debug!(%err, "failed to publish results");
+        }
+    }
+
+    /// Sends the encoded results and closes them, once the caller has confirmed the handshake
+    /// (or the call's deadline passed; the closing message then goes anyway). Results that fit
+    /// one message go out at once.
+    pub async fn answer(mut self, results: Bytes) {
+        let max_payload = self.transport.nats.server_info().max_payload;
+        let whole = results.len() <= max_payload;
+        self.answered = true;
+        if whole {
+            self.publish_results(results.clone()).await;
+            self.answer = Some(results.clone());
+        }
+        while !self.confirmed {
+            match self.next_chunk().await {
+                Some(_) => {}
+                None => {
+                    STATS.unconfirmed.fetch_add(1, Ordering::Relaxed);
+                    debug!(
+                        resends = self.resends,
+                        "the caller never confirmed the handshake; closing its results anyway"
+                    );
+                    break;
+                }
+            }
+        }
+        if !whole {
+            let mut rest = results;
+            while !rest.is_empty() {
+                let chunk = rest.split_to(rest.len().min(max_payload.max(1)));
+                self.publish_results(chunk).await;
+            }
+        }
+        self.publish_results(Bytes::new()).await;
+    }
+
+    /// Answers at once, without waiting for the caller's confirmation: for calls refused
+    /// before they were admitted, which hold nothing of the budget while they wait.
+    pub async fn answer_now(self, results: Bytes) {
+        if !results.is_empty() {
+            self.publish_results(results).await;
+        }
+        self.publish_results(Bytes::new()).await;
+    }
+}
+
+/// The SDK's view of an invocation's headers: every header by name (the last value of a
+/// repeated one), the calling component from `source-id`.
+pub fn context(headers: &HeaderMap) -> wasmcloud_provider_sdk::Context {
+    let tracing: HashMap<String, String> = headers
+        .iter()
+        .flat_map(|(name, values)| {
+            values
+                .iter()
+                .map(move |value| (name.to_string(), value.to_string()))
+        })
+        .collect();
+    wasmcloud_provider_sdk::Context {
+        component: Some(
+            tracing
+                .get("source-id")
+                .cloned()
+                .unwrap_or_else(|| "<unknown>".into()),
+        ),
+        tracing,
+    }
+}
+
+/// The retransmission timeout, from handshake round trips (RFC 6298's estimator).
+#[derive(Debug, Default)]
+struct Rto {
+    /// Smoothed round trip, in microseconds; 0 before the first sample.
+    srtt_us: AtomicU64,
+    /// Its mean deviation, in microseconds.
+    rttvar_us: AtomicU64,
+}
+
+impl Rto {
+    fn timeout(&self) -> Duration {
+        let srtt = self.srtt_us.load(Ordering::Relaxed);
+        let rttvar = self.rttvar_us.load(Ordering::Relaxed);
+        Duration::from_micros(srtt.saturating_add(rttvar.saturating_mul(4))).clamp(MIN_RTO, MAX_RTO)
+    }
+
+    /// Folds in one round trip. Concurrent samples may overwrite each other: an estimate
+    /// needs no exactness.
+    fn sample(&self, rtt: Duration) {
+        let rtt = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        let srtt = self.srtt_us.load(Ordering::Relaxed);
+        if srtt == 0 {
+            self.srtt_us.store(rtt.max(1), Ordering::Relaxed);
+            self.rttvar_us.store(rtt / 2, Ordering::Relaxed);
+            return;
+        }
+        let rttvar = self.rttvar_us.load(Ordering::Relaxed);
+        let deviation = srtt.abs_diff(rtt);
+        self.rttvar_us
+            .store(rttvar - rttvar / 4 + deviation / 4, Ordering::Relaxed);
+        self.srtt_us
+            .store((srtt - srtt / 8 + rtt / 8).max(1), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeout_follows_round_trips_within_its_bounds() {
+        let rto = Rto::default();
+        assert_eq!(rto.timeout(), MIN_RTO, "no sample yet");
+        for _ in 0..50 {
+            rto.sample(Duration::from_millis(40));
+        }
+        let steady = rto.timeout();
+        assert!(
+            steady >= Duration::from_millis(40) && steady < Duration::from_millis(60),
+            "{steady:?}"
+        );
+        rto.sample(Duration::from_secs(30));
+        assert_eq!(rto.timeout(), MAX_RTO);
+        for _ in 0..200 {
+            rto.sample(Duration::from_micros(100));
+        }
+        assert_eq!(rto.timeout(), MIN_RTO);
+    }
+
+    #[test]
+    fn the_context_carries_every_header_and_the_caller() {
+        let mut headers = HeaderMap::new();
+        headers.insert("source-id", "comp");
+        headers.insert("traceparent", "00-01-02-01");
+        let cx = context(&headers);
+        assert_eq!(cx.component.as_deref(), Some("comp"));
+        assert_eq!(cx.tracing["traceparent"], "00-01-02-01");
+        assert_eq!(
+            context(&HeaderMap::new()).component.as_deref(),
+            Some("<unknown>")
+        );
+    }
+}
