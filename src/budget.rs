@@ -245,6 +245,18 @@ impl Call {
         Ok(())
     }
 
+    /// Gives back all but `n` of the bytes this call holds (it keeps its slot).
+    fn keep_only(&mut self, n: usize) {
+        let release = self.held.saturating_sub(n);
+        if release > 0 {
+            let mut shares = self.budget.shares();
+            release_share(&mut shares, &self.caller, 0, release);
+            self.budget.bytes.fetch_sub(release, Ordering::Relaxed);
+            self.held -= release;
+        }
+        self.answer_room = 0;
+    }
+
     /// Takes `n` bytes for the answer, in blocks of [`ANSWER_BLOCK`] (or exactly what is left
     /// when a block does not fit).
     fn take_for_answer(&mut self, n: usize) -> Result<(), Refusal> {
@@ -289,6 +301,12 @@ tokio::task_local! {
 /// so that [`take_for_answer`] charges it.
 pub async fn scope<F: std::future::Future>(call: Call, f: F) -> F::Output {
     CURRENT.scope(RefCell::new(call), f).await
+}
+
+/// Gives back all but `n` bytes of what the current call holds: once its answer is out, a call
+/// waiting for its caller's confirmation holds only the answer it may have to send again.
+pub fn keep_only(n: usize) {
+    let _ = CURRENT.try_with(|call| call.borrow_mut().keep_only(n));
 }
 
 /// Takes `n` bytes of the current call's budget for its answer. Outside a call (the engine

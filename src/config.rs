@@ -33,6 +33,9 @@ pub const ALLOW_UNLINKED: &str = "allow_unlinked";
 pub const MAX_REQUEST_BYTES: &str = "max_request_bytes";
 /// How long one invocation may take to send its parameters, in milliseconds.
 pub const REQUEST_TIMEOUT_MS: &str = "request_timeout_ms";
+/// The shortest wait, in milliseconds, before a caller that has not confirmed the handshake
+/// is sent it again (the wait adapts to observed round trips above it).
+pub const HANDSHAKE_RETRY_MIN_MS: &str = "handshake_retry_min_ms";
 /// Most bytes one answer may hold (get-many values, a list-keys page).
 pub const MAX_RESPONSE_BYTES: &str = "max_response_bytes";
 /// Most bytes all calls in flight may hold together: parameters being received and decoded,
@@ -58,6 +61,8 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Bound on the time an invocation may take to deliver its parameters.
     pub request_timeout: Duration,
+    /// The shortest retransmission timeout of a handshake.
+    pub handshake_retry_min: Duration,
     /// Bound on the bytes of one answer.
     pub max_response_bytes: usize,
     /// Bound on the bytes all calls in flight hold together.
@@ -75,6 +80,9 @@ impl Default for Config {
     /// - 1000 keys a page: the size the wasi:keyvalue examples read;
     /// - 64 MiB and 10 s per request: a batch of the largest values still fits, and a peer
     ///   that stops half-way through its parameters is dropped long before a host would give up;
+    /// - a handshake sent again after 100 ms at the earliest: a caller that lost it (the host's
+    ///   client drops some, README "Known upstream problems") waits that long instead of its
+    ///   10 s timeout, and a busy caller is rarely sent one it did not need;
     /// - answers up to 64 MiB, as requests: a get-many of 64 of the largest values;
     /// - 256 MiB for everything in flight and 4096 calls at once (sixteen times what a busy
     ///   host sends us), one component holding at most half of each: the largest request
@@ -96,6 +104,7 @@ impl Default for Config {
             allow_unlinked: false,
             max_request_bytes: 64 << 20,
             request_timeout: Duration::from_secs(10),
+            handshake_retry_min: Duration::from_millis(100),
             max_response_bytes: 64 << 20,
             max_inflight_bytes: 256 << 20,
             max_concurrent_calls: 4096,
@@ -165,6 +174,11 @@ impl Config {
                 REQUEST_TIMEOUT_MS,
                 duration_ms(defaults.request_timeout),
                 duration_ms(current.request_timeout),
+            )),
+            handshake_retry_min: Duration::from_millis(r.positive(
+                HANDSHAKE_RETRY_MIN_MS,
+                duration_ms(defaults.handshake_retry_min),
+                duration_ms(current.handshake_retry_min),
             )),
             max_response_bytes: r.positive(
                 MAX_RESPONSE_BYTES,
@@ -271,6 +285,7 @@ mod tests {
                 ("Allow_Unlinked", "TRUE"),
                 ("max_request_bytes", "100"),
                 ("request_timeout_ms", "250"),
+                ("handshake_retry_min_ms", "30"),
                 ("max_response_bytes", "11"),
                 ("max_inflight_bytes", "12"),
                 ("max_concurrent_calls", "13"),
@@ -294,6 +309,7 @@ mod tests {
                 allow_unlinked: true,
                 max_request_bytes: 100,
                 request_timeout: Duration::from_millis(250),
+                handshake_retry_min: Duration::from_millis(30),
                 max_response_bytes: 11,
                 max_inflight_bytes: 12,
                 max_concurrent_calls: 13,

@@ -229,7 +229,7 @@ impl KvProvider {
             "{} links, {namespaces} namespaces, {buckets} buckets, {keys} keys, {bytes} bytes; \
              limits: max_key_bytes={} max_value_bytes={} max_keys={} max_total_bytes={} \
              list_page_size={} allow_unlinked={}; transport: {} handshakes resent, {} calls \
-             recovered, {} unconfirmed",
+             recovered, {} spurious, {} unconfirmed",
             self.inner.links.len(),
             l.max_key_bytes,
             l.max_value_bytes,
@@ -239,6 +239,7 @@ impl KvProvider {
             config.allow_unlinked,
             transport.handshakes_resent.load(Ordering::Relaxed),
             transport.recovered.load(Ordering::Relaxed),
+            transport.spurious.load(Ordering::Relaxed),
             transport.unconfirmed.load(Ordering::Relaxed),
         )
     }

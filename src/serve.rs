@@ -56,6 +56,9 @@ const DRAIN_QUIET: Duration = Duration::from_millis(20);
 /// …or for this long in all: the host kills a provider 300 ms after asking it to stop.
 const DRAIN_ACCEPT: Duration = Duration::from_millis(100);
 
+/// Invocations that may be between their arrival and their admission at once.
+const MAX_ACCEPTING: usize = 1024;
+
 type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 /// Runs one accepted invocation of a route's function.
 type Serve = Arc<dyn Fn(Invocation) -> Call + Send + Sync>;
@@ -156,7 +159,11 @@ impl Server {
         // Cancelled when the grace period is over: a call still running then is dropped at
         // its next await, before the final snapshot, so no call is answered after it.
         let abandon = CancellationToken::new();
-        let start = |accepted: Option<(usize, async_nats::Message)>| {
+        // Invocations between arrival and admission hold their first message and a task:
+        // at most MAX_ACCEPTING of them; past that the loop waits (and NATS buffers).
+        let accepting = Arc::new(tokio::sync::Semaphore::new(MAX_ACCEPTING));
+        let start = |accepted: Option<(usize, async_nats::Message)>,
+                     permit: tokio::sync::OwnedSemaphorePermit| {
             let Some((index, msg)) = accepted else {
                 return false;
             };
@@ -167,10 +174,16 @@ impl Server {
                 let route = &routes[index];
                 let (instance, func) = (route.instance, route.func);
                 let config = provider.config();
-                let accepted =
-                    transport.accept(msg, config.max_request_bytes, config.request_timeout);
+                let accepted = transport.accept(
+                    msg,
+                    config.max_request_bytes,
+                    config.request_timeout,
+                    config.handshake_retry_min,
+                );
                 let call = async {
-                    match accepted.await {
+                    let accepted = accepted.await;
+                    drop(permit);
+                    match accepted {
                         Some(invocation) => (route.serve)(invocation).await,
                         None => {
                             debug!(instance, func, "invocation without a reply subject ignored");
@@ -194,7 +207,14 @@ impl Server {
             tokio::select! {
                 biased;
                 () = provider.stopping() => break false,
-                accepted = invocations.next() => if !start(accepted) { break true },
+                accepted = invocations.next() => {
+                    let Ok(permit) = Arc::clone(&accepting).acquire_owned().await else {
+                        break true;
+                    };
+                    if !start(accepted, permit) {
+                        break true;
+                    }
+                }
             }
         };
         // Invocations NATS already delivered to this process would be lost with the
@@ -208,7 +228,10 @@ impl Server {
             )
             .await
             {
-                if !start(accepted) {
+                let Ok(permit) = Arc::clone(&accepting).acquire_owned().await else {
+                    break;
+                };
+                if !start(accepted, permit) {
                     break;
                 }
             }
@@ -237,6 +260,7 @@ impl Server {
         info!(
             handshakes_resent = stats.handshakes_resent.load(Ordering::Relaxed),
             recovered = stats.recovered.load(Ordering::Relaxed),
+            spurious = stats.spurious.load(Ordering::Relaxed),
             unconfirmed = stats.unconfirmed.load(Ordering::Relaxed),
             "covered for callers that lost handshakes"
         );
@@ -308,14 +332,13 @@ where
         encoded
     };
     async move {
-        // Refused before admission: answered at once, holding nothing while the caller
-        // confirms.
+        // Refused before admission: answered holding nothing of the budget.
         let caller = match provider.budget_share(&cx) {
             Ok(caller) => caller,
             Err(denied) => {
                 let results = R::denied(denied);
                 let outcome = results.outcome();
-                invocation.answer_now(finish(results, outcome)?).await;
+                invocation.answer_refused(finish(results, outcome)?).await;
                 return Ok(());
             }
         };
@@ -325,7 +348,7 @@ where
                 telemetry::metrics().rejection(refusal.limit());
                 let message = refusal.to_string();
                 let answer = finish(R::refused(message.clone()), Outcome::Error(message))?;
-                invocation.answer_now(answer).await;
+                invocation.answer_refused(answer).await;
                 return Ok(());
             }
         };
@@ -357,7 +380,11 @@ where
                     (R::refused(refusal.clone()), Outcome::Invalid(refusal))
                 }
             };
-            invocation.answer(finish(results, outcome)?).await;
+            let answer = finish(results, outcome)?;
+            // While its caller confirms, the call holds its slot and the answer it may send
+            // again, not its parameters.
+            budget::keep_only(answer.len());
+            invocation.answer(answer).await;
             Ok(())
         })
         .await

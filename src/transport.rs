@@ -31,20 +31,32 @@
 //!   fit; only the closing empty message waits for the caller's end of parameters, which
 //!   proves its subscriptions are live (a lost closing message before lost results would
 //!   otherwise read as "no results").
-//! - If the end of parameters has not arrived after a retransmission timeout (adaptive:
-//!   smoothed handshake round trip plus four deviations, as TCP computes it, doubling on each
-//!   retry, bounded by the call's `request_timeout_ms`), the handshake is published again,
-//!   followed by the one-message results when they are ready. A caller that missed the first
-//!   handshake proceeds on the second and reads the results. A caller that had them already
-//!   has read exactly one value and left; a copy it never reads is dropped with its
-//!   subscription. Results too large for one message are held until the end of parameters.
+//! - If nothing has come back from the caller after a retransmission timeout (adaptive:
+//!   smoothed handshake round trip plus four deviations, as TCP computes it, at least
+//!   `handshake_retry_min_ms`, doubling on each retry, bounded by the call's
+//!   `request_timeout_ms`), the handshake is published again, followed by a copy of the
+//!   one-message results when they are ready (marked with a `keyvalue-copy` header, which
+//!   wRPC readers ignore). A caller that missed the first handshake proceeds on the copy and
+//!   reads the results. A caller that had them already has read exactly one value (the
+//!   keyvalue functions have no asynchronous results, and a wRPC result stream carries one
+//!   value) and left; a copy it never reads is dropped with its subscription. Results too
+//!   large for one message are held until the end of parameters, so no copy of them exists.
+//! - Each handshake copy names its own reply subject, so what the caller answers tells which
+//!   copy it got: a caller answering copy 1 or later lost the first handshake (counted as
+//!   recovered), one answering copy 0 after we resent was only slow (counted as spurious),
+//!   and its round trip is a clean sample for the timeout.
+//! - The cost of a copy the caller did not need: the 0.29 client keeps one handshake in its
+//!   queue, and its inbox task waits while a second one arrives before the caller took the
+//!   first. That is why the shortest timeout is well above a busy host's scheduling delay.
 //!
 //! On our side the same race cannot happen: an invocation's `S.params` is entered in the
 //! routing table before its handshake is published, and one task routes `{inbox}.>` without
-//! ever waiting on a call.
+//! ever waiting on a call. `S` carries a per-call secret, so nobody who did not get the
+//! handshake can send parameters (or an end of parameters) into someone else's call.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::BuildHasher as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,29 +73,34 @@ use tracing::debug;
 /// The wRPC protocol version in every invocation subject.
 pub const PROTOCOL: &str = "wrpc.0.0.1";
 
-/// The shortest retransmission timeout: below it, a caller that is merely busy would get
-/// handshakes it does not need.
-const MIN_RTO: Duration = Duration::from_millis(50);
 /// The longest wait between two handshakes.
 const MAX_RTO: Duration = Duration::from_secs(1);
 /// Handshakes sent again at most this many times per call. With one results message per
 /// handshake, a caller's result queue (16 messages in 0.29) never fills.
 const MAX_RESENDS: u32 = 8;
+/// Calls refused before admission hold nothing of the budget; at most this many of them wait
+/// for their callers' confirmations at once (the rest are answered without waiting).
+const MAX_REFUSED_WAITING: usize = 1024;
+/// The header that marks a copy of results sent again with a repeated handshake.
+pub const COPY_HEADER: &str = "keyvalue-copy";
 
 /// What the transport did to cover for callers, since the process started.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Handshakes published again because the caller's end of parameters was late.
     pub handshakes_resent: AtomicU64,
-    /// Calls whose end of parameters arrived after at least one resent handshake.
+    /// Calls whose caller answered a resent handshake: it had lost the first.
     pub recovered: AtomicU64,
-    /// Admitted calls whose caller never confirmed the handshake within the call's deadline.
+    /// Calls whose caller answered the first handshake after we had resent it.
+    pub spurious: AtomicU64,
+    /// Calls whose caller never confirmed the handshake within the call's deadline.
     pub unconfirmed: AtomicU64,
 }
 
 static STATS: Stats = Stats {
     handshakes_resent: AtomicU64::new(0),
     recovered: AtomicU64::new(0),
+    spurious: AtomicU64::new(0),
     unconfirmed: AtomicU64::new(0),
 };
 
@@ -109,10 +126,20 @@ enum Chunk {
     Nested,
 }
 
+/// A chunk, the handshake copy the caller answered, and when it arrived.
+#[derive(Debug)]
+struct Arrival {
+    chunk: Chunk,
+    copy: u32,
+    at: Instant,
+}
+
 /// An open invocation in the routing table.
 #[derive(Debug)]
 struct Open {
-    chunks: mpsc::UnboundedSender<Chunk>,
+    chunks: mpsc::UnboundedSender<Arrival>,
+    /// The secret in the invocation's subjects.
+    secret: u64,
     /// Bytes this invocation may still receive.
     room: usize,
     /// An overflow or an indexed chunk was passed on: nothing more is.
@@ -128,11 +155,16 @@ const CHUNK_COST: usize = 64;
 #[derive(Debug)]
 pub struct Transport {
     nats: async_nats::Client,
-    /// Our inbox: invocation `n` receives its parameters on `{inbox}.{n}.params`.
+    /// Our inbox: invocation `n` with secret `s` receives its parameters on
+    /// `{inbox}.{n}.{s}.{copy}.params`, `copy` naming the handshake the caller answered.
     inbox: String,
     open: DashMap<u64, Open>,
     next_id: AtomicU64,
+    /// Keys of the per-call secrets (random for each process).
+    secrets: std::collections::hash_map::RandomState,
     rto: Rto,
+    /// Calls refused before admission now waiting for their callers' confirmation.
+    refused_waiting: AtomicUsize,
     /// Cancelled when the provider stops: answered calls then wait at most [`STOP_WAIT`] more
     /// for their caller's confirmation.
     hurry: CancellationToken,
@@ -157,7 +189,9 @@ impl Transport {
             inbox,
             open: DashMap::new(),
             next_id: AtomicU64::new(0),
+            secrets: std::collections::hash_map::RandomState::new(),
             rto: Rto::default(),
+            refused_waiting: AtomicUsize::new(0),
             hurry: CancellationToken::new(),
         });
         let routing = Arc::clone(&transport);
@@ -184,11 +218,18 @@ impl Transport {
         else {
             return;
         };
-        let Some((id, path)) = rest.split_once('.') else {
+        let mut tokens = rest.splitn(4, '.');
+        let (Some(id), Some(secret), Some(copy), Some(path)) =
+            (tokens.next(), tokens.next(), tokens.next(), tokens.next())
+        else {
             debug!(subject = %msg.subject, "message on the inbox without a parameter path");
             return;
         };
-        let Ok(id) = id.parse::<u64>() else {
+        let (Ok(id), Ok(secret), Ok(copy)) = (
+            id.parse::<u64>(),
+            u64::from_str_radix(secret, 16),
+            copy.parse::<u32>(),
+        ) else {
             debug!(subject = %msg.subject, "message on the inbox for no invocation");
             return;
         };
@@ -198,10 +239,15 @@ impl Transport {
             _ if path.starts_with("params.") => Chunk::Nested,
             _ => return,
         };
+        let at = Instant::now();
         let Some(mut open) = self.open.get_mut(&id) else {
             debug!(subject = %msg.subject, "parameters for an invocation that has ended");
             return;
         };
+        if open.secret != secret {
+            debug!(subject = %msg.subject, "parameters with a wrong secret dropped");
+            return;
+        }
         // Each invocation gets at most its room in bytes (counting each message's own cost),
         // one failure and one end: a flood of small messages cannot queue without bound.
         let chunk = match chunk {
@@ -225,22 +271,24 @@ impl Transport {
             }
         };
         // The receiver is gone only while the invocation is being removed.
-        let _ = open.chunks.send(chunk);
+        let _ = open.chunks.send(Arrival { chunk, copy, at });
     }
 
     /// Accepts an invocation message: enters its parameter subject in the routing table, then
     /// publishes the handshake. `max_params` bounds the bytes it may receive, `timeout` how
-    /// long it may take from now. `None` when the message has no reply subject (no caller
-    /// waits for an answer).
+    /// long it may take from now, `min_rto` how soon the handshake may be sent again. `None`
+    /// when the message has no reply subject (no caller waits for an answer).
     pub async fn accept(
         self: &Arc<Self>,
         msg: Message,
         max_params: usize,
         timeout: Duration,
+        min_rto: Duration,
     ) -> Option<Invocation> {
         let caller = msg.reply?;
         let started = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let secret = self.secrets.hash_one(id);
         let (tx, chunks) = mpsc::unbounded_channel();
         // Room for the rest of the parameters and each message's cost: an eighth more than the
         // bytes, so that a caller's large messages never run out of it; the reader refuses
@@ -252,28 +300,29 @@ impl Transport {
             id,
             Open {
                 chunks: tx,
+                secret,
                 room,
                 failed: false,
                 ended: false,
             },
         );
-        let own = Subject::from(format!("{}.{id}", self.inbox));
         let results = Subject::from(format!("{caller}.results"));
-        let rto = self.rto.timeout();
+        let rto = self.rto.timeout(min_rto);
         let mut invocation = Invocation {
             transport: Arc::clone(self),
+            own: format!("{}.{id}.{secret:016x}", self.inbox),
             id,
             headers: msg.headers,
             first: Some(msg.payload),
             chunks,
             caller,
-            own,
             results,
             handshake_at: started,
             deadline: started + timeout,
             resend_at: started + rto,
             rto,
             resends: 0,
+            heard: false,
             confirmed: false,
             answer: None,
             answered: false,
@@ -293,17 +342,20 @@ pub struct Invocation {
     headers: Option<HeaderMap>,
     /// The parameters that came with the invocation.
     first: Option<Bytes>,
-    chunks: mpsc::UnboundedReceiver<Chunk>,
+    chunks: mpsc::UnboundedReceiver<Arrival>,
     /// The caller's reply subject, where handshakes go.
     caller: Subject,
-    /// Ours, in the handshake's reply: the caller sends parameters to `{own}.params`.
-    own: Subject,
+    /// Ours: handshake copy `n` names `{own}.{n}` as its reply, and the caller sends
+    /// parameters to `{own}.{n}.params`.
+    own: String,
     results: Subject,
     handshake_at: Instant,
     deadline: Instant,
     resend_at: Instant,
     rto: Duration,
     resends: u32,
+    /// Something came back from the caller: it has a handshake, no more are sent.
+    heard: bool,
     /// The caller's end of parameters arrived.
     confirmed: bool,
     /// The one-message results, published again after each resent handshake.
@@ -331,10 +383,12 @@ impl Invocation {
         Instant::now() >= self.deadline
     }
 
+    /// Publishes handshake copy `self.resends`.
     async fn handshake(&mut self) {
+        let reply = Subject::from(format!("{}.{}", self.own, self.resends));
         let nats = &self.transport.nats;
         if let Err(err) = nats
-            .publish_with_reply(self.caller.clone(), self.own.clone(), Bytes::new())
+            .publish_with_reply(self.caller.clone(), reply, Bytes::new())
             .await
         {
             debug!(%err, "failed to publish a handshake");
@@ -366,21 +420,35 @@ impl Invocation {
     }
 
     /// Waits for the next chunk, resending the handshake (and the results, once there are
-    /// any) on each retransmission timeout. `None` at the deadline.
+    /// any) on each retransmission timeout until the caller is heard from. `None` at the
+    /// deadline.
     async fn next_chunk(&mut self) -> Option<Chunk> {
         loop {
-            let wake = self.resend_at.min(self.deadline);
+            let wake = if self.heard {
+                self.deadline
+            } else {
+                self.resend_at.min(self.deadline)
+            };
             tokio::select! {
                 biased;
-                chunk = self.chunks.recv() => {
-                    let chunk = chunk?;
+                arrival = self.chunks.recv() => {
+                    let Arrival { chunk, copy, at } = arrival?;
+                    if !self.heard {
+                        self.heard = true;
+                        self.heard_from(copy, at);
+                    }
                     if matches!(chunk, Chunk::End) {
-                        self.confirm();
+                        self.confirmed = true;
                     }
                     return Some(chunk);
                 }
                 () = self.transport.hurry.cancelled(), if self.answered && !self.hurried => {
+                    // Stopping: a caller not heard from gets one more handshake now, then the
+                    // call closes soon.
                     self.hurried = true;
+                    if !self.heard {
+                        self.resend().await;
+                    }
                     self.deadline = self.deadline.min(Instant::now() + STOP_WAIT);
                 }
                 () = tokio::time::sleep_until(wake) => {
@@ -393,11 +461,16 @@ impl Invocation {
         }
     }
 
-    fn confirm(&mut self) {
-        self.confirmed = true;
-        if self.resends == 0 {
-            // Only unambiguous round trips count (Karn's rule).
-            self.transport.rto.sample(self.handshake_at.elapsed());
+    /// The caller answered handshake copy `copy`, its first message arriving at `at`.
+    fn heard_from(&self, copy: u32, at: Instant) {
+        if copy == 0 {
+            // The first handshake reached it: a clean round trip, however late.
+            self.transport
+                .rto
+                .sample(at.saturating_duration_since(self.handshake_at));
+            if self.resends > 0 {
+                STATS.spurious.fetch_add(1, Ordering::Relaxed);
+            }
         } else {
             STATS.recovered.fetch_add(1, Ordering::Relaxed);
         }
@@ -412,7 +485,16 @@ impl Invocation {
         STATS.handshakes_resent.fetch_add(1, Ordering::Relaxed);
         self.handshake().await;
         if let Some(answer) = &self.answer {
-            self.publish_results(answer.clone()).await;
+            let mut headers = HeaderMap::new();
+            headers.insert(COPY_HEADER, self.resends.to_string().as_str());
+            if let Err(err) = self
+                .transport
+                .nats
+                .publish_with_headers(self.results.clone(), headers, answer.clone())
+                .await
+            {
+                debug!(%err, "failed to publish a copy of the results");
+            }
         }
         self.rto = (self.rto * 2).min(MAX_RTO);
         self.resend_at = Instant::now() + self.rto;
@@ -463,13 +545,24 @@ impl Invocation {
         self.publish_results(Bytes::new()).await;
     }
 
-    /// Answers at once, without waiting for the caller's confirmation: for calls refused
-    /// before they were admitted, which hold nothing of the budget while they wait.
-    pub async fn answer_now(self, results: Bytes) {
-        if !results.is_empty() {
+    /// Answers a call refused before it was admitted (it holds nothing of the budget): like
+    /// [`Invocation::answer`] while fewer than [`MAX_REFUSED_WAITING`] such calls wait for their
+    /// callers, else at once, without waiting (and without resending a lost handshake).
+    pub async fn answer_refused(self, results: Bytes) {
+        let waiting = &self.transport.refused_waiting;
+        let admitted = waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_REFUSED_WAITING).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            let transport = Arc::clone(&self.transport);
+            self.answer(results).await;
+            transport.refused_waiting.fetch_sub(1, Ordering::Relaxed);
+        } else {
             self.publish_results(results).await;
+            self.publish_results(Bytes::new()).await;
         }
-        self.publish_results(Bytes::new()).await;
     }
 }
 
@@ -505,10 +598,14 @@ struct Rto {
 }
 
 impl Rto {
-    fn timeout(&self) -> Duration {
+    /// The timeout for a new handshake: at least `min`, at most [`MAX_RTO`] (or `min`, if
+    /// that is longer).
+    fn timeout(&self, min: Duration) -> Duration {
         let srtt = self.srtt_us.load(Ordering::Relaxed);
         let rttvar = self.rttvar_us.load(Ordering::Relaxed);
-        Duration::from_micros(srtt.saturating_add(rttvar.saturating_mul(4))).clamp(MIN_RTO, MAX_RTO)
+        Duration::from_micros(srtt.saturating_add(rttvar.saturating_mul(4)))
+            .min(MAX_RTO)
+            .max(min)
     }
 
     /// Folds in one round trip. Concurrent samples may overwrite each other: an estimate
@@ -536,22 +633,27 @@ mod tests {
 
     #[test]
     fn the_timeout_follows_round_trips_within_its_bounds() {
+        const MIN: Duration = Duration::from_millis(10);
         let rto = Rto::default();
-        assert_eq!(rto.timeout(), MIN_RTO, "no sample yet");
+        assert_eq!(rto.timeout(MIN), MIN, "no sample yet");
         for _ in 0..50 {
             rto.sample(Duration::from_millis(40));
         }
-        let steady = rto.timeout();
+        let steady = rto.timeout(MIN);
         assert!(
             steady >= Duration::from_millis(40) && steady < Duration::from_millis(60),
             "{steady:?}"
         );
+        assert_eq!(
+            rto.timeout(Duration::from_millis(100)),
+            Duration::from_millis(100)
+        );
         rto.sample(Duration::from_secs(30));
-        assert_eq!(rto.timeout(), MAX_RTO);
+        assert_eq!(rto.timeout(MIN), MAX_RTO);
         for _ in 0..200 {
             rto.sample(Duration::from_micros(100));
         }
-        assert_eq!(rto.timeout(), MIN_RTO);
+        assert_eq!(rto.timeout(MIN), MIN);
     }
 
     #[test]

@@ -81,6 +81,9 @@ fn the_provider_serves_real_components_through_a_wasmcloud_host() {
 }
 
 async fn scenario(lattice: &Lattice, par: &Path, dir: &Path) -> anyhow::Result<()> {
+    // KV_E2E_RETRY_MIN_MS=600000 keeps the provider from resending handshakes within a call's
+    // 10 s: the bursts then show what the host's client loses without our recovery.
+    let retry = std::env::var("KV_E2E_RETRY_MIN_MS").unwrap_or_else(|_| "100".into());
     lattice
         .put_config(
             "kv-limits",
@@ -90,6 +93,7 @@ async fn scenario(lattice: &Lattice, par: &Path, dir: &Path) -> anyhow::Result<(
                 // Only the final snapshot, written when the host stops the provider.
                 ("snapshot_path", dir.join("kv.snapshot").to_str().unwrap()),
                 ("snapshot_interval_secs", "3600"),
+                ("handshake_retry_min_ms", &retry),
             ],
         )
         .await?;
@@ -145,12 +149,11 @@ async fn scenario(lattice: &Lattice, par: &Path, dir: &Path) -> anyhow::Result<(
     Ok(())
 }
 
-/// Instances the burst's component may run at once: what a wadm manifest gives a component
-/// that nobody tuned (our own wadm.yaml gives the demo 1).
-const BURST_INSTANCES: u32 = 4;
-/// Bursts, calls per burst and calls in flight.
-const BURSTS: usize = 3;
-const BURST_CALLS: u64 = 6_000;
+/// The bursts: how many instances the component may run at once (our own wadm.yaml gives
+/// the demo 1; 4 is what manifests that nobody tuned run), in order.
+const BURSTS: [u32; 3] = [4, 4, 1];
+/// Calls per burst and calls in flight.
+const BURST_CALLS: u64 = 10_000;
 const BURST_IN_FLIGHT: u64 = 64;
 
 /// The host's client drops handshakes that arrive before it subscribed; each such call used
@@ -163,7 +166,7 @@ async fn bursts(lattice: &Lattice, wasm: &Path) -> anyhow::Result<()> {
         .put_config("ns-burst", &[("namespace", "burst")])
         .await?;
     lattice
-        .scale_component_to(wasm, "kv-burst", BURST_INSTANCES)
+        .scale_component_to(wasm, "kv-burst", BURSTS[0])
         .await?;
     lattice
         .link_keyvalue("kv-burst", PROVIDER, &["ns-burst"])
@@ -175,39 +178,57 @@ async fn bursts(lattice: &Lattice, wasm: &Path) -> anyhow::Result<()> {
         matches!(call("set", set).await, Ok(Ok(()))).then_some(())
     })
     .await?;
-    let figure = |health: &str, what: &str| -> u64 {
-        (health.split("transport: ").nth(1).unwrap_or(""))
-            .split(", ")
-            .find_map(|part| part.strip_suffix(what))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
+    // The provider's transport figures, from its health message.
+    let figures = || async {
+        let health = wait_for("the provider's health", || {
+            lattice.provider_health(PROVIDER)
+        })
+        .await?;
+        let transport = health.split("transport: ").nth(1).unwrap_or("");
+        let figure = |what: &str| {
+            (transport.split(", "))
+                .find_map(|part| part.strip_suffix(what))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .with_context(|| format!("no {what:?} in the health message {health:?}"))
+        };
+        anyhow::Ok([
+            figure("handshakes resent")?,
+            figure("calls recovered")?,
+            figure("spurious")?,
+        ])
     };
-    for round in 0..BURSTS {
-        let health = lattice.provider_health(PROVIDER).await.unwrap_or_default();
-        let resent = figure(&health, "handshakes resent");
-        let recovered = figure(&health, "calls recovered");
+    let mut failed = Vec::new();
+    for (round, instances) in BURSTS.into_iter().enumerate() {
+        if round > 0 && instances != BURSTS[round - 1] {
+            lattice
+                .scale_component_to(wasm, "kv-burst", instances)
+                .await?;
+        }
+        let before = figures().await?;
         let (handshakes, results) = drops::dropped();
         let started = std::time::Instant::now();
         let (unanswered, wrong) = burst(&kv, round).await;
         let elapsed = started.elapsed();
-        let health = lattice.provider_health(PROVIDER).await.unwrap_or_default();
+        let after = figures().await?;
         let (handshakes_after, results_after) = drops::dropped();
+        let [resent, recovered, spurious] = [0, 1, 2].map(|i| after[i].saturating_sub(before[i]));
         eprintln!(
             "burst {round}: {BURST_CALLS} calls at {BURST_IN_FLIGHT} in flight through the host \
-             ({BURST_INSTANCES} instances) in {:.1} s: {unanswered} unanswered, {wrong} wrong; \
-             the host's client dropped {} handshakes and {} result messages; the provider \
-             resent {} handshakes and recovered {} calls",
+             ({instances} instances) in {:.1} s: {unanswered} unanswered, {wrong} wrong; the \
+             host's client dropped {} handshake messages and {} result messages; the provider \
+             resent {resent} handshakes: {recovered} calls recovered, {spurious} spurious",
             elapsed.as_secs_f64(),
-            handshakes_after - handshakes,
-            results_after - results,
-            figure(&health, "handshakes resent") - resent,
-            figure(&health, "calls recovered") - recovered,
+            handshakes_after.saturating_sub(handshakes),
+            results_after.saturating_sub(results),
         );
-        ensure!(
-            unanswered == 0 && wrong == 0,
-            "burst {round}: {unanswered} calls unanswered, {wrong} wrong"
-        );
+        if unanswered > 0 || wrong > 0 {
+            failed.push(format!(
+                "burst {round}: {unanswered} calls unanswered, {wrong} wrong"
+            ));
+        }
     }
+    // Every burst runs (and prints) before the verdict.
+    ensure!(failed.is_empty(), "{}", failed.join("; "));
     Ok(())
 }
 

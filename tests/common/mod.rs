@@ -581,14 +581,13 @@ impl RawCall {
     }
 
     /// Ends the parameters and reads the result bytes, or `None` if they did not all come
-    /// within `limit`. A one-message answer may be followed by copies of itself (sent with a
-    /// repeated handshake when our end of parameters was late); a wRPC client reads one value
-    /// and never sees them, and neither does this.
+    /// within `limit`. A one-message answer may be followed by copies of itself, marked as
+    /// such (sent with a repeated handshake when our end of parameters was late); a wRPC
+    /// client reads one value and never sees them, and neither does this.
     pub async fn results_within(&mut self, limit: Duration) -> Option<Vec<u8>> {
         let deadline = tokio::time::Instant::now() + limit;
         self.end_params_within(limit).await?;
         let mut out = Vec::new();
-        let mut first = None;
         loop {
             let msg = tokio::time::timeout_at(deadline, self.results.next())
                 .await
@@ -597,12 +596,11 @@ impl RawCall {
             if msg.payload.is_empty() {
                 return Some(out);
             }
-            match &first {
-                None => first = Some(msg.payload.clone()),
-                Some(first) if *first == msg.payload => continue,
-                Some(_) => {}
+            let copy = (msg.headers.as_ref())
+                .is_some_and(|h| h.get(keyvalue_inmemory::transport::COPY_HEADER).is_some());
+            if !copy {
+                out.extend_from_slice(&msg.payload);
             }
-            out.extend_from_slice(&msg.payload);
         }
     }
 

@@ -21,6 +21,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // `cargo build -p keyvalue-inmemory` would resolve features for the provider alone and
     // build a second copy of the whole tree (wasmtime included).
     run_command(&mut cargo_test(&args, true))?;
+    // A run filtered to some targets (e.g. `-- --test lattice`) may not have built the provider
+    // binary, and the archive would hold a stale one: build it, with the same features (the
+    // binary is built for a package's integration tests; `contract` is one).
+    let mut binary = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    binary
+        .current_dir(root())
+        .args(["test", "--workspace", "--no-run", "--test", "contract"])
+        .args(
+            args.cargo_args
+                .iter()
+                .filter(|arg| ["--locked", "--frozen", "--offline"].contains(&arg.as_str())),
+        );
+    run_command(&mut binary)?;
     let archive = e2e_archive(&root().join("target/debug/keyvalue-inmemory"))?;
     let mut command = cargo_test(&args, false);
     command
