@@ -36,6 +36,7 @@ use wrpc_transport::TupleEncode;
 
 use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
 use crate::client::NoAsync;
+use crate::config::Config;
 use crate::provider::KvProvider;
 use crate::telemetry::{self, CALL_TARGET};
 use crate::transport::{self, Invocation, Transport};
@@ -60,8 +61,8 @@ const DRAIN_ACCEPT: Duration = Duration::from_millis(100);
 const MAX_ACCEPTING: usize = 1024;
 
 type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
-/// Runs one accepted invocation of a route's function.
-type Serve = Arc<dyn Fn(Invocation) -> Call + Send + Sync>;
+/// Runs one accepted invocation of a route's function, under the config it was accepted with.
+type Serve = Arc<dyn Fn(Invocation, Config) -> Call + Send + Sync>;
 type Invocations = Pin<Box<dyn Stream<Item = (usize, async_nats::Message)> + Send>>;
 
 /// One served function.
@@ -184,7 +185,7 @@ impl Server {
                     let accepted = accepted.await;
                     drop(permit);
                     match accepted {
-                        Some(invocation) => (route.serve)(invocation).await,
+                        Some(invocation) => (route.serve)(invocation, config).await,
                         None => {
                             debug!(instance, func, "invocation without a reply subject ignored");
                             Ok(())
@@ -292,10 +293,11 @@ where
     Route {
         instance,
         func,
-        serve: Arc::new(move |invocation| {
+        serve: Arc::new(move |invocation, config| {
             let call = serve_call(
                 provider.clone(),
                 invocation,
+                config,
                 Arc::clone(&shape),
                 handle.clone(),
                 (operation, instance, func),
@@ -310,6 +312,7 @@ where
 async fn serve_call<P, R, F, Fut>(
     provider: KvProvider,
     mut invocation: Invocation,
+    config: Config,
     shape: Arc<wire::Shape>,
     handle: F,
     (operation, instance, func): (&'static str, &'static str, &'static str),
@@ -352,7 +355,6 @@ where
                 return Ok(());
             }
         };
-        let config = provider.config();
         let params = read_params::<P>(&mut invocation, &shape, config.max_request_bytes, &mut call)
             .await
             .map_err(|err| match invocation.expired() {

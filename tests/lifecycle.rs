@@ -51,11 +51,7 @@ async fn sigterm_and_sigint_stop_the_process_cleanly() {
 
 /// `(bucket, key, value)` parameters of `store.set`.
 fn set_params(bucket: &str, key: &str, value: &[u8]) -> Vec<u8> {
-    let mut params = Vec::new();
-    encode_bytes(&mut params, bucket.as_bytes());
-    encode_bytes(&mut params, key.as_bytes());
-    encode_bytes(&mut params, value);
-    params
+    encode_fields(&[bucket.as_bytes(), key.as_bytes(), value])
 }
 
 #[tokio::test]

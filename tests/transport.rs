@@ -59,9 +59,7 @@ fn health_figure(health: &str, what: &str) -> u64 {
 #[tokio::test]
 async fn a_caller_that_lost_the_handshake_and_results_gets_them_again() {
     let (_server, p) = linked(&[("handshake_retry_min_ms", "20")]).await;
-    let mut params = Vec::new();
-    encode_bytes(&mut params, b"b");
-    encode_bytes(&mut params, b"n");
+    let mut params = encode_fields(&[b"b", b"n"]);
     params.push(5); // delta 5 (LEB128)
     let reply = p.nats.new_inbox();
     // Nobody listens on `reply` yet: the handshake and the results go nowhere, exactly as
@@ -115,9 +113,7 @@ async fn a_caller_that_lost_the_handshake_and_results_gets_them_again() {
 #[tokio::test]
 async fn a_slow_caller_is_told_apart_from_one_that_lost_the_handshake() {
     let (_server, p) = linked(&[("handshake_retry_min_ms", "20")]).await;
-    let mut params = Vec::new();
-    encode_bytes(&mut params, b"b");
-    encode_bytes(&mut params, b"k");
+    let params = encode_fields(&[b"b", b"k"]);
     let mut call = RawCall::send(&p, C1, STORE, "get", params).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The first handshake is first in line: answer it, as a wRPC client does.
@@ -152,10 +148,7 @@ async fn a_prompt_caller_gets_one_handshake_one_answer_and_the_close_after_confi
     // Resends after 5 s at the earliest: none can happen during this test.
     let (_server, p) = linked(&[("handshake_retry_min_ms", "5000")]).await;
     for i in 0..5 {
-        let mut params = Vec::new();
-        encode_bytes(&mut params, b"b");
-        encode_bytes(&mut params, format!("k{i}").as_bytes());
-        encode_bytes(&mut params, b"v");
+        let params = encode_fields(&[b"b", format!("k{i}").as_bytes(), b"v"]);
         let mut call = RawCall::send(&p, C1, STORE, "set", params).await;
         let server = call.server_params_subject().await;
         let answer = next(&mut call.results, "results").await;
@@ -186,10 +179,7 @@ async fn a_prompt_caller_gets_one_handshake_one_answer_and_the_close_after_confi
 async fn parameters_sent_the_instant_the_handshake_arrives_are_read() {
     let (_server, p) = linked(&[]).await;
     let value = vec![7u8; 3000];
-    let mut params = Vec::new();
-    encode_bytes(&mut params, b"b");
-    encode_bytes(&mut params, b"k");
-    encode_bytes(&mut params, &value);
+    let params = encode_fields(&[b"b", b"k", &value]);
     let (first, more) = params.split_at(10);
     for round in 0..50 {
         let mut call = RawCall::send(&p, C1, STORE, "set", first.to_vec()).await;
@@ -211,9 +201,7 @@ async fn parameters_sent_the_instant_the_handshake_arrives_are_read() {
 #[tokio::test]
 async fn asynchronous_parameters_are_refused_with_a_clear_error() {
     let (_server, p) = linked(&[]).await;
-    let mut params = Vec::new();
-    encode_bytes(&mut params, b"b");
-    encode_bytes(&mut params, b"k");
+    let mut params = encode_fields(&[b"b", b"k"]);
     encode_len(&mut params, 10);
     params.extend_from_slice(b"ab");
     let mut call = RawCall::send(&p, C1, STORE, "set", params).await;

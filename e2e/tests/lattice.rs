@@ -132,13 +132,7 @@ async fn scenario(lattice: &Lattice, par: &Path, dir: &Path) -> anyhow::Result<(
     let a = lattice.component("kv-a");
     let b = lattice.component("kv-b");
     let c = lattice.component("kv-c");
-    // The host applies a link to the component a moment after the provider sees it.
-    let value = bytes("v");
-    wait_for("kv-a's first set to go through", || async {
-        let set = kv::set(&a, None, "warm-up", "k", &value);
-        matches!(call("set", set).await, Ok(Ok(()))).then_some(())
-    })
-    .await?;
+    first_set_goes_through("kv-a", &a).await?;
 
     round_trips(&a).await?;
     counting(&a).await?;
@@ -172,12 +166,7 @@ async fn bursts(lattice: &Lattice, wasm: &Path) -> anyhow::Result<()> {
         .link_keyvalue("kv-burst", PROVIDER, &["ns-burst"])
         .await?;
     let kv = lattice.component("kv-burst");
-    let value = bytes("v");
-    wait_for("kv-burst's first set to go through", || async {
-        let set = kv::set(&kv, None, "warm-up", "k", &value);
-        matches!(call("set", set).await, Ok(Ok(()))).then_some(())
-    })
-    .await?;
+    first_set_goes_through("kv-burst", &kv).await?;
     // The provider's transport figures, from its health message.
     let figures = || async {
         let health = wait_for("the provider's health", || {
@@ -270,6 +259,20 @@ async fn burst(kv: &keyvalue_inmemory::client::Transport, round: usize) -> (u64,
         .await
         .into_iter()
         .fold((0, 0), |(u, w), (du, dw)| (u + du, w + dw))
+}
+
+/// Waits until a `set` through `component` succeeds: the host applies a link to the component
+/// a moment after the provider sees it.
+async fn first_set_goes_through(
+    name: &str,
+    component: &keyvalue_inmemory::client::Transport,
+) -> anyhow::Result<()> {
+    let value = bytes("v");
+    wait_for(&format!("{name}'s first set to go through"), || async {
+        let set = kv::set(component, None, "warm-up", "k", &value);
+        matches!(call("set", set).await, Ok(Ok(()))).then_some(())
+    })
+    .await
 }
 
 async fn round_trips(a: &keyvalue_inmemory::client::Transport) -> anyhow::Result<()> {

@@ -444,6 +444,15 @@ pub fn is_denied<T>(result: &Result<T, store::Error>) -> bool {
     matches!(result, Err(store::Error::AccessDenied))
 }
 
+/// Parameters that are all strings or byte lists, encoded in order.
+pub fn encode_fields(fields: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for field in fields {
+        encode_bytes(&mut out, field);
+    }
+    out
+}
+
 /// wRPC value encoding of a string or byte list: LEB128 length, then the bytes.
 pub fn encode_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     encode_len(out, bytes.len() as u64);
