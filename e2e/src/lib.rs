@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
+use futures::StreamExt as _;
 use wasmcloud_control_interface::{Client as CtlClient, ClientBuilder, Link};
 use wasmcloud_host::wasmbus::Host;
 use wasmcloud_host::WasmbusHostConfig;
@@ -187,6 +188,15 @@ impl Lattice {
         max_instances: u32,
     ) -> anyhow::Result<()> {
         let reference = format!("file://{}", wasm.display());
+        // The host scales in a task of its own after it answered: a running component gets a
+        // new set of instances, then the old set is stopped (`exports.abort()` in
+        // wasmcloud-host 0.27.1), and the invocations the old set had taken but not started
+        // are lost. Calls sent before that are over can vanish; the host's `component_scaled`
+        // event comes once it is.
+        let mut events = self
+            .nats
+            .subscribe(format!("wasmbus.evt.{}.>", self.lattice))
+            .await?;
         let response = self
             .ctl
             .scale_component(
@@ -201,16 +211,31 @@ impl Lattice {
             .await
             .map_err(ctl_err("scale component"))?;
         succeeded("scale component", response)?;
-        wait_for("the host to list the component", || async {
-            let inventory = self.ctl.get_host_inventory(&self.host_id).await.ok()?;
-            inventory
-                .data()?
-                .components()
-                .iter()
-                .any(|c| c.id() == component_id)
-                .then_some(())
+        tokio::time::timeout(WAIT, async {
+            while let Some(event) = events.next().await {
+                let Ok(event) = serde_json::from_slice::<serde_json::Value>(&event.payload) else {
+                    continue;
+                };
+                let data = &event["data"];
+                if data["component_id"] != component_id {
+                    continue;
+                }
+                match event["type"].as_str().unwrap_or("") {
+                    kind if kind.ends_with("component_scaled")
+                        && data["max_instances"] == max_instances =>
+                    {
+                        return Ok(());
+                    }
+                    kind if kind.ends_with("component_scale_failed") => {
+                        bail!("the host could not scale {component_id}: {data}")
+                    }
+                    _ => {}
+                }
+            }
+            bail!("the lattice's event subscription ended")
         })
         .await
+        .with_context(|| format!("no component_scaled event for {component_id} in {WAIT:?}"))?
     }
 
     /// Links `source` to `target` on `wasi:keyvalue` `[store, atomics, batch]`, the link's

@@ -195,21 +195,38 @@ async fn bursts(lattice: &Lattice, wasm: &Path) -> anyhow::Result<()> {
         }
         let before = figures().await?;
         let (handshakes, results) = drops::dropped();
+        let params = drops::dropped_params();
+        let warnings = drops::warnings();
         let started = std::time::Instant::now();
-        let (unanswered, wrong) = burst(&kv, round).await;
+        let mut seen = burst(&kv, round).await;
         let elapsed = started.elapsed();
         let after = figures().await?;
         let (handshakes_after, results_after) = drops::dropped();
         let [resent, recovered, spurious] = [0, 1, 2].map(|i| after[i].saturating_sub(before[i]));
+        let Burst {
+            unanswered, wrong, ..
+        } = seen;
         eprintln!(
             "burst {round}: {BURST_CALLS} calls at {BURST_IN_FLIGHT} in flight through the host \
-             ({instances} instances) in {:.1} s: {unanswered} unanswered, {wrong} wrong; the \
-             host's client dropped {} handshake messages and {} result messages; the provider \
-             resent {resent} handshakes: {recovered} calls recovered, {spurious} spurious",
+             ({instances} instances) in {:.1} s ({}): {unanswered} unanswered, {wrong} wrong; \
+             the host's client dropped {} handshake messages and {} result messages, its server \
+             {} parameter messages; the provider resent {resent} handshakes: {recovered} calls \
+             recovered, {spurious} spurious",
             elapsed.as_secs_f64(),
+            seen.latencies(),
             handshakes_after.saturating_sub(handshakes),
             results_after.saturating_sub(results),
+            drops::dropped_params().saturating_sub(params),
         );
+        for (why, n) in &seen.failures {
+            eprintln!("  {n} × {why}");
+        }
+        for (warning, n) in drops::warnings() {
+            let new = n.saturating_sub(warnings.get(&warning).copied().unwrap_or(0));
+            if new > 0 {
+                eprintln!("  host log: {new} × {warning}");
+            }
+        }
         if unanswered > 0 || wrong > 0 {
             failed.push(format!(
                 "burst {round}: {unanswered} calls unanswered, {wrong} wrong"
@@ -221,15 +238,55 @@ async fn bursts(lattice: &Lattice, wasm: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What one burst saw.
+#[derive(Default)]
+struct Burst {
+    unanswered: u64,
+    wrong: u64,
+    /// Each answered call's time, in µs.
+    micros: Vec<u64>,
+    /// Why calls went unanswered, with how many.
+    failures: std::collections::BTreeMap<String, u64>,
+}
+
+impl Burst {
+    fn add(mut self, other: Burst) -> Burst {
+        self.unanswered += other.unanswered;
+        self.wrong += other.wrong;
+        self.micros.extend(other.micros);
+        for (why, n) in other.failures {
+            *self.failures.entry(why).or_default() += n;
+        }
+        self
+    }
+
+    /// "p50 … ms, p99 … ms, max … ms".
+    fn latencies(&mut self) -> String {
+        self.micros.sort_unstable();
+        let at = |q: f64| {
+            let i =
+                ((self.micros.len() as f64 * q) as usize).min(self.micros.len().saturating_sub(1));
+            self.micros.get(i).copied().unwrap_or(0) as f64 / 1000.0
+        };
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        )
+    }
+}
+
 /// One burst: each worker increments its counter, sets keys and reads back the previous one.
-/// Answers (unanswered calls, wrong answers).
-async fn burst(kv: &keyvalue_inmemory::client::Transport, round: usize) -> (u64, u64) {
+async fn burst(kv: &keyvalue_inmemory::client::Transport, round: usize) -> Burst {
     let workers = (0..BURST_IN_FLIGHT).map(|worker| async move {
         let bucket = format!("burst-{round}");
         let counter = format!("count-{worker}");
-        let (mut count, mut unanswered, mut wrong) = (0u64, 0u64, 0u64);
+        let mut seen = Burst::default();
+        let mut count = 0u64;
         for i in 0..BURST_CALLS / BURST_IN_FLIGHT {
             let key = |i: u64| format!("w{worker}-{i}");
+            let started = std::time::Instant::now();
             let answer = match i % 3 {
                 0 => call("increment", kv::increment(kv, None, &bucket, &counter, 1))
                     .await
@@ -248,17 +305,22 @@ async fn burst(kv: &keyvalue_inmemory::client::Transport, round: usize) -> (u64,
                     .map(|r| r == Ok(Some(bytes(&(i - 1).to_string())))),
             };
             match answer {
-                Ok(true) => {}
-                Ok(false) => wrong += 1,
-                Err(_) => unanswered += 1,
+                Ok(right) => {
+                    seen.micros.push(started.elapsed().as_micros() as u64);
+                    seen.wrong += u64::from(!right);
+                }
+                Err(e) => {
+                    seen.unanswered += 1;
+                    *seen.failures.entry(format!("{e:#}")).or_default() += 1;
+                }
             }
         }
-        (unanswered, wrong)
+        seen
     });
     futures::future::join_all(workers)
         .await
         .into_iter()
-        .fold((0, 0), |(u, w), (du, dw)| (u + du, w + dw))
+        .fold(Burst::default(), Burst::add)
 }
 
 /// Waits until a `set` through `component` succeeds: the host applies a link to the component

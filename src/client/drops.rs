@@ -12,7 +12,9 @@
 //! calls they lost and the handshakes the provider sent again. The 0.29 *serving* path has the
 //! same race for a call's parameter subject (`….params`): those are counted apart.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -84,11 +86,66 @@ impl<S: tracing::Subscriber> Layer<S> for CountDrops {
     }
 }
 
-/// Installs the counter for this process (debug events of wrpc_transport_nats only).
+/// Distinct warnings kept; later new ones are counted under one line.
+const MAX_WARNINGS: usize = 32;
+static WARNINGS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+/// The warnings and errors this process logged so far (the host library's, when it runs in
+/// it), each with how often: evidence of where a call was lost when no drop explains it.
+pub fn warnings() -> BTreeMap<String, u64> {
+    WARNINGS.lock().map(|w| w.clone()).unwrap_or_default()
+}
+
+struct CountWarnings;
+
+#[derive(Default)]
+struct Warning(String);
+
+impl Visit for Warning {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+        let _ = write!(self.0, "{}={value:?}", field.name());
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for CountWarnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut warning = Warning::default();
+        event.record(&mut warning);
+        let mut line = format!(
+            "{} {}: {}",
+            event.metadata().level(),
+            event.metadata().target(),
+            warning.0
+        );
+        if line.len() > 300 {
+            let mut end = 300;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+        }
+        let Ok(mut warnings) = WARNINGS.lock() else {
+            return;
+        };
+        if warnings.len() >= MAX_WARNINGS && !warnings.contains_key(&line) {
+            line = "(other warnings)".into();
+        }
+        *warnings.entry(line).or_default() += 1;
+    }
+}
+
+/// Installs the counters for this process: the debug events of wrpc_transport_nats, and every
+/// warning or error.
 pub fn install() {
     let filter = tracing_subscriber::filter::Targets::new()
         .with_target("wrpc_transport_nats", tracing::Level::DEBUG);
-    let subscriber = tracing_subscriber::registry().with(CountDrops.with_filter(filter));
+    let subscriber = tracing_subscriber::registry()
+        .with(CountDrops.with_filter(filter))
+        .with(CountWarnings.with_filter(tracing_subscriber::filter::LevelFilter::WARN));
     if tracing::subscriber::set_global_default(subscriber).is_err() {
         eprintln!("(a tracing subscriber was already set: client drops are not counted)");
     }
