@@ -299,8 +299,13 @@ tokio::task_local! {
 
 /// Runs `f` (a call's handler and the sending of its answer) with `call` as the current call,
 /// so that [`take_for_answer`] charges it.
-pub async fn scope<F: std::future::Future>(call: Call, f: F) -> F::Output {
-    CURRENT.scope(RefCell::new(call), f).await
+/// (Not an `async fn`: that would hold `f` twice, before and inside the scope, in every call's
+/// future.)
+pub fn scope<F: std::future::Future>(
+    call: Call,
+    f: F,
+) -> impl std::future::Future<Output = F::Output> {
+    CURRENT.scope(RefCell::new(call), f)
 }
 
 /// Gives back all but `n` bytes of what the current call holds: once its answer is out, a call

@@ -224,12 +224,10 @@ impl KvProvider {
         } = self.inner.engine.usage();
         let config = self.config();
         let l = config.limits;
-        let transport = crate::transport::stats();
         format!(
             "{} links, {namespaces} namespaces, {buckets} buckets, {keys} keys, {bytes} bytes; \
              limits: max_key_bytes={} max_value_bytes={} max_keys={} max_total_bytes={} \
-             list_page_size={} allow_unlinked={}; transport: {} handshakes resent, {} calls \
-             recovered, {} spurious, {} unconfirmed",
+             list_page_size={} allow_unlinked={}; transport: {}",
             self.inner.links.len(),
             l.max_key_bytes,
             l.max_value_bytes,
@@ -237,10 +235,7 @@ impl KvProvider {
             l.max_total_bytes,
             l.list_page_size,
             config.allow_unlinked,
-            transport.handshakes_resent.load(Ordering::Relaxed),
-            transport.recovered.load(Ordering::Relaxed),
-            transport.spurious.load(Ordering::Relaxed),
-            transport.unconfirmed.load(Ordering::Relaxed),
+            crate::transport::stats().figures(),
         )
     }
 

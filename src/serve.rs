@@ -61,8 +61,15 @@ const DRAIN_ACCEPT: Duration = Duration::from_millis(100);
 const MAX_ACCEPTING: usize = 1024;
 
 type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
-/// Runs one accepted invocation of a route's function, under the config it was accepted with.
-type Serve = Arc<dyn Fn(Invocation, Config) -> Call + Send + Sync>;
+/// Runs one invocation of a route's function, under the config it arrived with.
+type Serve = Arc<dyn Fn(Arrived, Config) -> Call + Send + Sync>;
+
+/// An invocation as it arrived, with its place among those being accepted.
+struct Arrived {
+    transport: Arc<Transport>,
+    msg: async_nats::Message,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
 type Invocations = Pin<Box<dyn Stream<Item = (usize, async_nats::Message)> + Send>>;
 
 /// One served function.
@@ -163,35 +170,21 @@ impl Server {
         // Invocations between arrival and admission hold their first message and a task:
         // at most MAX_ACCEPTING of them; past that the loop waits (and NATS buffers).
         let accepting = Arc::new(tokio::sync::Semaphore::new(MAX_ACCEPTING));
-        let start = |accepted: Option<(usize, async_nats::Message)>,
-                     permit: tokio::sync::OwnedSemaphorePermit| {
-            let Some((index, msg)) = accepted else {
-                return false;
-            };
-            let (abandon, transport, provider) =
-                (abandon.clone(), transport.clone(), provider.clone());
-            let routes = Arc::clone(&routes);
-            calls.spawn(async move {
+        let start =
+            |accepted: Option<(usize, async_nats::Message)>,
+             permit: tokio::sync::OwnedSemaphorePermit| {
+                let Some((index, msg)) = accepted else {
+                    return false;
+                };
+                let (abandon, transport, provider) =
+                    (abandon.clone(), transport.clone(), provider.clone());
+                let routes = Arc::clone(&routes);
+                calls.spawn(async move {
                 let route = &routes[index];
                 let (instance, func) = (route.instance, route.func);
-                let config = provider.config();
-                let accepted = transport.accept(
-                    msg,
-                    config.max_request_bytes,
-                    config.request_timeout,
-                    config.handshake_retry_min,
-                );
-                let call = async {
-                    let accepted = accepted.await;
-                    drop(permit);
-                    match accepted {
-                        Some(invocation) => (route.serve)(invocation, config).await,
-                        None => {
-                            debug!(instance, func, "invocation without a reply subject ignored");
-                            Ok(())
-                        }
-                    }
-                };
+                // One allocation per call: this task is small, the route's future holds the
+                // rest (its accepting, reading, handling and answering, one after another).
+                let call = (route.serve)(Arrived { transport, msg, permit }, provider.config());
                 tokio::select! {
                     biased;
                     () = abandon.cancelled() => {
@@ -202,8 +195,8 @@ impl Server {
                     }
                 }
             });
-            true
-        };
+                true
+            };
         let ended = loop {
             tokio::select! {
                 biased;
@@ -293,10 +286,10 @@ where
     Route {
         instance,
         func,
-        serve: Arc::new(move |invocation, config| {
+        serve: Arc::new(move |arrived, config| {
             let call = serve_call(
                 provider.clone(),
-                invocation,
+                arrived,
                 config,
                 Arc::clone(&shape),
                 handle.clone(),
@@ -307,11 +300,15 @@ where
     }
 }
 
-/// Serves one invocation: admit it into the in-flight budget, read and decode the parameters
-/// within the request bounds, run `handle`, answer.
+/// Serves one invocation: handshake, admit it into the in-flight budget, read and decode the
+/// parameters within the request bounds, run `handle`, answer.
 async fn serve_call<P, R, F, Fut>(
     provider: KvProvider,
-    mut invocation: Invocation,
+    Arrived {
+        transport,
+        msg,
+        permit,
+    }: Arrived,
     config: Config,
     shape: Arc<wire::Shape>,
     handle: F,
@@ -323,6 +320,19 @@ where
     F: Fn(KvProvider, Option<Context>, P) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
 {
+    let accepted = transport
+        .accept(
+            msg,
+            config.max_request_bytes,
+            config.request_timeout,
+            config.handshake_retry_min,
+        )
+        .await;
+    drop(permit);
+    let Some(mut invocation) = accepted else {
+        debug!(instance, func, "invocation without a reply subject ignored");
+        return Ok(());
+    };
     let cx = invocation.headers().map(transport::context);
     let started = Instant::now();
     let span = call_span(operation, instance, func, &cx);
@@ -341,7 +351,8 @@ where
             Err(denied) => {
                 let results = R::denied(denied);
                 let outcome = results.outcome();
-                invocation.answer_refused(finish(results, outcome)?).await;
+                // Boxed, as the other refusal: rare paths keep every call's future small.
+                Box::pin(invocation.answer_refused(finish(results, outcome)?)).await;
                 return Ok(());
             }
         };
@@ -351,7 +362,7 @@ where
                 telemetry::metrics().rejection(refusal.limit());
                 let message = refusal.to_string();
                 let answer = finish(R::refused(message.clone()), Outcome::Error(message))?;
-                invocation.answer_refused(answer).await;
+                Box::pin(invocation.answer_refused(answer)).await;
                 return Ok(());
             }
         };

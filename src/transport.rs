@@ -54,7 +54,7 @@
 //! ever waiting on a call. `S` carries a per-call secret, so nobody who did not get the
 //! handshake can send parameters (or an end of parameters) into someone else's call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -65,7 +65,6 @@ use async_nats::{HeaderMap, Message, Subject};
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures::StreamExt as _;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -109,6 +108,43 @@ pub fn stats() -> &'static Stats {
     &STATS
 }
 
+/// The words after each figure in [`Stats::figures`], in order.
+const FIGURES: [&str; 4] = [
+    "handshakes resent",
+    "calls recovered",
+    "spurious",
+    "unconfirmed",
+];
+
+impl Stats {
+    /// The counters as the health message shows them: "N handshakes resent, N calls
+    /// recovered, N spurious, N unconfirmed".
+    pub fn figures(&self) -> String {
+        let values = [
+            &self.handshakes_resent,
+            &self.recovered,
+            &self.spurious,
+            &self.unconfirmed,
+        ];
+        (values.iter().zip(FIGURES))
+            .map(|(value, what)| format!("{} {what}", value.load(Ordering::Relaxed)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Reads [`Stats::figures`] back out of a health message (for tools and tests): handshakes
+/// resent, calls recovered, spurious, unconfirmed.
+pub fn read_figures(health: &str) -> Option<[u64; 4]> {
+    let (_, figures) = health.split_once("transport: ")?;
+    let mut parts = figures.split(", ");
+    let mut read = [0; 4];
+    for (value, what) in read.iter_mut().zip(FIGURES) {
+        *value = parts.next()?.strip_suffix(what)?.trim().parse().ok()?;
+    }
+    Some(read)
+}
+
 /// The invocation subject of `instance.func` under `prefix` (`{lattice}.{provider_key}`).
 pub fn invocation_subject(prefix: &str, instance: &str, func: &str) -> String {
     format!("{prefix}.{PROTOCOL}.{instance}.{func}")
@@ -134,10 +170,50 @@ struct Arrival {
     at: Instant,
 }
 
+/// What the routing task hands one invocation: a queue it never waits on, and a wake-up. (A
+/// tokio channel allocates a block of 32 slots when it is made, 2 KiB of these on every call,
+/// where most calls receive one message: that allocation alone was the provider's costliest
+/// in a profile of small sets.)
+#[derive(Debug, Default)]
+struct Arrivals {
+    queue: std::sync::Mutex<VecDeque<Arrival>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Arrivals {
+    fn push(&self, arrival: Arrival) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .push_back(arrival);
+        self.ready.notify_one();
+    }
+
+    /// The next arrival, waiting for one. Cancel-safe: an arrival is only taken when returned.
+    async fn next(&self) -> Arrival {
+        // A caller streaming many small chunks keeps the queue full: spend the task's budget as
+        // a channel's `recv` does, so that its task yields now and then instead of holding its
+        // worker thread (and the timers and calls queued on it).
+        tokio::task::coop::consume_budget().await;
+        loop {
+            let next = self
+                .queue
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .pop_front();
+            if let Some(arrival) = next {
+                return arrival;
+            }
+            // A push between the check and here leaves a permit: this returns at once.
+            self.ready.notified().await;
+        }
+    }
+}
+
 /// An open invocation in the routing table.
 #[derive(Debug)]
 struct Open {
-    chunks: mpsc::UnboundedSender<Arrival>,
+    chunks: Arc<Arrivals>,
     /// The secret in the invocation's subjects.
     secret: u64,
     /// Bytes this invocation may still receive.
@@ -148,8 +224,9 @@ struct Open {
     ended: bool,
 }
 
-/// What one queued parameter message costs besides its bytes (the queue's node, the `Bytes`).
-const CHUNK_COST: usize = 64;
+/// What one queued parameter message costs besides its bytes: its `Arrival` (56 bytes) in a
+/// queue that grows by doubling and keeps its capacity while the call lasts.
+const CHUNK_COST: usize = 128;
 
 /// The transport shared by the routing task and every invocation.
 #[derive(Debug)]
@@ -270,8 +347,7 @@ impl Transport {
                 Chunk::Nested
             }
         };
-        // The receiver is gone only while the invocation is being removed.
-        let _ = open.chunks.send(Arrival { chunk, copy, at });
+        open.chunks.push(Arrival { chunk, copy, at });
     }
 
     /// Accepts an invocation message: enters its parameter subject in the routing table, then
@@ -289,7 +365,7 @@ impl Transport {
         let started = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let secret = self.secrets.hash_one(id);
-        let (tx, chunks) = mpsc::unbounded_channel();
+        let chunks = Arc::new(Arrivals::default());
         // Room for the rest of the parameters and each message's cost: an eighth more than the
         // bytes, so that a caller's large messages never run out of it; the reader refuses
         // parameters past `max_params` itself.
@@ -299,7 +375,7 @@ impl Transport {
         self.open.insert(
             id,
             Open {
-                chunks: tx,
+                chunks: Arc::clone(&chunks),
                 secret,
                 room,
                 failed: false,
@@ -342,7 +418,7 @@ pub struct Invocation {
     headers: Option<HeaderMap>,
     /// The parameters that came with the invocation.
     first: Option<Bytes>,
-    chunks: mpsc::UnboundedReceiver<Arrival>,
+    chunks: Arc<Arrivals>,
     /// The caller's reply subject, where handshakes go.
     caller: Subject,
     /// Ours: handshake copy `n` names `{own}.{n}` as its reply, and the caller sends
@@ -431,8 +507,8 @@ impl Invocation {
             };
             tokio::select! {
                 biased;
-                arrival = self.chunks.recv() => {
-                    let Arrival { chunk, copy, at } = arrival?;
+                arrival = self.chunks.next() => {
+                    let Arrival { chunk, copy, at } = arrival;
                     if !self.heard {
                         self.heard = true;
                         self.heard_from(copy, at);
@@ -447,7 +523,7 @@ impl Invocation {
                     // call closes soon.
                     self.hurried = true;
                     if !self.heard {
-                        self.resend().await;
+                        Box::pin(self.resend()).await;
                     }
                     self.deadline = self.deadline.min(Instant::now() + STOP_WAIT);
                 }
@@ -455,7 +531,8 @@ impl Invocation {
                     if Instant::now() >= self.deadline {
                         return None;
                     }
-                    self.resend().await;
+                    // Boxed: resending is rare, and every call's future holds this one.
+                    Box::pin(self.resend()).await;
                 }
             }
         }
@@ -654,6 +731,55 @@ mod tests {
             rto.sample(Duration::from_micros(100));
         }
         assert_eq!(rto.timeout(MIN), MIN);
+    }
+
+    fn arrival(n: u8) -> Arrival {
+        Arrival {
+            chunk: Chunk::Data(Bytes::from(vec![n])),
+            copy: 0,
+            at: Instant::now(),
+        }
+    }
+
+    fn data(arrival: Arrival) -> u8 {
+        match arrival.chunk {
+            Chunk::Data(data) => data[0],
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// What the routing task pushes is taken in order, whether it came before the invocation
+    /// waited, while it waited, or while a wait was given up (as `select!` does when a timer
+    /// wins): nothing is lost and no wait sleeps past an arrival.
+    #[tokio::test]
+    async fn arrivals_are_taken_in_order_however_waits_and_pushes_interleave() {
+        let arrivals = Arc::new(Arrivals::default());
+        arrivals.push(arrival(1));
+        arrivals.push(arrival(2));
+        assert_eq!(data(arrivals.next().await), 1);
+        assert_eq!(data(arrivals.next().await), 2);
+        // Pushed while the invocation waits.
+        let pusher = Arc::clone(&arrivals);
+        let push = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            pusher.push(arrival(3));
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), arrivals.next()).await;
+        assert_eq!(data(got.expect("woken by the push")), 3);
+        push.await.unwrap();
+        // A wait given up before the push, then a new one.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), arrivals.next())
+                .await
+                .is_err(),
+            "nothing has arrived"
+        );
+        arrivals.push(arrival(4));
+        arrivals.push(arrival(5));
+        let got = tokio::time::timeout(Duration::from_secs(5), arrivals.next()).await;
+        assert_eq!(data(got.expect("the queued arrival")), 4);
+        let got = tokio::time::timeout(Duration::from_secs(5), arrivals.next()).await;
+        assert_eq!(data(got.expect("the queued arrival")), 5);
     }
 
     #[test]

@@ -41,17 +41,21 @@ async fn rest(sub: &mut nats::Subscriber, quiet: Duration) -> Vec<nats::Message>
     out
 }
 
-/// A `transport: N handshakes resent, …` figure of the health message.
+/// A `transport: N handshakes resent, …` figure of the health message, by the words after it.
 fn health_figure(health: &str, what: &str) -> u64 {
-    let transport = health
-        .split("transport: ")
-        .nth(1)
-        .expect("transport figures");
-    transport
-        .split(", ")
-        .find_map(|part| part.strip_suffix(what))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {what:?} in {health:?}"))
+    let figures = keyvalue_inmemory::transport::read_figures(health)
+        .unwrap_or_else(|| panic!("no transport figures in {health:?}"));
+    let names = [
+        "handshakes resent",
+        "calls recovered",
+        "spurious",
+        "unconfirmed",
+    ];
+    let i = names
+        .iter()
+        .position(|name| *name == what)
+        .expect("a figure's name");
+    figures[i]
 }
 
 /// A caller whose client dropped the handshake and the results (they arrived before it had

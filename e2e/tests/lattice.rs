@@ -173,18 +173,8 @@ async fn bursts(lattice: &Lattice, wasm: &Path) -> anyhow::Result<()> {
             lattice.provider_health(PROVIDER)
         })
         .await?;
-        let transport = health.split("transport: ").nth(1).unwrap_or("");
-        let figure = |what: &str| {
-            (transport.split(", "))
-                .find_map(|part| part.strip_suffix(what))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .with_context(|| format!("no {what:?} in the health message {health:?}"))
-        };
-        anyhow::Ok([
-            figure("handshakes resent")?,
-            figure("calls recovered")?,
-            figure("spurious")?,
-        ])
+        keyvalue_inmemory::transport::read_figures(&health)
+            .with_context(|| format!("no transport figures in the health message {health:?}"))
     };
     let mut failed = Vec::new();
     for (round, instances) in BURSTS.into_iter().enumerate() {

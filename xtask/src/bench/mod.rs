@@ -165,6 +165,9 @@ struct Phase {
     lost: u64,
     /// Handshakes and other messages the client dropped during the phase (see drops.rs).
     client_drops: (u64, u64),
+    /// Our provider's handshakes resent, calls recovered and spurious resends in the phase
+    /// (from its health figures), when the target was ours.
+    covered: Option<[u64; 3]>,
     seconds: f64,
     latencies_us: Vec<u32>,
 }
@@ -240,6 +243,20 @@ async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Result
         }
         Workload::Echo => unreachable!(),
     })
+}
+
+/// Our provider's transport figures (handshakes resent, calls recovered, spurious), from its
+/// health message.
+async fn covered(nats: &async_nats::Client) -> Option<[u64; 3]> {
+    let subject = format!("wasmbus.rpc.{LATTICE}.ours.health");
+    let reply = tokio::time::timeout(Duration::from_secs(2), nats.request(subject, "{}".into()))
+        .await
+        .ok()?
+        .ok()?;
+    let health: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+    let [resent, recovered, spurious, _] =
+        keyvalue_inmemory::transport::read_figures(health["message"].as_str()?)?;
+    Some([resent, recovered, spurious])
 }
 
 /// `inflight` workers calling for `seconds`.
@@ -519,9 +536,21 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
                 } else {
                     &clients[name]
                 };
-                let phase = drive(target, workload, k, args.seconds).await;
+                let before = if name == "ours" {
+                    covered(&nats).await
+                } else {
+                    None
+                };
+                let mut phase = drive(target, workload, k, args.seconds).await;
+                if let Some(before) = before {
+                    if let Some(after) = covered(&nats).await {
+                        phase.covered =
+                            Some(std::array::from_fn(|i| after[i].saturating_sub(before[i])));
+                    }
+                }
+                let [resent, recovered, spurious] = phase.covered.unwrap_or_default();
                 eprintln!(
-                    "[{done}/{total}] round {} {:<24} K={k:<3} {name:<7} {:>9.0} calls/s  p50 {:>6.0} µs  lost {}  client dropped {} handshakes, {} results",
+                    "[{done}/{total}] round {} {:<24} K={k:<3} {name:<7} {:>9.0} calls/s  p50 {:>6.0} µs  lost {}  client dropped {} handshakes, {} others  provider resent {resent}: {recovered} recovered, {spurious} spurious",
                     round + 1,
                     workload.name(),
                     phase.calls_per_sec(),
@@ -737,8 +766,8 @@ fn report(
         args.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
-    md.push_str("| workload | in flight | ours calls/s | floor calls/s | ours / floor | ours p50 / p99 / p999 µs | floor p50 / p99 / p999 µs | key-ops/s (ours) | lost (ours, floor) | handshakes the client dropped (ours, floor) | results the client dropped (ours, floor) |\n");
-    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| workload | in flight | ours calls/s | floor calls/s | ours / floor | ours p50 / p99 / p999 µs | floor p50 / p99 / p999 µs | key-ops/s (ours) | lost (ours, floor) | handshakes the client dropped (ours, floor) | ours resent / recovered / spurious | other messages the client dropped (ours, floor) |\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for ((workload, k), by_target) in results {
         let stat = |name: &str, f: &dyn Fn(&Phase) -> f64| {
             by_target
@@ -769,20 +798,26 @@ fn report(
         };
         let (o50, o99, o999) = pct(main);
         let (f50, f99, f999) = pct("floor");
-        let sum = |name: &str, f: fn(&Phase) -> u64| {
+        let sum = |name: &str, f: &dyn Fn(&Phase) -> u64| {
             by_target
                 .get(name)
                 .map_or(0, |v| v.iter().map(f).sum::<u64>())
         };
-        let lost = |name: &str| sum(name, |p| p.lost);
+        let lost = |name: &str| sum(name, &|p| p.lost);
         let drops = |name: &str| {
             (
-                sum(name, |p| p.client_drops.0),
-                sum(name, |p| p.client_drops.1),
+                sum(name, &|p| p.client_drops.0),
+                sum(name, &|p| p.client_drops.1),
             )
         };
+        let covered = |i: usize| sum(main, &|p| p.covered.map_or(0, |c| c[i]));
+        let covered = if *workload == Workload::Echo {
+            String::new()
+        } else {
+            format!("{} / {} / {}", covered(0), covered(1), covered(2))
+        };
         md.push_str(&format!(
-            "| {} | {k} | {rate:.0} | {} | {} | {o50:.0} / {o99:.0} / {o999:.0} | {} | {:.0} | {}, {} | {}, {} | {}, {} |\n",
+            "| {} | {k} | {rate:.0} | {} | {} | {o50:.0} / {o99:.0} / {o999:.0} | {} | {:.0} | {}, {} | {}, {} | {covered} | {}, {} |\n",
             workload.name(),
             floor_rate.map_or("".into(), |r| format!("{r:.0}")),
             ratio.map_or("".into(), |r| format!("{r:.2}")),
@@ -802,12 +837,15 @@ fn report(
             "floor_p50_us": f50, "key_ops_per_sec": rate * workload.keys_per_call() as f64,
             "lost": lost(main), "floor_lost": lost("floor"), "compare_calls_per_sec": compare, "ratio_to_compare": ratio_of("ours", "compare"),
             "client_dropped_handshakes": drops(main).0, "floor_client_dropped_handshakes": drops("floor").0,
-            "client_dropped_results": drops(main).1, "floor_client_dropped_results": drops("floor").1,
+            "client_dropped_others": drops(main).1, "floor_client_dropped_others": drops("floor").1,
+            "handshakes_resent": sum(main, &|p| p.covered.map_or(0, |c| c[0])),
+            "calls_recovered": sum(main, &|p| p.covered.map_or(0, |c| c[1])),
+            "resends_spurious": sum(main, &|p| p.covered.map_or(0, |c| c[2])),
         }));
         if let Some(c) = compare {
             let (c50, c99, c999) = pct("compare");
             md.push_str(&format!(
-                "| ↳ --compare | {k} | {c:.0} | | ours / compare: **{:.2}** | {c50:.0} / {c99:.0} / {c999:.0} | | {:.0} | {} | | |\n",
+                "| ↳ --compare | {k} | {c:.0} | | ours / compare: **{:.2}** | {c50:.0} / {c99:.0} / {c999:.0} | | {:.0} | {} | | | |\n",
                 ratio_of("ours", "compare").unwrap_or(f64::NAN),
                 c * workload.keys_per_call() as f64,
                 lost("compare")
