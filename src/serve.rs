@@ -63,14 +63,15 @@ const MAX_ACCEPTING: usize = 1024;
 type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 /// Runs one invocation of a route's function, under the config it arrived with.
 type Serve = Arc<dyn Fn(Arrived, Config) -> Call + Send + Sync>;
+type Invocations = Pin<Box<dyn Stream<Item = (usize, async_nats::Message)> + Send>>;
 
-/// An invocation as it arrived, with its place among those being accepted.
+/// An invocation as it arrived: its message, the transport it came through, and its place
+/// among those being accepted (given back once it is accepted).
 struct Arrived {
-    transport: Arc<Transport>,
+    via: Arc<Transport>,
     msg: async_nats::Message,
     permit: tokio::sync::OwnedSemaphorePermit,
 }
-type Invocations = Pin<Box<dyn Stream<Item = (usize, async_nats::Message)> + Send>>;
 
 /// One served function.
 struct Route {
@@ -170,21 +171,25 @@ impl Server {
         // Invocations between arrival and admission hold their first message and a task:
         // at most MAX_ACCEPTING of them; past that the loop waits (and NATS buffers).
         let accepting = Arc::new(tokio::sync::Semaphore::new(MAX_ACCEPTING));
-        let start =
-            |accepted: Option<(usize, async_nats::Message)>,
-             permit: tokio::sync::OwnedSemaphorePermit| {
-                let Some((index, msg)) = accepted else {
-                    return false;
-                };
-                let (abandon, transport, provider) =
-                    (abandon.clone(), transport.clone(), provider.clone());
-                let routes = Arc::clone(&routes);
-                calls.spawn(async move {
+        let start = |accepted: Option<(usize, async_nats::Message)>,
+                     permit: tokio::sync::OwnedSemaphorePermit| {
+            let Some((index, msg)) = accepted else {
+                return false;
+            };
+            let (abandon, transport, provider) =
+                (abandon.clone(), transport.clone(), provider.clone());
+            let routes = Arc::clone(&routes);
+            calls.spawn(async move {
                 let route = &routes[index];
                 let (instance, func) = (route.instance, route.func);
-                // One allocation per call: this task is small, the route's future holds the
-                // rest (its accepting, reading, handling and answering, one after another).
-                let call = (route.serve)(Arrived { transport, msg, permit }, provider.config());
+                // This task stays small: the route's one boxed future holds the rest (its
+                // accepting, reading, handling and answering, one after another).
+                let arrived = Arrived {
+                    via: transport,
+                    msg,
+                    permit,
+                };
+                let call = (route.serve)(arrived, provider.config());
                 tokio::select! {
                     biased;
                     () = abandon.cancelled() => {
@@ -195,8 +200,8 @@ impl Server {
                     }
                 }
             });
-                true
-            };
+            true
+        };
         let ended = loop {
             tokio::select! {
                 biased;
@@ -304,11 +309,7 @@ where
 /// parameters within the request bounds, run `handle`, answer.
 async fn serve_call<P, R, F, Fut>(
     provider: KvProvider,
-    Arrived {
-        transport,
-        msg,
-        permit,
-    }: Arrived,
+    Arrived { via, msg, permit }: Arrived,
     config: Config,
     shape: Arc<wire::Shape>,
     handle: F,
@@ -320,7 +321,7 @@ where
     F: Fn(KvProvider, Option<Context>, P) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
 {
-    let accepted = transport
+    let accepted = via
         .accept(
             msg,
             config.max_request_bytes,
