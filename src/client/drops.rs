@@ -11,6 +11,11 @@
 //! Each such event is counted here; `bench` and the real-lattice test print them next to the
 //! calls they lost and the handshakes the provider sent again. The 0.29 *serving* path has the
 //! same race for a call's parameter subject (`….params`): those are counted apart.
+//!
+//! It also keeps every warning and error the process logs ([`warnings`]): where no dropped
+//! message explains a lost call, the host's own warnings (an invocation that failed or timed
+//! out) are printed beside the figures. Not every loss leaves one: the host aborting a
+//! component's accepted invocations when it rescales logs nothing.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
