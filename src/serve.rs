@@ -255,12 +255,12 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(1), calls.wait()).await;
         }
         routing.abort();
-        let stats = transport::stats();
+        let figures = transport::stats().figures();
         info!(
-            handshakes_resent = stats.handshakes_resent.load(Ordering::Relaxed),
-            recovered = stats.recovered.load(Ordering::Relaxed),
-            spurious = stats.spurious.load(Ordering::Relaxed),
-            unconfirmed = stats.unconfirmed.load(Ordering::Relaxed),
+            handshakes_resent = figures.resent,
+            recovered = figures.recovered,
+            spurious = figures.spurious,
+            unconfirmed = figures.unconfirmed,
             "covered for callers that lost handshakes"
         );
         provider.mark_drained();

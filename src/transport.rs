@@ -108,8 +108,19 @@ pub fn stats() -> &'static Stats {
     &STATS
 }
 
-/// The words after each figure in [`Stats::figures`], in order.
-const FIGURES: [&str; 4] = [
+/// The transport's counters at one moment. Shown in the health message as "N handshakes
+/// resent, N calls recovered, N spurious, N unconfirmed" (its `Display`), and read back from it
+/// by tools and tests ([`Figures::read`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Figures {
+    pub resent: u64,
+    pub recovered: u64,
+    pub spurious: u64,
+    pub unconfirmed: u64,
+}
+
+/// The words after each figure in the health message, in the order of [`Figures::values`].
+const FIGURE_WORDS: [&str; 4] = [
     "handshakes resent",
     "calls recovered",
     "spurious",
@@ -117,32 +128,68 @@ const FIGURES: [&str; 4] = [
 ];
 
 impl Stats {
-    /// The counters as the health message shows them: "N handshakes resent, N calls
-    /// recovered, N spurious, N unconfirmed".
-    pub fn figures(&self) -> String {
-        let values = [
-            &self.handshakes_resent,
-            &self.recovered,
-            &self.spurious,
-            &self.unconfirmed,
-        ];
-        (values.iter().zip(FIGURES))
-            .map(|(value, what)| format!("{} {what}", value.load(Ordering::Relaxed)))
-            .collect::<Vec<_>>()
-            .join(", ")
+    /// The counters now.
+    pub fn figures(&self) -> Figures {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Figures {
+            resent: load(&self.handshakes_resent),
+            recovered: load(&self.recovered),
+            spurious: load(&self.spurious),
+            unconfirmed: load(&self.unconfirmed),
+        }
     }
 }
 
-/// Reads [`Stats::figures`] back out of a health message (for tools and tests): handshakes
-/// resent, calls recovered, spurious, unconfirmed.
-pub fn read_figures(health: &str) -> Option<[u64; 4]> {
-    let (_, figures) = health.split_once("transport: ")?;
-    let mut parts = figures.split(", ");
-    let mut read = [0; 4];
-    for (value, what) in read.iter_mut().zip(FIGURES) {
-        *value = parts.next()?.strip_suffix(what)?.trim().parse().ok()?;
+impl Figures {
+    fn values(self) -> [u64; 4] {
+        [self.resent, self.recovered, self.spurious, self.unconfirmed]
     }
-    Some(read)
+
+    fn from_values([resent, recovered, spurious, unconfirmed]: [u64; 4]) -> Self {
+        Self {
+            resent,
+            recovered,
+            spurious,
+            unconfirmed,
+        }
+    }
+
+    /// Reads the figures out of a health message.
+    pub fn read(health: &str) -> Option<Self> {
+        let (_, figures) = health.split_once("transport: ")?;
+        let mut parts = figures.split(", ");
+        let mut values = [0; 4];
+        for (value, what) in values.iter_mut().zip(FIGURE_WORDS) {
+            *value = parts.next()?.strip_suffix(what)?.trim().parse().ok()?;
+        }
+        Some(Self::from_values(values))
+    }
+
+    /// What was counted between `earlier` and these (none where a counter went back, as when
+    /// the provider restarted).
+    pub fn since(self, earlier: Self) -> Self {
+        let (now, then) = (self.values(), earlier.values());
+        Self::from_values(std::array::from_fn(|i| now[i].saturating_sub(then[i])))
+    }
+}
+
+impl std::ops::Add for Figures {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        let (a, b) = (self.values(), other.values());
+        Self::from_values(std::array::from_fn(|i| a[i].saturating_add(b[i])))
+    }
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (value, what)) in self.values().iter().zip(FIGURE_WORDS).enumerate() {
+            let separator = if i == 0 { "" } else { ", " };
+            write!(f, "{separator}{value} {what}")?;
+        }
+        Ok(())
+    }
 }
 
 /// The invocation subject of `instance.func` under `prefix` (`{lattice}.{provider_key}`).
@@ -780,6 +827,29 @@ mod tests {
         assert_eq!(data(got.expect("the queued arrival")), 4);
         let got = tokio::time::timeout(Duration::from_secs(5), arrivals.next()).await;
         assert_eq!(data(got.expect("the queued arrival")), 5);
+    }
+
+    /// The health message shows the figures in words a person reads, and tools read them back
+    /// from it exactly.
+    #[test]
+    fn the_health_figures_read_back_as_written() {
+        let figures = Figures {
+            resent: 7,
+            recovered: 5,
+            spurious: 2,
+            unconfirmed: 1,
+        };
+        let health = format!("3 links, 1 keys; transport: {figures}");
+        assert_eq!(
+            health,
+            "3 links, 1 keys; transport: 7 handshakes resent, 5 calls recovered, 2 spurious, \
+             1 unconfirmed"
+        );
+        assert_eq!(Figures::read(&health), Some(figures));
+        assert_eq!(Figures::read("3 links; no figures"), None);
+        let later = figures + figures;
+        assert_eq!(later.since(figures), figures);
+        assert_eq!(figures.since(later), Figures::default(), "never below zero");
     }
 
     #[test]

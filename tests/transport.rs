@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::*;
 use futures::StreamExt as _;
 use keyvalue_inmemory::client::{atomics, component_headers, drops, store};
-use keyvalue_inmemory::transport::COPY_HEADER;
+use keyvalue_inmemory::transport::{Figures, COPY_HEADER};
 
 const C1: &str = "component-one";
 const STORE: &str = "wrpc:keyvalue/store@0.2.0-draft";
@@ -41,21 +41,9 @@ async fn rest(sub: &mut nats::Subscriber, quiet: Duration) -> Vec<nats::Message>
     out
 }
 
-/// A `transport: N handshakes resent, …` figure of the health message, by the words after it.
-fn health_figure(health: &str, what: &str) -> u64 {
-    let figures = keyvalue_inmemory::transport::read_figures(health)
-        .unwrap_or_else(|| panic!("no transport figures in {health:?}"));
-    let names = [
-        "handshakes resent",
-        "calls recovered",
-        "spurious",
-        "unconfirmed",
-    ];
-    let i = names
-        .iter()
-        .position(|name| *name == what)
-        .expect("a figure's name");
-    figures[i]
+/// The `transport: …` figures of a health message.
+fn figures(health: &str) -> Figures {
+    Figures::read(health).unwrap_or_else(|| panic!("no transport figures in {health:?}"))
 }
 
 /// A caller whose client dropped the handshake and the results (they arrived before it had
@@ -106,9 +94,9 @@ async fn a_caller_that_lost_the_handshake_and_results_gets_them_again() {
     let c = p.as_component(C1, "default");
     assert_eq!(c.increment("b", "n", 0).await, Ok(5));
     let health = p.wait_for_health(|_| true).await;
-    assert!(health_figure(&health, "handshakes resent") >= 1, "{health}");
-    assert_eq!(health_figure(&health, "calls recovered"), 1, "{health}");
-    assert_eq!(health_figure(&health, "spurious"), 0, "{health}");
+    assert!(figures(&health).resent >= 1, "{health}");
+    assert_eq!(figures(&health).recovered, 1, "{health}");
+    assert_eq!(figures(&health).spurious, 0, "{health}");
 }
 
 /// A caller that got the first handshake but answers late is sent copies it does not need;
@@ -141,8 +129,8 @@ async fn a_slow_caller_is_told_apart_from_one_that_lost_the_handshake() {
         "one answer, then the close"
     );
     let health = p.wait_for_health(|_| true).await;
-    assert_eq!(health_figure(&health, "calls recovered"), 0, "{health}");
-    assert_eq!(health_figure(&health, "spurious"), 1, "{health}");
+    assert_eq!(figures(&health).recovered, 0, "{health}");
+    assert_eq!(figures(&health).spurious, 1, "{health}");
 }
 
 /// A caller that confirms the handshake gets one handshake and one answer; the closing
@@ -174,7 +162,7 @@ async fn a_prompt_caller_gets_one_handshake_one_answer_and_the_close_after_confi
             .is_empty());
     }
     let health = p.wait_for_health(|_| true).await;
-    assert_eq!(health_figure(&health, "handshakes resent"), 0, "{health}");
+    assert_eq!(figures(&health).resent, 0, "{health}");
 }
 
 /// Parameters that continue after the handshake are read from the server's subject, which is
@@ -308,8 +296,5 @@ async fn the_hosts_client_gets_every_answer_under_load() {
     assert_eq!(wrong.load(Ordering::Relaxed), 0, "{health}");
     // Each call the provider counts as recovered answered a resent handshake: the client
     // dropped the first (it also counts copies it no longer needed).
-    assert!(
-        health_figure(&health, "calls recovered") <= handshakes,
-        "{health}"
-    );
+    assert!(figures(&health).recovered <= handshakes, "{health}");
 }

@@ -173,7 +173,7 @@ async fn bursts(lattice: &Lattice, wasm: &Path) -> anyhow::Result<()> {
             lattice.provider_health(PROVIDER)
         })
         .await?;
-        keyvalue_inmemory::transport::read_figures(&health)
+        keyvalue_inmemory::transport::Figures::read(&health)
             .with_context(|| format!("no transport figures in the health message {health:?}"))
     };
     let mut failed = Vec::new();
@@ -192,7 +192,7 @@ async fn bursts(lattice: &Lattice, wasm: &Path) -> anyhow::Result<()> {
         let elapsed = started.elapsed();
         let after = figures().await?;
         let (handshakes_after, results_after) = drops::dropped();
-        let [resent, recovered, spurious] = [0, 1, 2].map(|i| after[i].saturating_sub(before[i]));
+        let covered = after.since(before);
         let Burst {
             unanswered, wrong, ..
         } = seen;
@@ -200,13 +200,16 @@ async fn bursts(lattice: &Lattice, wasm: &Path) -> anyhow::Result<()> {
             "burst {round}: {BURST_CALLS} calls at {BURST_IN_FLIGHT} in flight through the host \
              ({instances} instances) in {:.1} s ({}): {unanswered} unanswered, {wrong} wrong; \
              the host's client dropped {} handshake messages and {} result messages, its server \
-             {} parameter messages; the provider resent {resent} handshakes: {recovered} calls \
-             recovered, {spurious} spurious",
+             {} parameter messages; the provider resent {} handshakes: {} calls recovered, {} \
+             spurious",
             elapsed.as_secs_f64(),
             seen.latencies(),
             handshakes_after.saturating_sub(handshakes),
             results_after.saturating_sub(results),
             drops::dropped_params().saturating_sub(params),
+            covered.resent,
+            covered.recovered,
+            covered.spurious,
         );
         for (why, n) in &seen.failures {
             eprintln!("  {n} × {why}");

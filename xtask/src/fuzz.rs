@@ -10,7 +10,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context as _};
 
-use crate::{root, run_command, tools};
+use crate::{cargo, root, run_command, tools};
 
 const TARGETS: [&str; 2] = ["snapshot_decode", "engine_ops"];
 
@@ -27,7 +27,7 @@ fn cargo_fuzz() -> anyhow::Result<std::path::PathBuf> {
     let bin = tools::dir("cargo-fuzz").join("bin/cargo-fuzz");
     if !bin.is_file() {
         run_command(
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            cargo()
                 .args([
                     "install",
                     "--locked",

@@ -106,6 +106,12 @@ pub fn root() -> std::path::PathBuf {
         .to_path_buf()
 }
 
+/// A command of the cargo that runs this task (`$CARGO`, which cargo sets for `cargo xtask`),
+/// or of the `cargo` on the PATH.
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
 /// Prints a command the way a shell would show it, before running it.
 pub fn echo(command: &Command) {
     let mut line = String::from("$");

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use serde_json::json;
 
-use crate::{echo, nats, root, run_command};
+use crate::{cargo, echo, nats, root, run_command};
 
 /// Simulates the host: host data on stdin, links, health, shutdown.
 #[derive(clap::Args)]
@@ -46,7 +46,7 @@ pub struct Args {
 
 /// Builds the provider binary (debug, or release); answers its path.
 pub fn build_provider(release: bool) -> anyhow::Result<std::path::PathBuf> {
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut build = cargo();
     build.current_dir(root()).args([
         "build",
         "--locked",

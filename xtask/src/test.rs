@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use crate::{echo, nats, par, root, run_command};
+use crate::{cargo, echo, nats, par, root, run_command};
 
 /// Runs `cargo test --workspace` with NATS_SERVER_BIN and KEYVALUE_PAR set.
 #[derive(clap::Args)]
@@ -24,7 +24,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // A run filtered to some targets (e.g. `-- --test lattice`) may not have built the provider
     // binary, and the archive would hold a stale one: build it, with the same features (the
     // binary is built for a package's integration tests; `contract` is one).
-    let mut binary = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut binary = cargo();
     binary
         .current_dir(root())
         .args(["test", "--workspace", "--no-run", "--test", "contract"])
@@ -54,12 +54,12 @@ fn cargo_test(args: &Args, no_run: bool) -> Command {
     let split = (args.cargo_args.iter())
         .position(|arg| arg == "--")
         .unwrap_or(args.cargo_args.len());
-    let (cargo, harness) = args.cargo_args.split_at(split);
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let (cargo_args, harness) = args.cargo_args.split_at(split);
+    let mut command = cargo();
     command
         .current_dir(root())
         .args(["test", "--workspace"])
-        .args(cargo);
+        .args(cargo_args);
     if no_run {
         command.arg("--no-run");
     } else {

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use keyvalue_inmemory::client::{atomics, batch, component_headers, store, Transport};
+use keyvalue_inmemory::transport::Figures;
 use serde_json::json;
 
-use crate::{nats, root, run, run_command};
+use crate::{cargo, nats, root, run, run_command};
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Clone)]
@@ -87,8 +88,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Entry from `cargo xtask bench`: builds release binaries and re-runs itself in release.
 pub fn run(_checked: Args) -> anyhow::Result<ExitCode> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_command(Command::new(&cargo).current_dir(root()).args([
+    run_command(cargo().current_dir(root()).args([
         "build",
         "--release",
         "--package",
@@ -165,9 +165,9 @@ struct Phase {
     lost: u64,
     /// Handshakes and other messages the client dropped during the phase (see drops.rs).
     client_drops: (u64, u64),
-    /// Our provider's handshakes resent, calls recovered and spurious resends in the phase
-    /// (from its health figures), when the target was ours.
-    covered: Option<[u64; 3]>,
+    /// What our provider's transport counted in the phase (from its health figures), when
+    /// the target was ours.
+    covered: Option<Figures>,
     seconds: f64,
     latencies_us: Vec<u32>,
 }
@@ -245,18 +245,15 @@ async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Result
     })
 }
 
-/// Our provider's transport figures (handshakes resent, calls recovered, spurious), from its
-/// health message.
-async fn covered(nats: &async_nats::Client) -> Option<[u64; 3]> {
+/// Our provider's transport figures, from its health message.
+async fn covered(nats: &async_nats::Client) -> Option<Figures> {
     let subject = format!("wasmbus.rpc.{LATTICE}.ours.health");
     let reply = tokio::time::timeout(Duration::from_secs(2), nats.request(subject, "{}".into()))
         .await
         .ok()?
         .ok()?;
     let health: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
-    let [resent, recovered, spurious, _] =
-        keyvalue_inmemory::transport::read_figures(health["message"].as_str()?)?;
-    Some([resent, recovered, spurious])
+    Figures::read(health["message"].as_str()?)
 }
 
 /// `inflight` workers calling for `seconds`.
@@ -543,21 +540,21 @@ async fn measure(args: Args) -> anyhow::Result<ExitCode> {
                 };
                 let mut phase = drive(target, workload, k, args.seconds).await;
                 if let Some(before) = before {
-                    if let Some(after) = covered(&nats).await {
-                        phase.covered =
-                            Some(std::array::from_fn(|i| after[i].saturating_sub(before[i])));
-                    }
+                    phase.covered = covered(&nats).await.map(|after| after.since(before));
                 }
-                let [resent, recovered, spurious] = phase.covered.unwrap_or_default();
+                let figures = phase.covered.unwrap_or_default();
                 eprintln!(
-                    "[{done}/{total}] round {} {:<24} K={k:<3} {name:<7} {:>9.0} calls/s  p50 {:>6.0} µs  lost {}  client dropped {} handshakes, {} others  provider resent {resent}: {recovered} recovered, {spurious} spurious",
+                    "[{done}/{total}] round {} {:<24} K={k:<3} {name:<7} {:>9.0} calls/s  p50 {:>6.0} µs  lost {}  client dropped {} handshakes, {} others  provider resent {}: {} recovered, {} spurious",
                     round + 1,
                     workload.name(),
                     phase.calls_per_sec(),
                     phase.percentile(0.5),
                     phase.lost,
                     phase.client_drops.0,
-                    phase.client_drops.1
+                    phase.client_drops.1,
+                    figures.resent,
+                    figures.recovered,
+                    figures.spurious,
                 );
                 results
                     .entry((workload, k))
@@ -798,26 +795,32 @@ fn report(
         };
         let (o50, o99, o999) = pct(main);
         let (f50, f99, f999) = pct("floor");
-        let sum = |name: &str, f: &dyn Fn(&Phase) -> u64| {
+        let sum = |name: &str, f: fn(&Phase) -> u64| {
             by_target
                 .get(name)
                 .map_or(0, |v| v.iter().map(f).sum::<u64>())
         };
-        let lost = |name: &str| sum(name, &|p| p.lost);
+        let lost = |name: &str| sum(name, |p| p.lost);
         let drops = |name: &str| {
             (
-                sum(name, &|p| p.client_drops.0),
-                sum(name, &|p| p.client_drops.1),
+                sum(name, |p| p.client_drops.0),
+                sum(name, |p| p.client_drops.1),
             )
         };
-        let covered = |i: usize| sum(main, &|p| p.covered.map_or(0, |c| c[i]));
-        let covered = if *workload == Workload::Echo {
+        // What our provider covered for, over the rounds.
+        let covered = (by_target.get(main).into_iter().flatten())
+            .filter_map(|p| p.covered)
+            .fold(Figures::default(), |total, p| total + p);
+        let covered_cell = if *workload == Workload::Echo {
             String::new()
         } else {
-            format!("{} / {} / {}", covered(0), covered(1), covered(2))
+            format!(
+                "{} / {} / {}",
+                covered.resent, covered.recovered, covered.spurious
+            )
         };
         md.push_str(&format!(
-            "| {} | {k} | {rate:.0} | {} | {} | {o50:.0} / {o99:.0} / {o999:.0} | {} | {:.0} | {}, {} | {}, {} | {covered} | {}, {} |\n",
+            "| {} | {k} | {rate:.0} | {} | {} | {o50:.0} / {o99:.0} / {o999:.0} | {} | {:.0} | {}, {} | {}, {} | {covered_cell} | {}, {} |\n",
             workload.name(),
             floor_rate.map_or("".into(), |r| format!("{r:.0}")),
             ratio.map_or("".into(), |r| format!("{r:.2}")),
@@ -838,9 +841,8 @@ fn report(
             "lost": lost(main), "floor_lost": lost("floor"), "compare_calls_per_sec": compare, "ratio_to_compare": ratio_of("ours", "compare"),
             "client_dropped_handshakes": drops(main).0, "floor_client_dropped_handshakes": drops("floor").0,
             "client_dropped_others": drops(main).1, "floor_client_dropped_others": drops("floor").1,
-            "handshakes_resent": sum(main, &|p| p.covered.map_or(0, |c| c[0])),
-            "calls_recovered": sum(main, &|p| p.covered.map_or(0, |c| c[1])),
-            "resends_spurious": sum(main, &|p| p.covered.map_or(0, |c| c[2])),
+            "handshakes_resent": covered.resent, "calls_recovered": covered.recovered,
+            "resends_spurious": covered.spurious,
         }));
         if let Some(c) = compare {
             let (c50, c99, c999) = pct("compare");
