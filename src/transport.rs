@@ -680,13 +680,22 @@ impl Invocation {
             })
             .is_ok();
         if admitted {
-            let transport = Arc::clone(&self.transport);
+            // Given back however the wait ends, also when the call is abandoned at a stop.
+            let _place = RefusedPlace(Arc::clone(&self.transport));
             self.answer(results).await;
-            transport.refused_waiting.fetch_sub(1, Ordering::Relaxed);
         } else {
             self.publish_results(results).await;
             self.publish_results(Bytes::new()).await;
         }
+    }
+}
+
+/// A refused call's place among those waiting for their callers; dropping it gives it back.
+struct RefusedPlace(Arc<Transport>);
+
+impl Drop for RefusedPlace {
+    fn drop(&mut self) {
+        self.0.refused_waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
