@@ -1,21 +1,31 @@
-//! Provider configuration: typed, with defaults, from the host's string maps.
+//! Every configuration key the provider reads, its default, and how maps merge: the one place
+//! to look up a setting.
 //!
-//! Two sources, merged by the host before we see them:
-//! 1. the provider config the host sends in host data (`config`) at start, and
-//! 2. `config.update` messages, each carrying the *full* merged map again.
+//! Three kinds, by where they come from and when they apply:
+//! 1. [`Config`]: provider config, from host data at start and from each `config.update`
+//!    message (which carries the *full* merged map again). Applied live.
+//! 2. [`Snapshots`] and the `OTEL_*` overrides ([`otel_config`]): provider config read at
+//!    start only; changing them needs a restart.
+//! 3. Link config (`target_config` of a component's link to us): [`link_namespace`].
 //!
 //! Each map is read on top of the defaults, so a key removed from the config returns to its
-//! default. A key with a value we cannot use is reported and keeps the value it had (at start:
-//! the default): a typo never takes the store down. Keys are matched case-insensitively;
-//! keys we do not know (the host passes `OTEL_*` and others through the same map) are ignored.
+//! default. A key with a value we cannot use is reported as a [`Problem`] and keeps the value
+//! it had (at start: the default): a typo never takes the store down. Keys are matched
+//! case-insensitively, values trimmed; keys we do not know are ignored.
 //!
-//! Link config (`target_config` of a link to us) is separate: see [`LINK_NAMESPACE`].
+//! Each value has one owner once applied: the engine holds the [`Limits`], the provider the
+//! [`Serving`] bounds (and hands the in-flight ones to its budget).
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::engine::Limits;
+use keyvalue_store::Limits;
+use wasmcloud_provider_sdk::core::OtelConfig;
+
+use crate::links;
 
 /// Largest key (and bucket name) in bytes.
 pub const MAX_KEY_BYTES: &str = "max_key_bytes";
@@ -46,15 +56,39 @@ pub const MAX_CONCURRENT_CALLS: &str = "max_concurrent_calls";
 /// Most bytes the sorted key copies of open list-keys listings may hold together.
 pub const MAX_LISTING_BYTES: &str = "max_listing_bytes";
 
+/// Where snapshots go (start only); none without it.
+pub const SNAPSHOT_PATH: &str = "snapshot_path";
+/// Seconds between periodic snapshots (start only).
+pub const SNAPSHOT_INTERVAL_SECS: &str = "snapshot_interval_secs";
+/// Refuse to start on an unreadable snapshot, `true`/`false` (start only).
+pub const SNAPSHOT_REQUIRED: &str = "snapshot_required";
+
+/// The `OTEL_*` provider config keys that override the host's `otel_config` (start only), and
+/// the field each one sets: the overrides the SDK's `initialize_observability!` honours.
+pub const OTEL_KEYS: [&str; 5] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+];
+
 /// Link `target_config` key naming the namespace a link's calls use. Links naming the same
 /// namespace share data; without it a component gets a namespace of its own.
 pub const LINK_NAMESPACE: &str = "namespace";
 
-/// The provider's settings.
+/// The live provider settings: what the engine enforces and what serving is bounded by.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// What the engine enforces.
+    /// What the engine enforces (the engine owns them once applied).
     pub limits: Limits,
+    /// What serving is bounded by (the provider owns them once applied).
+    pub serving: Serving,
+}
+
+/// The settings of serving calls: who may call, and what one call and all calls may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Serving {
     /// Whether calls without a link are served (standalone and test use).
     pub allow_unlinked: bool,
     /// Bound on the parameter bytes of one invocation.
@@ -101,13 +135,15 @@ impl Default for Config {
                 list_page_size: 1000,
                 max_listing_bytes: 256 << 20,
             },
-            allow_unlinked: false,
-            max_request_bytes: 64 << 20,
-            request_timeout: Duration::from_secs(10),
-            handshake_retry_min: Duration::from_millis(100),
-            max_response_bytes: 64 << 20,
-            max_inflight_bytes: 256 << 20,
-            max_concurrent_calls: 4096,
+            serving: Serving {
+                allow_unlinked: false,
+                max_request_bytes: 64 << 20,
+                request_timeout: Duration::from_secs(10),
+                handshake_retry_min: Duration::from_millis(100),
+                max_response_bytes: 64 << 20,
+                max_inflight_bytes: 256 << 20,
+                max_concurrent_calls: 4096,
+            },
         }
     }
 }
@@ -137,15 +173,8 @@ impl Config {
     /// Reads `map` on top of the defaults. A value that cannot be used keeps the value it has
     /// in `current`, and is reported.
     pub fn from_map(map: &HashMap<String, String>, current: &Config) -> (Config, Vec<Problem>) {
-        let defaults = Config::default();
-        let mut r = Reader {
-            given: map
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.trim()))
-                .collect(),
-            problems: Vec::new(),
-        };
-        let (d, c) = (defaults.limits, current.limits);
+        let mut r = Reader::new(map);
+        let (d, c) = (Config::default().limits, current.limits);
         let limits = Limits {
             max_key_bytes: r.positive(MAX_KEY_BYTES, d.max_key_bytes, c.max_key_bytes),
             max_value_bytes: r.positive(MAX_VALUE_BYTES, d.max_value_bytes, c.max_value_bytes),
@@ -158,8 +187,8 @@ impl Config {
                 c.max_listing_bytes,
             ),
         };
-        let config = Config {
-            limits,
+        let (defaults, current) = (Config::default().serving, current.serving);
+        let serving = Serving {
             allow_unlinked: r.boolean(
                 ALLOW_UNLINKED,
                 defaults.allow_unlinked,
@@ -196,12 +225,75 @@ impl Config {
                 current.max_concurrent_calls,
             ),
         };
-        (config, r.problems)
+        (Config { limits, serving }, r.problems)
     }
 }
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Where and how often to snapshot (provider config, read at start).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshots {
+    pub path: PathBuf,
+    pub interval: Duration,
+    /// Refuse to start when the snapshot exists but cannot be read.
+    pub required: bool,
+}
+
+impl Snapshots {
+    /// Every 60 s unless `snapshot_interval_secs` says otherwise.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+
+    /// The snapshot settings of the provider config: `None` without `snapshot_path`. A value
+    /// that cannot be used keeps its default and is reported, as with every other key.
+    pub fn from_map(map: &HashMap<String, String>) -> (Option<Snapshots>, Vec<Problem>) {
+        let mut r = Reader::new(map);
+        let Some(path) = r.given.get(SNAPSHOT_PATH).filter(|p| !p.is_empty()) else {
+            return (None, r.problems);
+        };
+        let path = PathBuf::from(path);
+        let default = Self::DEFAULT_INTERVAL.as_secs();
+        let interval = r.positive(SNAPSHOT_INTERVAL_SECS, default, default);
+        let required = r.boolean(SNAPSHOT_REQUIRED, false, false);
+        let settings = Snapshots {
+            path,
+            interval: Duration::from_secs(interval),
+            required,
+        };
+        (Some(settings), r.problems)
+    }
+}
+
+/// The host's `otel_config` with the provider config's `OTEL_*` overrides ([`OTEL_KEYS`])
+/// applied.
+pub fn otel_config(host: &OtelConfig, map: &HashMap<String, String>) -> OtelConfig {
+    let mut otel = host.clone();
+    for (key, value) in map {
+        let value = Some(value.clone());
+        let key = key.to_ascii_uppercase();
+        match OTEL_KEYS.iter().position(|k| *k == key) {
+            Some(0) => otel.observability_endpoint = value,
+            Some(1) => otel.traces_endpoint = value,
+            Some(2) => otel.metrics_endpoint = value,
+            Some(3) => otel.traces_sampler = value,
+            Some(4) => otel.traces_sampler_arg = value,
+            _ => {}
+        }
+    }
+    otel
+}
+
+/// The namespace the calls of a link from component `source_id` use, from the link's config:
+/// the one [`LINK_NAMESPACE`] names, else the component's own. A named namespace and a
+/// component's own can never be the same one: naming another component's id reaches
+/// `named:<id>`, not that component's `component:<id>`.
+pub fn link_namespace(link_config: &HashMap<String, String>, source_id: &str) -> Arc<str> {
+    match link_config.get(LINK_NAMESPACE).map(|ns| ns.trim()) {
+        Some(name) if !name.is_empty() => links::named_namespace(name),
+        _ => links::component_namespace(source_id),
+    }
 }
 
 /// Reads settings out of one config map, collecting what could not be used.
@@ -210,7 +302,17 @@ struct Reader<'a> {
     problems: Vec<Problem>,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    fn new(map: &'a HashMap<String, String>) -> Self {
+        Reader {
+            given: map
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.trim()))
+                .collect(),
+            problems: Vec::new(),
+        }
+    }
+
     /// The setting when given and valid, `current` when given but invalid, else `default`.
     fn read<T>(
         &mut self,
@@ -306,13 +408,15 @@ mod tests {
                     list_page_size: 2,
                     max_listing_bytes: 14,
                 },
-                allow_unlinked: true,
-                max_request_bytes: 100,
-                request_timeout: Duration::from_millis(250),
-                handshake_retry_min: Duration::from_millis(30),
-                max_response_bytes: 11,
-                max_inflight_bytes: 12,
-                max_concurrent_calls: 13,
+                serving: Serving {
+                    allow_unlinked: true,
+                    max_request_bytes: 100,
+                    request_timeout: Duration::from_millis(250),
+                    handshake_retry_min: Duration::from_millis(30),
+                    max_response_bytes: 11,
+                    max_inflight_bytes: 12,
+                    max_concurrent_calls: 13,
+                },
             }
         );
     }
@@ -336,7 +440,7 @@ mod tests {
             config.limits.list_page_size,
             Config::default().limits.list_page_size
         );
-        assert!(config.allow_unlinked);
+        assert!(config.serving.allow_unlinked);
         let keys: Vec<_> = problems.iter().map(|p| p.key).collect();
         assert_eq!(keys, vec![MAX_KEYS, LIST_PAGE_SIZE, ALLOW_UNLINKED]);
         assert!(problems[0].to_string().contains("max_keys=\"-1\""));
@@ -347,5 +451,71 @@ mod tests {
         let (current, _) = Config::from_map(&map(&[("max_keys", "5")]), &Config::default());
         let (config, _) = Config::from_map(&HashMap::new(), &current);
         assert_eq!(config.limits.max_keys, Config::default().limits.max_keys);
+    }
+
+    #[test]
+    fn snapshot_settings_come_from_config_and_bad_values_keep_their_defaults() {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(Snapshots::from_map(&map(&[])), (None, vec![]));
+        let (s, problems) = Snapshots::from_map(&map(&[("SNAPSHOT_PATH", "/tmp/x")]));
+        let s = s.unwrap();
+        assert!(problems.is_empty());
+        assert_eq!(s.interval, Duration::from_secs(60));
+        assert!(!s.required);
+        let (s, problems) = Snapshots::from_map(&map(&[
+            ("snapshot_path", "/tmp/x"),
+            ("snapshot_interval_secs", "0"),
+            ("snapshot_required", "yes"),
+        ]));
+        let s = s.expect("a bad value does not turn snapshots off");
+        assert_eq!(s.interval, Duration::from_secs(60));
+        assert!(!s.required);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0]
+            .to_string()
+            .contains("snapshot_interval_secs=\"0\""));
+        assert!(problems[1]
+            .to_string()
+            .contains("snapshot_required=\"yes\""));
+    }
+
+    #[test]
+    fn otel_keys_override_the_hosts_otel_config_case_insensitively() {
+        let host = OtelConfig::default();
+        let otel = otel_config(
+            &host,
+            &map(&[
+                ("otel_exporter_otlp_endpoint", "http://127.0.0.1:4318"),
+                ("OTEL_TRACES_SAMPLER", "always_on"),
+                ("max_keys", "5"),
+            ]),
+        );
+        assert_eq!(
+            otel.observability_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+        assert_eq!(otel.traces_sampler.as_deref(), Some("always_on"));
+        assert_eq!(otel.traces_endpoint, host.traces_endpoint);
+    }
+
+    #[test]
+    fn a_link_without_a_namespace_gets_the_components_own() {
+        assert_eq!(
+            &*link_namespace(&map(&[]), "c1"),
+            &*links::component_namespace("c1")
+        );
+        assert_eq!(
+            &*link_namespace(&map(&[("namespace", " shared ")]), "c1"),
+            &*links::named_namespace("shared")
+        );
+        assert_eq!(
+            &*link_namespace(&map(&[("namespace", " ")]), "c1"),
+            &*links::component_namespace("c1")
+        );
     }
 }

@@ -7,31 +7,35 @@
 //!
 //! # Layout
 //!
-//! - [`engine`]: the store itself: namespaces → buckets → keys in DashMaps, limits, counters,
-//!   paged listing. No wRPC or NATS types.
-//! - [`config`]: provider config keys, defaults and parsing.
+//! The store itself is the workspace's `keyvalue-store` crate (`store/`): namespaces of
+//! buckets of keys, limits, paged listings and the snapshot file format, with no wRPC, NATS or
+//! SDK in its tree. This crate serves it:
+//!
+//! - [`run`] (here): start-up and the order of a stop, called by `main.rs`.
+//! - [`config`]: every configuration key, its default and how maps merge.
+//! - [`provider`]: the SDK's control-plane callbacks and the generated wRPC handler traits.
 //! - [`links`]: active links and the namespace each one's calls use.
-//! - [`provider`]: the SDK control-plane callbacks and the generated wRPC handler traits.
 //! - [`serve`]: the routing table of served functions; accepting invocations, one task each,
 //!   with bounded parameter reading; the span and metrics of each call.
 //! - [`transport`]: our serving side of wRPC over NATS, which covers for the handshakes and
 //!   results the host's client drops.
 //! - [`wire`]: reading parameters without trusting the lengths they declare.
 //! - [`budget`]: what calls in flight may hold (bytes, calls), in all and per component.
-//! - [`snapshot`]: the snapshot file format, writer, verifying reader and restore.
-//! - [`telemetry`]: logs, OTLP traces and metrics as the host configures them.
+//! - [`snapshots`]: when snapshots are restored and written.
+//! - [`shutdown`]: stopping: the stop request, the drain, the final snapshot.
+//! - [`telemetry`]: logs, OTLP traces and metrics as the host configures them; a leaf, handed
+//!   what it observes.
 //! - [`client`]: a race-free wRPC client of the same interfaces, for tests and tools.
 //! - [`bindings`]: what `wit_bindgen_wrpc::generate!` makes of `wit/` (world `provider`).
-//! - [`run`]: start-up and shutdown, called by `main.rs`.
 
 pub mod budget;
 pub mod client;
 pub mod config;
-pub mod engine;
 pub mod links;
 pub mod provider;
 pub mod serve;
-pub mod snapshot;
+pub mod shutdown;
+pub mod snapshots;
 pub mod telemetry;
 pub mod transport;
 pub mod wire;
@@ -48,16 +52,17 @@ use tracing::{info, warn};
 
 pub use provider::KvProvider;
 
-/// The name the provider reports to the lattice.
-pub const NAME: &str = "keyvalue-inmemory";
+/// The name the provider reports to the lattice (its package name).
+pub const NAME: &str = env!("CARGO_PKG_NAME");
 
 /// Runs the provider as the host starts it: host data from stdin, control plane through the
 /// SDK, data plane through [`serve::Server`]. Answers after a host shutdown request, SIGTERM or
 /// SIGINT, once in-flight calls finished.
 pub async fn run() -> anyhow::Result<()> {
     let host_data = check_host_data()?;
-    let (snapshots, problems) = snapshot::Settings::from_config(&host_data.config);
-    let telemetry = telemetry::init(host_data)?;
+    let (snapshots, problems) = config::Snapshots::from_map(&host_data.config);
+    let otel = config::otel_config(&host_data.otel_config, &host_data.config);
+    let telemetry = telemetry::init(host_data, &otel)?;
     for problem in problems {
         warn!("{problem}");
     }
@@ -77,10 +82,10 @@ pub async fn run() -> anyhow::Result<()> {
 
 /// Serves until stopped; answers how serving ended and whether the final snapshot (if any)
 /// finished in time.
-async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> (anyhow::Result<()>, bool) {
+async fn serve_until_stopped(snapshots: Option<config::Snapshots>) -> (anyhow::Result<()>, bool) {
     match serve(snapshots).await {
         Ok((served, provider)) => {
-            let finished = provider.write_final_snapshot().await;
+            let finished = provider.shutdown_handle().final_snapshot().await;
             (served, finished)
         }
         Err(err) => (Err(err), true),
@@ -89,15 +94,14 @@ async fn serve_until_stopped(snapshots: Option<snapshot::Settings>) -> (anyhow::
 
 /// Starts, serves until stopped, and hands back the provider for its final snapshot.
 async fn serve(
-    snapshots: Option<snapshot::Settings>,
+    snapshots: Option<config::Snapshots>,
 ) -> anyhow::Result<(anyhow::Result<()>, KvProvider)> {
     let provider = KvProvider::new(config::Config::default(), snapshots);
     // Restore before the SDK answers its first health check.
-    if let Some(settings) = provider.snapshots() {
-        restore(&provider, settings).await?;
-        provider.mark_snapshot_current();
+    if let Some(snapshots) = provider.snapshots() {
+        snapshots.restore().await?;
     }
-    telemetry::register_usage_gauges(&provider);
+    telemetry::register_usage_gauges(std::sync::Arc::clone(provider.engine()));
     let control = wasmcloud_provider_sdk::run_provider(provider.clone(), NAME)
         .await
         .context("failed to start the provider")?;
@@ -112,19 +116,19 @@ async fn serve(
         .flush()
         .await
         .context("failed to flush the data-plane subscriptions")?;
-    let periodic = provider
-        .snapshots()
-        .map(|settings| tokio::spawn(snapshot_periodically(provider.clone(), settings.interval)));
+    let periodic = (provider.snapshots())
+        .map(|snapshots| tokio::spawn(std::sync::Arc::clone(snapshots).periodically()));
+    let stop = provider.shutdown_handle();
     let serving = server.run();
     tokio::pin!(control, serving);
     let served = tokio::select! {
         () = &mut control => { info!("control loop ended"); None }
-        () = stop_signal() => { info!("stop signal received"); None }
-        // Serving ends on its own only after `Provider::shutdown` (a host request, through
-        // `control`): let the SDK send its reply (after the final snapshot, which
-        // `Provider::shutdown` waits for) before the process goes.
+        () = shutdown::signal() => { info!("stop signal received"); None }
+        // Serving ends on its own only after a host's shutdown request (through `control`):
+        // let the SDK send its reply (after the final snapshot, which
+        // `Shutdown::host_request` waits for) before the process goes.
         served = &mut serving => {
-            let wait = provider::FINAL_SNAPSHOT_WAIT + Duration::from_secs(5);
+            let wait = shutdown::FINAL_SNAPSHOT_WAIT + Duration::from_secs(5);
             if tokio::time::timeout(wait, &mut control).await.is_err() {
                 warn!("control loop did not end after shutdown");
             }
@@ -134,7 +138,7 @@ async fn serve(
     let served = match served {
         Some(served) => served,
         None => {
-            provider.stop();
+            stop.stop();
             let served = serving.await;
             if tokio::time::timeout(Duration::from_secs(2), connection.nats.flush())
                 .await
@@ -146,67 +150,12 @@ async fn serve(
         }
     };
     // In-flight calls are done: the final snapshot holds every answered write (after a host
-    // request, `Provider::shutdown` already wrote it).
+    // request, `Shutdown::host_request` already wrote it).
     if let Some(periodic) = periodic {
         periodic.abort();
         let _ = periodic.await;
     }
     Ok((served, provider))
-}
-
-async fn restore(provider: &KvProvider, settings: &snapshot::Settings) -> anyhow::Result<()> {
-    // Neither a leftover nor a file's mode stops a start: the next write uses a fresh name.
-    match snapshot::remove_leftovers(&settings.path) {
-        Ok((removed, failed)) => {
-            for leftover in removed {
-                info!(
-                    "removed {}, left by a snapshot write that never finished",
-                    leftover.display()
-                );
-            }
-            for (leftover, err) in failed {
-                warn!("cannot remove {}: {err}", leftover.display());
-            }
-        }
-        Err(err) => warn!(
-            "cannot look for leftovers of snapshot writes beside {}: {err}",
-            settings.path.display()
-        ),
-    }
-    if let Err(err) = snapshot::make_private(&settings.path) {
-        warn!(
-            "cannot make {} readable by this user only: {err}",
-            settings.path.display()
-        );
-    }
-    let (p, s) = (provider.clone(), settings.clone());
-    let restored = tokio::task::spawn_blocking(move || snapshot::restore(p.engine(), &s))
-        .await
-        .context("snapshot restore panicked")??;
-    let path = settings.path.display();
-    match restored {
-        snapshot::Restored::Missing => info!("no snapshot at {path} yet: starting empty"),
-        snapshot::Restored::Loaded(stats) => info!(
-            entries = stats.entries,
-            bytes = stats.bytes,
-            "restored snapshot {path}"
-        ),
-        snapshot::Restored::MovedAside { error, moved_to } => tracing::error!(
-            "snapshot {path} is unusable ({error}); moved it to {} and starting empty",
-            moved_to.display()
-        ),
-    }
-    Ok(())
-}
-
-async fn snapshot_periodically(provider: KvProvider, interval: Duration) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await; // the first tick is immediate: nothing new to write yet
-    loop {
-        ticks.tick().await;
-        provider.write_snapshot("periodic").await;
-    }
 }
 
 /// Loads host data; fails with a clear message where the SDK would panic on what it holds.
@@ -218,19 +167,4 @@ fn check_host_data() -> anyhow::Result<&'static wasmcloud_provider_sdk::HostData
             .context("host data field lattice_rpc_user_seed is not a valid NATS nkey seed")?;
     }
     Ok(host_data)
-}
-
-async fn stop_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(err) => {
-            warn!(%err, "cannot listen for SIGTERM; only SIGINT stops the provider");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -1,7 +1,8 @@
 //! The data plane: accepting wRPC invocations and running each in a task of its own.
 //!
-//! The routing table ([`Server::subscribe`]) lists every served function with the generated
-//! `Handler` trait method it goes to; the wire under it is ours ([`crate::transport`]), not
+//! The routing table ([`routes`]) is the one list of served functions: each with the generated
+//! `Handler` trait method it goes to, and the operation name its spans and metrics carry (a
+//! test compares it with the exports of the WIT world); the wire under it is ours ([`crate::transport`]), not
 //! `wrpc-transport-nats`'s. The accept loop only accepts: each invocation's handshake,
 //! parameter reading (bounded in time by `request_timeout_ms` and in size by
 //! `max_request_bytes`), handler and answer run in the invocation's own task, so one caller
@@ -12,8 +13,8 @@
 //! A reader following one `set`: NATS subject `{lattice}.{provider}.wrpc.0.0.1.
 //! wrpc:keyvalue/store@0.2.0-draft.set` → [`Server::run`] accepts → the route's task
 //! ([`serve_call`]) handshakes and decodes `(bucket, key, value)` → `store::Handler::set` in
-//! `provider.rs` → `Engine::set` in `engine.rs` → results published on the caller's
-//! `….results` subject.
+//! `provider.rs` → `Engine::set` in the store crate (`store/src/engine.rs`) → results published
+//! on the caller's `….results` subject.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,7 +37,7 @@ use wrpc_transport::TupleEncode;
 
 use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
 use crate::client::NoAsync;
-use crate::config::Config;
+use crate::config::Serving;
 use crate::provider::KvProvider;
 use crate::telemetry::{self, CALL_TARGET};
 use crate::transport::{self, Invocation, Transport};
@@ -62,7 +63,7 @@ const MAX_ACCEPTING: usize = 1024;
 
 type Call = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 /// Runs one invocation of a route's function, under the config it arrived with.
-type Serve = Arc<dyn Fn(Arrived, Config) -> Call + Send + Sync>;
+type Serve = Arc<dyn Fn(Arrived, Serving) -> Call + Send + Sync>;
 type Invocations = Pin<Box<dyn Stream<Item = (usize, async_nats::Message)> + Send>>;
 
 /// An invocation as it arrived: its message, the transport it came through, and its place
@@ -99,41 +100,7 @@ impl Server {
         prefix: &str,
         provider: KvProvider,
     ) -> anyhow::Result<Self> {
-        // The routing table: each function with the generated `Handler` method it calls. The
-        // handlers answer a bare `Result`; the wire's answer is a tuple of results, hence `(r,)`.
-        macro_rules! route {
-            ($instance:expr, $func:literal, $handler:path, ($($param:ident),+)) => {
-                route(&provider, $instance, $func, |p, cx, ($($param),+)| async move {
-                    $handler(&p, cx, $($param),+).await.map(|r| (r,))
-                })
-            };
-        }
-        let routes: Arc<[Route]> = Arc::from([
-            route!(STORE, "get", store::Handler::get, (bucket, key)),
-            route!(STORE, "set", store::Handler::set, (bucket, key, value)),
-            route!(STORE, "delete", store::Handler::delete, (bucket, key)),
-            route!(STORE, "exists", store::Handler::exists, (bucket, key)),
-            route!(
-                STORE,
-                "list-keys",
-                store::Handler::list_keys,
-                (bucket, cursor)
-            ),
-            route!(
-                ATOMICS,
-                "increment",
-                atomics::Handler::increment,
-                (bucket, key, delta)
-            ),
-            route!(BATCH, "get-many", batch::Handler::get_many, (bucket, keys)),
-            route!(BATCH, "set-many", batch::Handler::set_many, (bucket, pairs)),
-            route!(
-                BATCH,
-                "delete-many",
-                batch::Handler::delete_many,
-                (bucket, keys)
-            ),
-        ]);
+        let routes = routes(&provider);
         let (transport, routing) = Transport::start(nats.clone()).await?;
         let mut invocations = Vec::with_capacity(routes.len());
         for (index, route) in routes.iter().enumerate() {
@@ -189,7 +156,7 @@ impl Server {
                     msg,
                     permit,
                 };
-                let call = (route.serve)(arrived, provider.config());
+                let call = (route.serve)(arrived, provider.serving());
                 tokio::select! {
                     biased;
                     () = abandon.cancelled() => {
@@ -205,7 +172,7 @@ impl Server {
         let ended = loop {
             tokio::select! {
                 biased;
-                () = provider.stopping() => break false,
+                () = provider.shutdown_handle().stopping() => break false,
                 accepted = invocations.next() => {
                     let Ok(permit) = Arc::clone(&accepting).acquire_owned().await else {
                         break true;
@@ -263,7 +230,7 @@ impl Server {
             unconfirmed = figures.unconfirmed,
             "covered for callers that lost handshakes"
         );
-        provider.mark_drained();
+        provider.shutdown_handle().mark_drained();
         if ended {
             error!("every invocation subscription ended; the NATS connection is gone");
             return Err(anyhow!("invocation subscriptions ended"));
@@ -272,36 +239,80 @@ impl Server {
     }
 }
 
-/// The route of one function: how its accepted invocations are served.
-fn route<P, R, F, Fut>(
-    provider: &KvProvider,
-    instance: &'static str,
-    func: &'static str,
-    handle: F,
-) -> Route
-where
-    P: wire::Params,
-    R: Encoded + Answer + Send + 'static,
-    F: Fn(KvProvider, Option<Context>, P) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
-{
-    let provider = provider.clone();
-    let shape = Arc::new(P::shape());
-    let operation = operation_name(func);
-    Route {
-        instance,
-        func,
-        serve: Arc::new(move |arrived, config| {
-            let call = serve_call(
-                provider.clone(),
-                arrived,
-                config,
-                Arc::clone(&shape),
-                handle.clone(),
-                (operation, instance, func),
-            );
-            Box::pin(call) as Call
-        }),
+/// The routing table: every function we serve, the generated `Handler` method it calls, and
+/// its operation name (`keyvalue.<function>`, on spans and metrics).
+fn routes(provider: &KvProvider) -> Arc<[Route]> {
+    // `served!(instance, "function", handler, (params))` is one row. A macro only because each
+    // row's parameters are a different tuple type, destructured into the handler's arguments.
+    // The handlers answer a bare `Result`; the wire's answer is the function's results as a
+    // tuple, and these functions have one result each: hence the 1-tuple `(r,)`.
+    macro_rules! served {
+        ($instance:expr, $func:literal, $handler:path, ($($param:ident),+)) => {
+            Route::new(
+                provider,
+                ($instance, $func, concat!("keyvalue.", $func)),
+                |p, cx, ($($param),+)| async move { $handler(&p, cx, $($param),+).await.map(|r| (r,)) },
+            )
+        };
+    }
+    Arc::from([
+        served!(STORE, "get", store::Handler::get, (bucket, key)),
+        served!(STORE, "set", store::Handler::set, (bucket, key, value)),
+        served!(STORE, "delete", store::Handler::delete, (bucket, key)),
+        served!(STORE, "exists", store::Handler::exists, (bucket, key)),
+        served!(
+            STORE,
+            "list-keys",
+            store::Handler::list_keys,
+            (bucket, cursor)
+        ),
+        served!(
+            ATOMICS,
+            "increment",
+            atomics::Handler::increment,
+            (bucket, key, delta)
+        ),
+        served!(BATCH, "get-many", batch::Handler::get_many, (bucket, keys)),
+        served!(BATCH, "set-many", batch::Handler::set_many, (bucket, pairs)),
+        served!(
+            BATCH,
+            "delete-many",
+            batch::Handler::delete_many,
+            (bucket, keys)
+        ),
+    ])
+}
+
+impl Route {
+    /// The route of one function: how its accepted invocations are served.
+    fn new<P, R, F, Fut>(
+        provider: &KvProvider,
+        (instance, func, operation): (&'static str, &'static str, &'static str),
+        handle: F,
+    ) -> Route
+    where
+        P: wire::Params,
+        R: Encoded + Answer + Send + 'static,
+        F: Fn(KvProvider, Option<Context>, P) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
+    {
+        let provider = provider.clone();
+        let shape = Arc::new(P::shape());
+        Route {
+            instance,
+            func,
+            serve: Arc::new(move |arrived, config| {
+                let call = serve_call(
+                    provider.clone(),
+                    arrived,
+                    config,
+                    Arc::clone(&shape),
+                    handle.clone(),
+                    (operation, instance, func),
+                );
+                Box::pin(call) as Call
+            }),
+        }
     }
 }
 
@@ -310,7 +321,7 @@ where
 async fn serve_call<P, R, F, Fut>(
     provider: KvProvider,
     Arrived { via, msg, permit }: Arrived,
-    config: Config,
+    config: Serving,
     shape: Arc<wire::Shape>,
     handle: F,
     (operation, instance, func): (&'static str, &'static str, &'static str),
@@ -497,22 +508,6 @@ impl Outcome {
     }
 }
 
-/// The span name of a function: `keyvalue.get`, `keyvalue.set-many`, ….
-fn operation_name(func: &str) -> &'static str {
-    match func {
-        "get" => "keyvalue.get",
-        "set" => "keyvalue.set",
-        "delete" => "keyvalue.delete",
-        "exists" => "keyvalue.exists",
-        "list-keys" => "keyvalue.list-keys",
-        "increment" => "keyvalue.increment",
-        "get-many" => "keyvalue.get-many",
-        "set-many" => "keyvalue.set-many",
-        "delete-many" => "keyvalue.delete-many",
-        _ => "keyvalue.unknown",
-    }
-}
-
 /// The span of one call, child of the caller's span when the invocation carries a W3C
 /// `traceparent`. The parent is set before the span is first entered: with
 /// tracing-opentelemetry 0.32 entering starts the span, and a started span's parent cannot be
@@ -639,5 +634,42 @@ where
             .encode(self, &mut buf)
             .context("failed to encode results")?;
         Ok(buf.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every function the WIT world `provider` exports is served, and nothing else: a function
+    /// added to `wit/` cannot go unserved.
+    #[test]
+    fn the_routing_table_serves_exactly_the_worlds_exports() {
+        let mut resolve = wit_parser::Resolve::default();
+        let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("wit");
+        let (package, _) = resolve.push_path(wit).expect("wit/ parses");
+        let world = resolve
+            .select_world(&[package], Some("provider"))
+            .expect("wit/ has the world `provider`");
+        let mut exported = Vec::new();
+        for item in resolve.worlds[world].exports.values() {
+            let wit_parser::WorldItem::Interface { id, .. } = item else {
+                panic!("the world exports something that is not an interface");
+            };
+            let instance = resolve.id_of(*id).expect("exported interfaces are named");
+            for func in resolve.interfaces[*id].functions.keys() {
+                exported.push(format!("{instance}.{func}"));
+            }
+        }
+        let served: Vec<String> = routes(&KvProvider::default())
+            .iter()
+            .map(|route| format!("{}.{}", route.instance, route.func))
+            .collect();
+        exported.sort();
+        let mut sorted = served.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), served.len(), "a function is routed twice");
+        assert_eq!(sorted, exported);
     }
 }

@@ -5,8 +5,8 @@
 //! not set explicitly); `OTEL_*` keys in the provider config (the same overrides the SDK's
 //! `initialize_observability!` honours).
 //!
-//! We do not use `initialize_observability!`, for three reasons measured on this stack
-//! (../shared/CONTRACT.md §7): its global level filter drops every span below the host's
+//! We do not use `initialize_observability!`, for three reasons measured on this stack (SDK
+//! 0.17 with the 1.x host): its global level filter drops every span below the host's
 //! `log_level` before the OpenTelemetry layer sees it; it never flushes spans or metrics at
 //! exit; and it leaves the parenting of spans to `propagate_trace_for_ctx!`, which cannot
 //! parent a span that is already entered. Here each call's span gets its parent from the
@@ -18,7 +18,7 @@
 //! With telemetry off (the host's default) the per-call spans are disabled at their callsite
 //! (target [`CALL_TARGET`] is filtered out) and the metric instruments are no-ops.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -35,7 +35,10 @@ use wasmcloud_provider_sdk::core::logging::Level;
 use wasmcloud_provider_sdk::core::{OtelConfig, OtelProtocol};
 use wasmcloud_provider_sdk::HostData;
 
-use crate::provider::KvProvider;
+use keyvalue_store::Engine;
+
+/// The name telemetry reports the provider by (its package name).
+const SERVICE: &str = env!("CARGO_PKG_NAME");
 
 /// The tracing target of the per-call spans.
 pub const CALL_TARGET: &str = "keyvalue_inmemory::call";
@@ -48,10 +51,9 @@ pub struct Telemetry {
 
 /// Sets up logging to stderr and, when the host enables them, OTLP traces and metrics.
 /// Call from within the Tokio runtime: the exporters run on it.
-pub fn init(host_data: &HostData) -> anyhow::Result<Telemetry> {
-    let otel = otel_config(host_data);
+pub fn init(host_data: &HostData, otel: &OtelConfig) -> anyhow::Result<Telemetry> {
     let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(crate::NAME)
+        .with_service_name(SERVICE)
         .with_attribute(KeyValue::new(
             "service.instance.id",
             host_data.instance_id.clone(),
@@ -60,11 +62,11 @@ pub fn init(host_data: &HostData) -> anyhow::Result<Telemetry> {
 
     let tracer = otel
         .traces_enabled()
-        .then(|| tracer_provider(&otel, resource.clone()))
+        .then(|| tracer_provider(otel, resource.clone()))
         .transpose()?;
     let meter = otel
         .metrics_enabled()
-        .then(|| meter_provider(&otel, resource))
+        .then(|| meter_provider(otel, resource))
         .transpose()?;
     if let Some(meter) = &meter {
         opentelemetry::global::set_meter_provider(meter.clone());
@@ -72,7 +74,7 @@ pub fn init(host_data: &HostData) -> anyhow::Result<Telemetry> {
 
     let traces = tracer.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer(crate::NAME))
+            .with_tracer(provider.tracer(SERVICE))
             .with_filter(level_filter(&otel.trace_level))
     });
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -196,23 +198,6 @@ impl<S> tracing_subscriber::layer::Filter<S> for SdkStopNoise {
         event.record(&mut ended);
         !ended.0
     }
-}
-
-/// The host's `otel_config` with the provider config's `OTEL_*` overrides applied.
-fn otel_config(host_data: &HostData) -> OtelConfig {
-    let mut otel = host_data.otel_config.clone();
-    for (key, value) in &host_data.config {
-        let value = Some(value.clone());
-        match key.to_ascii_uppercase().as_str() {
-            "OTEL_EXPORTER_OTLP_ENDPOINT" => otel.observability_endpoint = value,
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => otel.traces_endpoint = value,
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" => otel.metrics_endpoint = value,
-            "OTEL_TRACES_SAMPLER" => otel.traces_sampler = value,
-            "OTEL_TRACES_SAMPLER_ARG" => otel.traces_sampler_arg = value,
-            _ => {}
-        }
-    }
-    otel
 }
 
 fn tracing_level(level: &Level) -> tracing::Level {
@@ -363,7 +348,7 @@ pub fn metrics() -> &'static Metrics {
 }
 
 fn meter() -> Meter {
-    opentelemetry::global::meter(crate::NAME)
+    opentelemetry::global::meter(SERVICE)
 }
 
 impl Metrics {
@@ -390,16 +375,15 @@ impl Metrics {
 const NAMESPACE_GAUGE_LIMIT: usize = 64;
 
 /// Registers the live gauges: keys and bytes in the store, and per namespace.
-pub fn register_usage_gauges(provider: &KvProvider) {
+pub fn register_usage_gauges(engine: Arc<Engine>) {
     let meter = meter();
-    let (keys, bytes) = (provider.clone(), provider.clone());
+    let (keys, bytes) = (Arc::clone(&engine), engine);
     meter
         .u64_observable_gauge("keyvalue.keys")
         .with_description("Live keys, in all and per namespace")
         .with_callback(move |gauge| {
-            let engine = keys.engine();
-            gauge.observe(engine.usage().keys, &[]);
-            for (ns, (k, _)) in per_namespace(engine) {
+            gauge.observe(keys.usage().keys, &[]);
+            for (ns, (k, _)) in per_namespace(&keys) {
                 gauge.observe(k, &[KeyValue::new("namespace", ns)]);
             }
         })
@@ -409,16 +393,15 @@ pub fn register_usage_gauges(provider: &KvProvider) {
         .with_unit("By")
         .with_description("Key plus value bytes, in all and per namespace")
         .with_callback(move |gauge| {
-            let engine = bytes.engine();
-            gauge.observe(engine.usage().bytes, &[]);
-            for (ns, (_, b)) in per_namespace(engine) {
+            gauge.observe(bytes.usage().bytes, &[]);
+            for (ns, (_, b)) in per_namespace(&bytes) {
                 gauge.observe(b, &[KeyValue::new("namespace", ns)]);
             }
         })
         .build();
 }
 
-fn per_namespace(engine: &crate::engine::Engine) -> Vec<(String, (u64, u64))> {
+fn per_namespace(engine: &Engine) -> Vec<(String, (u64, u64))> {
     engine
         .namespaces(NAMESPACE_GAUGE_LIMIT)
         .into_iter()

@@ -537,9 +537,8 @@ async fn limits(
 /// answered: the final snapshot must be on disk by then, with every answered write.
 fn stopped_by_the_host_loses_nothing(path: &Path) {
     let file = std::fs::File::open(path).expect("no snapshot after the host stopped the provider");
-    let engine =
-        keyvalue_inmemory::engine::Engine::new(keyvalue_inmemory::engine::Limits::UNLIMITED);
-    keyvalue_inmemory::snapshot::load(file, &engine).expect("the final snapshot does not load");
+    let engine = keyvalue_store::Engine::new(keyvalue_store::Limits::UNLIMITED);
+    keyvalue_store::snapshot::load(file, &engine).expect("the final snapshot does not load");
     // The links name `shared` and `alone`: named namespaces.
     let get = |ns: &str, bucket: &str, key: &str| {
         let ns = keyvalue_inmemory::links::named_namespace(ns);

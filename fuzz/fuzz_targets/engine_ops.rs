@@ -2,9 +2,7 @@
 //! every read, every refusal, the usage figures and full listings must agree.
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../src/engine.rs"]
-mod engine;
+use keyvalue_store as engine;
 
 use std::collections::BTreeMap;
 

@@ -2,12 +2,8 @@
 //! accepts the whole file, and what it accepts survives a write and a second read unchanged.
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../src/engine.rs"]
-mod engine;
-#[allow(dead_code)]
-#[path = "../../src/snapshot.rs"]
-mod snapshot;
+use keyvalue_store as engine;
+use keyvalue_store::snapshot;
 
 use libfuzzer_sys::fuzz_target;
 

@@ -1,7 +1,7 @@
-//! The storage engine alone, no NATS: `cargo bench --bench engine`.
+//! The storage engine alone, no NATS: `cargo bench -p keyvalue-store --bench engine`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use keyvalue_inmemory::engine::{Engine, Limits};
+use keyvalue_store::{Engine, Limits};
 
 const KEYS: usize = 100_000;
 

@@ -1,5 +1,5 @@
-//! Opt-in snapshots: the whole store written to one file, periodically and on a graceful stop,
-//! and read back at start before the provider answers its first health check.
+//! The snapshot file: the whole store in one file, written atomically and read back only
+//! whole. When to write one and when to read it is the provider's business.
 //!
 //! # File format (version 2)
 //!
@@ -20,7 +20,7 @@
 //! verified before any entry is loaded.
 //!
 //! Version 2 is version 1 with the engine's tagged namespace names (`named:<name>`,
-//! `component:<id>`, see `links.rs`). Version 1 did not tell a component's own namespace from
+//! `component:<id>`, named by the provider's links). Version 1 did not tell a component's own namespace from
 //! one that link config names, so a version 1 file loads every namespace `<n>` as the own
 //! namespace of a component `<n>` (`component:<n>`): a component's private data stays
 //! private and its own. Data of a version 1 named namespace is then reached by no link (a
@@ -42,9 +42,9 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::engine::Engine;
+use crate::{Engine, Limits};
 
 /// The first bytes of a snapshot file.
 pub const MAGIC: &[u8; 8] = b"KVINMEM1";
@@ -55,75 +55,6 @@ const TAG_END: u8 = 0;
 const TAG_NAMESPACE: u8 = 1;
 const TAG_BUCKET: u8 = 2;
 const TAG_ENTRY: u8 = 3;
-
-/// Provider config keys (read at start only: changing them needs a restart).
-pub const SNAPSHOT_PATH: &str = "snapshot_path";
-pub const SNAPSHOT_INTERVAL_SECS: &str = "snapshot_interval_secs";
-pub const SNAPSHOT_REQUIRED: &str = "snapshot_required";
-
-/// Where and how often to snapshot.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settings {
-    pub path: PathBuf,
-    pub interval: Duration,
-    /// Refuse to start when the snapshot exists but cannot be read.
-    pub required: bool,
-}
-
-impl Settings {
-    /// The snapshot settings of the provider config: `None` without `snapshot_path`. A value
-    /// that cannot be used keeps its default and is reported in the second half of the answer
-    /// (the provider logs it), as every other config key: a typo never stops the provider.
-    pub fn from_config(
-        config: &std::collections::HashMap<String, String>,
-    ) -> (Option<Settings>, Vec<String>) {
-        let mut problems = Vec::new();
-        let settings = Self::read(config, &mut problems);
-        (settings, problems)
-    }
-
-    fn read(
-        config: &std::collections::HashMap<String, String>,
-        problems: &mut Vec<String>,
-    ) -> Option<Settings> {
-        let get = |key: &str| {
-            config
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(key))
-                .map(|(_, v)| v.trim())
-        };
-        let path = get(SNAPSHOT_PATH).filter(|p| !p.is_empty())?;
-        let interval = match get(SNAPSHOT_INTERVAL_SECS) {
-            None => 60,
-            Some(v) => v.parse::<u64>().ok().filter(|&s| s > 0).unwrap_or_else(|| {
-                problems.push(format!(
-                    "config {SNAPSHOT_INTERVAL_SECS}={v:?} ignored: expected whole seconds > 0; \
-                     snapshotting every 60 s"
-                ));
-                60
-            }),
-        };
-        let required = match get(SNAPSHOT_REQUIRED)
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(v) => {
-                problems.push(format!(
-                    "config {SNAPSHOT_REQUIRED}={v:?} ignored: expected true or false; \
-                     an unreadable snapshot is moved aside"
-                ));
-                false
-            }
-        };
-        Some(Settings {
-            path: PathBuf::from(path),
-            interval: Duration::from_secs(interval),
-            required,
-        })
-    }
-}
 
 /// Why a snapshot file was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -539,9 +470,7 @@ pub fn load(mut reader: impl Read, engine: &Engine) -> Result<Stats, SnapshotErr
                               }| {
         let namespace = if version_1 {
             if migrated.0 != namespace {
-                // What `links::component_namespace` makes of it (a test checks they
-                // agree); spelled out so that the fuzz targets can include this file alone.
-                migrated = (namespace.to_owned(), format!("component:{namespace}"));
+                migrated = (namespace.to_owned(), version_1_namespace(namespace));
             }
             migrated.1.as_str()
         } else {
@@ -549,6 +478,12 @@ pub fn load(mut reader: impl Read, engine: &Engine) -> Result<Stats, SnapshotErr
         };
         let _ = engine.set(namespace, bucket, key, value);
     })
+}
+
+/// The namespace a version 1 file's namespace `name` loads as: the own namespace of a
+/// component `name`, as the provider names it (a test of the provider's checks they agree).
+pub fn version_1_namespace(name: &str) -> String {
+    format!("component:{name}")
 }
 
 /// What happened at start.
@@ -564,12 +499,11 @@ pub enum Restored {
     },
 }
 
-/// Loads the snapshot at `settings.path` into `engine` (which must be empty), ignoring the
-/// limits (data over a lowered limit stays, as with a live config change). An unusable file is
-/// moved aside to `<path>.corrupt-<unix seconds>` and the store starts empty, unless
-/// `settings.required`, which makes it an error.
-pub fn restore(engine: &Engine, settings: &Settings) -> anyhow::Result<Restored> {
-    let path = &settings.path;
+/// Loads the snapshot at `path` into `engine` (which must be empty), ignoring the limits
+/// (data over a lowered limit stays, as with a live config change). An unusable file is moved
+/// aside to `<path>.corrupt-<unix seconds>` and the store starts empty, unless `required`
+/// (config `snapshot_required`), which makes it an error.
+pub fn restore(engine: &Engine, path: &Path, required: bool) -> anyhow::Result<Restored> {
     let file = match File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Restored::Missing),
@@ -578,14 +512,14 @@ pub fn restore(engine: &Engine, settings: &Settings) -> anyhow::Result<Restored>
         }
     };
     let limits = engine.limits();
-    engine.set_limits(crate::engine::Limits::UNLIMITED);
+    engine.set_limits(Limits::UNLIMITED);
     let decoded = load(BufReader::new(file), engine);
     engine.set_limits(limits);
     match decoded {
         Ok(stats) => Ok(Restored::Loaded(stats)),
         Err(error) => {
             engine.clear();
-            if settings.required {
+            if required {
                 anyhow::bail!(
                     "snapshot {} is unusable ({error}) and snapshot_required=true: not starting",
                     path.display()
@@ -611,7 +545,6 @@ pub fn restore(engine: &Engine, settings: &Settings) -> anyhow::Result<Restored>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Limits;
 
     fn engine() -> Engine {
         let e = Engine::new(Limits::UNLIMITED);
@@ -697,8 +630,10 @@ mod tests {
         bytes[body..].copy_from_slice(&crc.to_le_bytes());
         let e = Engine::new(Limits::UNLIMITED);
         load(&bytes[..], &e).unwrap();
-        let own = crate::links::component_namespace("a");
-        assert_eq!(e.get(&own, "b1", "k1").as_deref(), Some(&b"v1"[..]));
+        assert_eq!(
+            e.get("component:a", "b1", "k1").as_deref(),
+            Some(&b"v1"[..])
+        );
         assert_eq!(e.get("a", "b1", "k1"), None);
         // A version 2 file loads as written.
         let e = Engine::new(Limits::UNLIMITED);
@@ -769,21 +704,12 @@ mod tests {
         let mut bytes = encoded(&engine());
         bytes.truncate(bytes.len() - 3);
         fs::write(&path, &bytes).unwrap();
-        let settings = Settings {
-            path: path.clone(),
-            interval: Duration::from_secs(60),
-            required: true,
-        };
         let e = Engine::new(Limits::UNLIMITED);
-        let err = restore(&e, &settings).unwrap_err();
+        let err = restore(&e, &path, true).unwrap_err();
         assert!(err.to_string().contains("snapshot_required"), "{err}");
         assert!(path.exists(), "a required snapshot stays where it is");
 
-        let settings = Settings {
-            required: false,
-            ..settings
-        };
-        match restore(&e, &settings).unwrap() {
+        match restore(&e, &path, false).unwrap() {
             Restored::MovedAside { moved_to, error } => {
                 assert!(matches!(error, SnapshotError::Truncated), "{error}");
                 assert!(moved_to.exists() && !path.exists());
@@ -792,33 +718,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(e.usage().keys, 0);
-        assert!(matches!(restore(&e, &settings).unwrap(), Restored::Missing));
-    }
-
-    #[test]
-    fn settings_come_from_config_and_bad_values_keep_their_defaults() {
-        let map = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
-        assert_eq!(Settings::from_config(&map(&[])), (None, vec![]));
-        let (s, problems) = Settings::from_config(&map(&[("SNAPSHOT_PATH", "/tmp/x")]));
-        let s = s.unwrap();
-        assert!(problems.is_empty());
-        assert_eq!(s.interval, Duration::from_secs(60));
-        assert!(!s.required);
-        let (s, problems) = Settings::from_config(&map(&[
-            ("snapshot_path", "/tmp/x"),
-            ("snapshot_interval_secs", "0"),
-            ("snapshot_required", "yes"),
-        ]));
-        let s = s.expect("a bad value does not turn snapshots off");
-        assert_eq!(s.interval, Duration::from_secs(60));
-        assert!(!s.required);
-        assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].contains("snapshot_interval_secs=\"0\""));
-        assert!(problems[1].contains("snapshot_required=\"yes\""));
+        assert!(matches!(
+            restore(&e, &path, false).unwrap(),
+            Restored::Missing
+        ));
     }
 }

@@ -1,5 +1,5 @@
 //! Properties of the engine under concurrency and churn, beyond the sequential model test in
-//! `src/engine.rs`:
+//! `src/engine.rs` of this crate:
 //! - histories of concurrent set / delete / increment / get on one key are linearizable;
 //! - list-keys paging under random churn lists every key that exists for the whole listing
 //!   exactly once, never lists a key twice, and never lists a key that was never written;
@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
-use keyvalue_inmemory::engine::{Engine, Limits};
+use keyvalue_store::{Engine, Limits};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]

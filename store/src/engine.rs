@@ -1,0 +1,887 @@
+//! The store's API, [`Engine`]: reads and writes of namespaces of buckets of keys.
+//!
+//! Every method is short and never blocks on I/O; callers on an async runtime may call it
+//! directly (but see [`Engine::list_keys_within`] for the first page of a large bucket).
+//!
+//! # Shape
+//!
+//! `namespaces → buckets → entries`, each level a [`DashMap`]. A write holds a read guard on
+//! its namespace and on its bucket while it takes the entry's shard lock, always in that order,
+//! so an empty bucket can be dropped (which needs the bucket map's write lock) without racing a
+//! writer that is about to fill it. No method takes a second guard on a map it already holds a
+//! guard of: DashMap's locks are not re-entrant.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use bytes::Bytes;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use crate::answer::{AnswerRefused, ANSWER_ELEMENT_BYTES};
+use crate::error::EngineError;
+use crate::item::{Entries, Item};
+use crate::limits::{check_key, check_value, Limits};
+use crate::listing::Listings;
+use crate::usage::{Space, Usage};
+
+/// Bytes of values get-many copies into one shared allocation before starting another.
+const GET_MANY_BUFFER: usize = 64 * 1024;
+
+/// One tenant's data: its buckets, and what it holds (see `usage.rs`).
+#[derive(Default)]
+pub(crate) struct Namespace {
+    buckets: DashMap<Box<str>, Entries>,
+    pub(crate) keys: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+}
+
+/// The in-memory store. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Engine {
+    namespaces: DashMap<Box<str>, Namespace>,
+    total_bytes: AtomicU64,
+    // Read on every write, written on a config update: a plain `RwLock` around a `Copy` value,
+    // never held across anything but a copy.
+    limits: RwLock<Limits>,
+    pub(crate) listings: Listings,
+    /// Keys removed so far, anywhere. A listing page re-checks its keys against the bucket
+    /// only when this moved since the listing's snapshot: a page of 1,000 keys of a 1M-key
+    /// bucket is otherwise 1,000 cache-missing lookups for nothing.
+    pub(crate) removals: AtomicU64,
+    /// Successful writes and removals so far: a snapshot is only needed when this moved.
+    changes: AtomicU64,
+    /// Batches that began writing under the shared gate, and those still writing: a
+    /// single-key refusal is retried alone in the store only when one may have caused it.
+    batches_begun: AtomicU64,
+    batches_pending: AtomicU64,
+    /// Writes hold it shared; a write refused at a usage limit retries holding it alone (see
+    /// `usage.rs`). A std lock: never held across an await.
+    gate: RwLock<()>,
+}
+
+impl Engine {
+    /// An empty store enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            namespaces: DashMap::new(),
+            total_bytes: AtomicU64::new(0),
+            limits: RwLock::new(limits),
+            listings: Listings::default(),
+            removals: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            batches_begun: AtomicU64::new(0),
+            batches_pending: AtomicU64::new(0),
+            gate: RwLock::new(()),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        *self
+            .limits
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Replaces the limits. Data over a lowered limit stays; only new writes are refused.
+    pub fn set_limits(&self, limits: Limits) {
+        *self
+            .limits
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = limits;
+    }
+
+    /// The value of `key`, `None` when it does not exist.
+    pub fn get(&self, ns: &str, bucket: &str, key: &str) -> Option<Bytes> {
+        self.get_within(ns, bucket, key, |_| true).unwrap_or(None)
+    }
+
+    /// Like [`Engine::get`], asking `room` for the value's size before copying it.
+    pub fn get_within(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        room: impl FnOnce(usize) -> bool,
+    ) -> Result<Option<Bytes>, AnswerRefused> {
+        self.read_bucket(ns, bucket, |entries| {
+            let Some(entry) = entries.get(key) else {
+                return Ok(None);
+            };
+            let value = entry.key().value();
+            if !room(value.len()) {
+                return Err(AnswerRefused {
+                    asked: value.len() as u64,
+                });
+            }
+            Ok(Some(Bytes::copy_from_slice(value)))
+        })
+        .unwrap_or(Ok(None))
+    }
+
+    /// `Err` when `bucket` or `key` is longer than `max_key_bytes`. Writes check this
+    /// themselves; `get` checks it first so that a component learns of the limit instead of
+    /// reading "none" for a key it could never have written.
+    pub fn check_key_limits(&self, bucket: &str, key: &str) -> Result<(), EngineError> {
+        let limits = self.limits();
+        check_key(&limits, "bucket name", bucket)?;
+        check_key(&limits, "key", key)
+    }
+
+    /// Whether `key` exists.
+    pub fn exists(&self, ns: &str, bucket: &str, key: &str) -> bool {
+        self.read_bucket(ns, bucket, |entries| entries.contains_key(key))
+            .unwrap_or(false)
+    }
+
+    /// Stores `value` under `key`.
+    pub fn set(&self, ns: &str, bucket: &str, key: &str, value: &[u8]) -> Result<(), EngineError> {
+        let limits = self.limits();
+        check_key(&limits, "bucket name", bucket)?;
+        check_key(&limits, "key", key)?;
+        check_value(&limits, value)?;
+        self.limited_write(ns, bucket, false, |space, entries, _| {
+            // Exact: the old entry cannot change while its shard lock is held.
+            match entries.entry(Item::new(key, value)) {
+                Entry::Occupied(old) => {
+                    let old_len = old.key().value().len();
+                    let grow = value.len().saturating_sub(old_len) as u64;
+                    let reservation = space.reserve(&limits, 0, grow)?;
+                    old.replace_entry(());
+                    space.settle(reservation, 0, value.len() as i64 - old_len as i64);
+                }
+                Entry::Vacant(vacant) => {
+                    let size = (key.len() + value.len()) as u64;
+                    let reservation = space.reserve(&limits, 1, size)?;
+                    vacant.insert(());
+                    space.settle(reservation, 1, size as i64);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Stores every pair, or none of them: every limit is checked before anything is written.
+    /// A key named twice ends with its last value.
+    pub fn set_many<'a, I>(&self, ns: &str, bucket: &str, pairs: I) -> Result<(), EngineError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
+        let limits = self.limits();
+        check_key(&limits, "bucket name", bucket)?;
+        let mut latest: HashMap<&str, &[u8]> = HashMap::new();
+        for (key, value) in pairs {
+            check_key(&limits, "key", key)?;
+            check_value(&limits, value)?;
+            latest.insert(key, value);
+        }
+        if latest.len() == 1 {
+            let (key, value) = latest.into_iter().next().unwrap_or_default();
+            return self.set(ns, bucket, key, value);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        self.limited_write(ns, bucket, true, |space, entries, exclusive| {
+            let (mut new_keys, mut change) = (0u64, 0i64);
+            for (key, value) in &latest {
+                match entries.get(*key).filter(|_| exclusive) {
+                    // Alone in the store: what the batch changes is exact (shrinking values
+                    // make room for growing ones in the same batch).
+                    Some(old) => change += value.len() as i64 - old.key().value().len() as i64,
+                    // Shared: the worst case, every key new.
+                    None => {
+                        new_keys += 1;
+                        change += (key.len() + value.len()) as i64;
+                    }
+                }
+            }
+            let reservation = space.reserve(&limits, new_keys, change.max(0) as u64)?;
+            let (mut added, mut delta) = (0u64, 0i64);
+            for (key, value) in &latest {
+                let (was_new, change) = put(entries, key, value);
+                added += u64::from(was_new);
+                delta += change;
+            }
+            space.settle(reservation, added, delta);
+            Ok(())
+        })
+    }
+
+    /// Removes `key`; a missing key is not an error.
+    pub fn delete(&self, ns: &str, bucket: &str, key: &str) {
+        self.delete_many(ns, bucket, [key]);
+    }
+
+    /// Removes every key named; missing keys are ignored.
+    pub fn delete_many<'a>(&self, ns: &str, bucket: &str, keys: impl IntoIterator<Item = &'a str>) {
+        let _shared = self
+            .gate
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let Some(ns_ref) = self.namespaces.get(ns) else {
+            return;
+        };
+        let emptied = {
+            let Some(entries) = ns_ref.buckets.get(bucket) else {
+                return;
+            };
+            let space = Space::new(&self.total_bytes, &ns_ref);
+            let mut removed = 0u64;
+            for key in keys {
+                // The counters go down under the entry's shard lock, as the entry goes: a
+                // writer of the same key cannot see it gone while it is still counted (and be
+                // refused at a limit the delete already made room under).
+                let released = entries.remove_if(key, |item, ()| {
+                    space.release(1, item.size());
+                    true
+                });
+                removed += u64::from(released.is_some());
+            }
+            if removed > 0 {
+                self.removals.fetch_add(removed, Ordering::SeqCst);
+                self.changes.fetch_add(1, Ordering::Relaxed);
+            }
+            entries.is_empty()
+        };
+        if emptied {
+            drop_empty(&ns_ref.buckets, bucket);
+        }
+    }
+
+    /// Adds `delta` to the decimal counter under `key` and answers the new value; a missing
+    /// key is created holding `delta`. Atomic: the read, the check and the write happen under
+    /// the key's shard lock.
+    pub fn increment(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        delta: u64,
+    ) -> Result<u64, EngineError> {
+        let limits = self.limits();
+        check_key(&limits, "bucket name", bucket)?;
+        check_key(&limits, "key", key)?;
+        self.limited_write(ns, bucket, false, |space, entries, _| loop {
+            // Read, compute, then write only if the value is still the one read: a
+            // compare-and-swap under the key's shard lock (an item is replaced whole, so the
+            // read cannot keep the lock across the new allocation).
+            let seen: Option<Box<[u8]>> = entries.get(key).map(|e| e.key().value().into());
+            let next = match &seen {
+                None => delta,
+                Some(value) => {
+                    let current = parse_counter(value).ok_or_else(|| EngineError::NotACounter {
+                        key: key.to_owned(),
+                    })?;
+                    current
+                        .checked_add(delta)
+                        .ok_or_else(|| EngineError::Overflow {
+                            key: key.to_owned(),
+                            delta,
+                        })?
+                }
+            };
+            let text = next.to_string();
+            match (entries.entry(Item::new(key, text.as_bytes())), &seen) {
+                (Entry::Occupied(found), Some(old)) if found.key().value() == &old[..] => {
+                    let grow = (text.len() as u64).saturating_sub(old.len() as u64);
+                    let reservation = space.reserve(&limits, 0, grow)?;
+                    found.replace_entry(());
+                    space.settle(reservation, 0, text.len() as i64 - old.len() as i64);
+                    return Ok(next);
+                }
+                (Entry::Vacant(vacant), None) => {
+                    let size = (key.len() + text.len()) as u64;
+                    let reservation = space.reserve(&limits, 1, size)?;
+                    vacant.insert(());
+                    space.settle(reservation, 1, size as i64);
+                    return Ok(delta);
+                }
+                // Another writer got there between the read and the write: read again.
+                _ => continue,
+            }
+        })
+    }
+
+    /// Runs a write under the gate: shared, then, if a usage limit refused it, once more
+    /// alone in the store (`exclusive` tells `write` which). Drops the bucket if the write
+    /// created it and then failed.
+    ///
+    /// A single-key write reserves exactly, so its refusal is only retried when a batch's
+    /// worst-case reservation may have caused it: a batch was under way when it began, or
+    /// began while it ran. A tenant refused at its own `max_keys` therefore does not take the
+    /// store-wide lock from every other tenant on each refused write.
+    fn limited_write<R>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        batch: bool,
+        write: impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        let batches_before = self.batches_begun.load(Ordering::SeqCst);
+        let pending_before = self.batches_pending.load(Ordering::SeqCst);
+        let shared = {
+            let _shared = self
+                .gate
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner());
+            if batch {
+                self.batches_begun.fetch_add(1, Ordering::SeqCst);
+                self.batches_pending.fetch_add(1, Ordering::SeqCst);
+            }
+            let written =
+                self.write_bucket(ns, bucket, |space, entries| write(space, entries, false));
+            if batch {
+                self.batches_pending.fetch_sub(1, Ordering::SeqCst);
+            }
+            written
+        };
+        let batch_may_have_refused = || {
+            batch
+                || pending_before > 0
+                || self.batches_pending.load(Ordering::SeqCst) > 0
+                || self.batches_begun.load(Ordering::SeqCst) != batches_before
+        };
+        let result = match shared {
+            Err(err) if err.is_usage_limit() && batch_may_have_refused() => {
+                let _alone = self
+                    .gate
+                    .write()
+                    .unwrap_or_else(|poison| poison.into_inner());
+                self.write_bucket(ns, bucket, |space, entries| write(space, entries, true))
+            }
+            done => done,
+        };
+        match result {
+            Ok(_) => {
+                self.changes.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => self.drop_bucket_if_empty(ns, bucket),
+        }
+        result
+    }
+
+    /// How many writes and removals the store has seen: equal values mean an unchanged store.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
+
+    /// `(key, value)` for each key asked, in the order asked; `None` for a missing key.
+    pub fn get_many(
+        &self,
+        ns: &str,
+        bucket: &str,
+        keys: Vec<String>,
+    ) -> Vec<Option<(String, Bytes)>> {
+        let asked = keys.len();
+        self.get_many_within(ns, bucket, keys, |_| true)
+            .unwrap_or_else(|_| vec![None; asked])
+    }
+
+    /// Like [`Engine::get_many`], asking `room` before each value is copied (with the bytes
+    /// its element adds to the answer: key, value and [`ANSWER_ELEMENT_BYTES`]). Once `room`
+    /// says no, nothing more is copied; the rest is only measured, to say how large the
+    /// answer would have been.
+    ///
+    /// Allocation-lean, since a batch is the bulk path: the keys move into the answer, and the
+    /// values are copied into shared buffers (`Bytes` slices of a few allocations), not one
+    /// allocation each.
+    pub fn get_many_within(
+        &self,
+        ns: &str,
+        bucket: &str,
+        keys: Vec<String>,
+        mut room: impl FnMut(usize) -> bool,
+    ) -> Result<Vec<Option<(String, Bytes)>>, AnswerRefused> {
+        let asked = keys.len();
+        let found = self.read_bucket(ns, bucket, |entries| {
+            let mut buffer = bytes::BytesMut::new();
+            let mut answer = Vec::with_capacity(asked);
+            let mut refused: Option<u64> = None;
+            for (i, key) in keys.into_iter().enumerate() {
+                let Some(entry) = entries.get(key.as_str()) else {
+                    if refused.is_none() {
+                        answer.push(None);
+                    }
+                    continue;
+                };
+                let value = entry.key().value();
+                let cost = value.len() + key.len() + ANSWER_ELEMENT_BYTES;
+                if let Some(total) = &mut refused {
+                    *total += cost as u64;
+                    continue;
+                }
+                if !room(cost) {
+                    let copied: usize = answer
+                        .iter()
+                        .flatten()
+                        .map(|(k, v): &(String, Bytes)| k.len() + v.len() + ANSWER_ELEMENT_BYTES)
+                        .sum();
+                    refused = Some((copied + cost) as u64);
+                    answer.clear();
+                    continue;
+                }
+                if buffer.capacity() < value.len() {
+                    // Room for this value and, guessing the rest are alike, the ones
+                    // after it, up to GET_MANY_BUFFER: a one-key batch allocates its
+                    // value's size, not 64 KiB.
+                    let guess = value.len().saturating_mul(asked - i);
+                    buffer.reserve(guess.min(GET_MANY_BUFFER).max(value.len()));
+                }
+                buffer.extend_from_slice(value);
+                answer.push(Some((key, buffer.split().freeze())));
+            }
+            match refused {
+                Some(asked) => Err(AnswerRefused { asked }),
+                None => Ok(answer),
+            }
+        });
+        found.unwrap_or_else(|| Ok(vec![None; asked]))
+    }
+
+    /// How many keys `bucket` holds.
+    pub fn bucket_len(&self, ns: &str, bucket: &str) -> usize {
+        self.read_bucket(ns, bucket, |entries| entries.len())
+            .unwrap_or(0)
+    }
+
+    /// Live figures.
+    pub fn usage(&self) -> Usage {
+        let mut usage = Usage {
+            namespaces: 0,
+            bytes: self.total_bytes.load(Ordering::Relaxed),
+            ..Usage::default()
+        };
+        for ns in &self.namespaces {
+            usage.namespaces += 1;
+            usage.buckets += ns.buckets.len();
+            usage.keys += ns.keys.load(Ordering::Relaxed);
+        }
+        usage
+    }
+
+    /// Names of up to `limit` namespaces, in no particular order.
+    pub fn namespaces(&self, limit: usize) -> Vec<String> {
+        self.namespaces
+            .iter()
+            .take(limit)
+            .map(|ns| ns.key().to_string())
+            .collect()
+    }
+
+    /// Names of the buckets of `ns` that hold keys, in no particular order.
+    pub fn bucket_names(&self, ns: &str) -> Vec<String> {
+        self.namespaces.get(ns).map_or_else(Vec::new, |n| {
+            n.buckets.iter().map(|b| b.key().to_string()).collect()
+        })
+    }
+
+    /// The keys of one bucket, in no particular order. Holds one shard's read lock at a time
+    /// while that shard's keys are copied.
+    pub fn bucket_keys(&self, ns: &str, bucket: &str) -> Vec<Box<str>> {
+        self.read_bucket(ns, bucket, |entries| {
+            entries.iter().map(|e| Box::from(e.key().key())).collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// Drops everything (a snapshot that failed half-way through loading).
+    pub fn clear(&self) {
+        self.namespaces.clear();
+        self.total_bytes.store(0, Ordering::Relaxed);
+        self.removals.fetch_add(1, Ordering::SeqCst);
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Keys and bytes of one namespace; zeros for one never written.
+    pub fn namespace_usage(&self, ns: &str) -> (u64, u64) {
+        self.namespaces.get(ns).map_or((0, 0), |n| {
+            (
+                n.keys.load(Ordering::Relaxed),
+                n.bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    pub(crate) fn read_bucket<R>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        f: impl FnOnce(&Entries) -> R,
+    ) -> Option<R> {
+        let ns_ref = self.namespaces.get(ns)?;
+        let entries = ns_ref.buckets.get(bucket)?;
+        Some(f(&entries))
+    }
+
+    fn write_bucket<R>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        f: impl FnOnce(&Space<'_>, &Entries) -> R,
+    ) -> R {
+        let ns_ref = match self.namespaces.get(ns) {
+            Some(found) => found,
+            None => self.namespaces.entry(ns.into()).or_default().downgrade(),
+        };
+        let entries = match ns_ref.buckets.get(bucket) {
+            Some(found) => found,
+            None => ns_ref.buckets.entry(bucket.into()).or_default().downgrade(),
+        };
+        f(&Space::new(&self.total_bytes, &ns_ref), &entries)
+    }
+
+    fn drop_bucket_if_empty(&self, ns: &str, bucket: &str) {
+        if let Some(ns_ref) = self.namespaces.get(ns) {
+            drop_empty(&ns_ref.buckets, bucket);
+        }
+    }
+}
+
+/// Drops a bucket that holds no keys. Takes the bucket map's write lock, so it cannot run while
+/// a writer holds the bucket (writers hold a read guard on it while they write).
+fn drop_empty(buckets: &DashMap<Box<str>, Entries>, bucket: &str) {
+    buckets.remove_if(bucket, |_, entries| entries.is_empty());
+}
+
+/// Writes one entry; answers whether the key is new and by how many bytes the store changed.
+fn put(entries: &Entries, key: &str, value: &[u8]) -> (bool, i64) {
+    match entries.entry(Item::new(key, value)) {
+        Entry::Occupied(old) => {
+            let change = value.len() as i64 - old.key().value().len() as i64;
+            old.replace_entry(());
+            (false, change)
+        }
+        Entry::Vacant(vacant) => {
+            vacant.insert(());
+            (true, (key.len() + value.len()) as i64)
+        }
+    }
+}
+
+/// A decimal `u64` with no sign, no spaces and no leading `+`; leading zeros are accepted.
+fn parse_counter(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listing::KeyPage;
+    use crate::testing::{limits, list_all, strings};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    #[test]
+    fn never_written_bucket_is_empty() {
+        let e = Engine::new(limits());
+        assert_eq!(e.get("ns", "b", "k"), None);
+        assert!(!e.exists("ns", "b", "k"));
+        e.delete("ns", "b", "k");
+        e.delete_many("ns", "b", ["k", "l"]);
+        assert_eq!(
+            e.list_keys("ns", "b", None).unwrap(),
+            KeyPage {
+                keys: vec![],
+                cursor: None
+            }
+        );
+        assert_eq!(
+            e.get_many("ns", "b", strings(&["a", "b"])),
+            vec![None, None]
+        );
+        assert_eq!(e.usage(), Usage::default());
+    }
+
+    #[test]
+    fn empty_value_and_empty_bucket_name_round_trip() {
+        let e = Engine::new(limits());
+        e.set("ns", "", "k", b"").unwrap();
+        assert_eq!(e.get("ns", "", "k"), Some(Bytes::new()));
+        assert!(e.exists("ns", "", "k"));
+    }
+
+    #[test]
+    fn namespaces_are_isolated() {
+        let e = Engine::new(limits());
+        e.set("a", "b", "k", b"1").unwrap();
+        assert_eq!(e.get("b", "b", "k"), None);
+        assert_eq!(e.get("a", "b", "k").as_deref(), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn increment_counts_and_refuses_non_counters_and_overflow() {
+        let e = Engine::new(limits());
+        assert_eq!(e.increment("n", "b", "c", 5).unwrap(), 5);
+        assert_eq!(e.increment("n", "b", "c", 0).unwrap(), 5);
+        assert_eq!(e.increment("n", "b", "c", 7).unwrap(), 12);
+        assert_eq!(e.get("n", "b", "c").as_deref(), Some(&b"12"[..]));
+        e.set("n", "b", "t", b"hello").unwrap();
+        assert!(matches!(
+            e.increment("n", "b", "t", 1),
+            Err(EngineError::NotACounter { .. })
+        ));
+        e.set("n", "b", "neg", b"-1").unwrap();
+        assert!(matches!(
+            e.increment("n", "b", "neg", 1),
+            Err(EngineError::NotACounter { .. })
+        ));
+        e.set("n", "b", "max", u64::MAX.to_string().as_bytes())
+            .unwrap();
+        assert!(matches!(
+            e.increment("n", "b", "max", 1),
+            Err(EngineError::Overflow { .. })
+        ));
+        assert_eq!(
+            e.get("n", "b", "max").as_deref(),
+            Some(u64::MAX.to_string().as_bytes())
+        );
+        assert_eq!(e.get("n", "b", "t").as_deref(), Some(&b"hello"[..]));
+    }
+
+    #[test]
+    fn increment_is_atomic_across_threads() {
+        let e = Arc::new(Engine::new(limits()));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                let e = &e;
+                s.spawn(move || {
+                    for _ in 0..1000 {
+                        e.increment("n", "b", "c", 1).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(e.get("n", "b", "c").as_deref(), Some(&b"8000"[..]));
+        assert_eq!(e.usage().bytes, 5);
+    }
+
+    #[test]
+    fn limits_name_the_config_key_and_write_nothing() {
+        let e = Engine::new(limits());
+        let long = "k".repeat(65);
+        let err = e.set("n", "b", &long, b"v").unwrap_err();
+        assert!(err.to_string().contains("max_key_bytes"), "{err}");
+        let err = e.set("n", &long, "k", b"v").unwrap_err();
+        assert!(err.to_string().contains("bucket name"), "{err}");
+        let err = e.set("n", "b", "k", &[0; 1025]).unwrap_err();
+        assert!(err.to_string().contains("max_value_bytes"), "{err}");
+        assert_eq!(e.usage(), Usage::default());
+        // What `get` checks before reading.
+        let err = e.check_key_limits("b", &long).unwrap_err();
+        assert!(err.to_string().contains("max_key_bytes"), "{err}");
+        assert!(e.check_key_limits(&long, "k").is_err());
+        e.check_key_limits("b", &"k".repeat(64)).unwrap();
+
+        for i in 0..100 {
+            e.set("n", "b", &format!("{i}"), b"").unwrap();
+        }
+        let err = e.set("n", "b", "one-more", b"").unwrap_err();
+        assert!(err.to_string().contains("max_keys"), "{err}");
+        // Overwrites do not grow the count, so they pass.
+        e.set("n", "b", "7", b"x").unwrap();
+        // Another namespace has its own count.
+        e.set("m", "b", "one-more", b"").unwrap();
+        assert!(!e.exists("n", "b", "one-more"));
+        assert_eq!(e.namespace_usage("n").0, 100);
+    }
+
+    #[test]
+    fn max_total_bytes_is_store_wide_and_exact() {
+        let e = Engine::new(Limits {
+            max_total_bytes: 100,
+            ..limits()
+        });
+        e.set("a", "b", "k", &[1; 49]).unwrap(); // 50 bytes
+        e.set("c", "b", "k", &[1; 49]).unwrap(); // 100 bytes
+        let err = e.set("d", "b", "k", b"").unwrap_err();
+        assert!(err.to_string().contains("max_total_bytes"), "{err}");
+        // A shrinking overwrite frees room, a growing one within room passes.
+        e.set("a", "b", "k", &[1; 9]).unwrap();
+        assert_eq!(e.usage().bytes, 60);
+        e.set("d", "b", "kk", &[1; 38]).unwrap();
+        assert_eq!(e.usage().bytes, 100);
+        e.delete("a", "b", "k");
+        assert_eq!(e.usage().bytes, 90);
+        assert_eq!(e.usage().buckets, 2, "the emptied bucket is dropped");
+    }
+
+    #[test]
+    fn set_many_is_all_or_nothing() {
+        let e = Engine::new(Limits {
+            max_keys: 3,
+            ..limits()
+        });
+        e.set("n", "b", "a", b"1").unwrap();
+        let err = e
+            .set_many("n", "b", [("b", &b"2"[..]), ("c", b"3"), ("d", b"4")])
+            .unwrap_err();
+        assert!(err.to_string().contains("max_keys"));
+        assert_eq!(
+            e.get_many("n", "b", strings(&["a", "b", "c", "d"]))
+                .iter()
+                .flatten()
+                .count(),
+            1
+        );
+        let err = e
+            .set_many("n", "b", [("b", &b"2"[..]), ("c", &[0; 2000][..])])
+            .unwrap_err();
+        assert!(err.to_string().contains("max_value_bytes"));
+        assert!(!e.exists("n", "b", "b"));
+        // A key named twice counts once and keeps the last value.
+        e.set_many("n", "b", [("b", &b"2"[..]), ("b", b"22"), ("c", b"3")])
+            .unwrap();
+        assert_eq!(e.get("n", "b", "b").as_deref(), Some(&b"22"[..]));
+        assert_eq!(e.namespace_usage("n"), (3, 2 + 3 + 2));
+    }
+
+    #[test]
+    fn get_many_answers_in_the_order_asked() {
+        let e = Engine::new(limits());
+        e.set_many("n", "b", [("x", &b"1"[..]), ("y", b"2")])
+            .unwrap();
+        let got = e.get_many("n", "b", strings(&["y", "missing", "x", "y"]));
+        assert_eq!(
+            got,
+            vec![
+                Some(("y".into(), Bytes::from_static(b"2"))),
+                None,
+                Some(("x".into(), Bytes::from_static(b"1"))),
+                Some(("y".into(), Bytes::from_static(b"2"))),
+            ]
+        );
+    }
+
+    #[test]
+    fn get_many_values_survive_the_shared_buffers() {
+        // Values are copied into shared buffers of up to GET_MANY_BUFFER bytes: mixed sizes,
+        // empty values, values larger than a buffer and many buffers' worth must each come
+        // back whole and unchanged.
+        let e = Engine::new(Limits::UNLIMITED);
+        let value = |i: usize| -> Vec<u8> {
+            let len = match i % 5 {
+                0 => 0,
+                1 => 1,
+                2 => 1000 + i,
+                3 => GET_MANY_BUFFER + 7 * i,
+                _ => 3 * GET_MANY_BUFFER,
+            };
+            (0..len).map(|j| (i * 31 + j) as u8).collect()
+        };
+        let keys: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
+        for (i, k) in keys.iter().enumerate() {
+            e.set("n", "b", k, &value(i)).unwrap();
+        }
+        let mut asked = keys.clone();
+        asked.reverse();
+        let got = e.get_many("n", "b", asked.clone());
+        assert_eq!(got.len(), 60);
+        for (key, answer) in asked.iter().zip(got) {
+            let i: usize = key[1..].parse().unwrap();
+            let (k, v) = answer.expect("every key was set");
+            assert_eq!(&k, key);
+            assert_eq!(v, Bytes::from(value(i)), "value of {key}");
+        }
+    }
+
+    /// One step of a random workload, for the model test below.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(u8, u8, Vec<u8>),
+        Delete(u8, u8),
+        Increment(u8, u8, u64),
+        SetMany(u8, Vec<(u8, Vec<u8>)>),
+        DeleteMany(u8, Vec<u8>),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let value = prop::collection::vec(any::<u8>(), 0..24);
+        prop_oneof![
+            (0..3u8, 0..12u8, value.clone()).prop_map(|(b, k, v)| Op::Set(b, k, v)),
+            (0..3u8, 0..12u8).prop_map(|(b, k)| Op::Delete(b, k)),
+            (0..3u8, 0..12u8, 0..1000u64).prop_map(|(b, k, d)| Op::Increment(b, k, d)),
+            (0..3u8, prop::collection::vec((0..12u8, value), 0..6))
+                .prop_map(|(b, kv)| Op::SetMany(b, kv)),
+            (0..3u8, prop::collection::vec(0..12u8, 0..6)).prop_map(|(b, k)| Op::DeleteMany(b, k)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The engine agrees with a BTreeMap model on every read, the usage figures and the
+        /// limits, for random workloads under tight limits.
+        #[test]
+        fn engine_matches_a_model(ops in proptest::collection::vec(op(), 1..120)) {
+            let limits = Limits { max_keys: 20, max_total_bytes: 300, max_value_bytes: 20, ..limits() };
+            let e = Engine::new(limits);
+            let mut model: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
+            let size = |m: &BTreeMap<(String, String), Vec<u8>>| -> u64 {
+                m.iter().map(|((_, k), v)| (k.len() + v.len()) as u64).sum()
+            };
+            for op in ops {
+                match op {
+                    Op::Set(b, k, v) => {
+                        let (b, k) = (b.to_string(), format!("k{k}"));
+                        let mut next = model.clone();
+                        next.insert((b.clone(), k.clone()), v.clone());
+                        let ok = v.len() <= 20 && next.len() <= 20 && size(&next) <= 300;
+                        proptest::prop_assert_eq!(e.set("n", &b, &k, &v).is_ok(), ok);
+                        if ok { model = next; }
+                    }
+                    Op::Delete(b, k) => {
+                        e.delete("n", &b.to_string(), &format!("k{k}"));
+                        model.remove(&(b.to_string(), format!("k{k}")));
+                    }
+                    Op::Increment(b, k, d) => {
+                        let (b, k) = (b.to_string(), format!("k{k}"));
+                        let current = match model.get(&(b.clone(), k.clone())) {
+                            None => Some(0),
+                            Some(v) => parse_counter(v),
+                        };
+                        let expect = current.and_then(|c| c.checked_add(d)).and_then(|n| {
+                            let mut next = model.clone();
+                            next.insert((b.clone(), k.clone()), n.to_string().into_bytes());
+                            (next.len() <= 20 && size(&next) <= 300).then_some((n, next))
+                        });
+                        let got = e.increment("n", &b, &k, d);
+                        proptest::prop_assert_eq!(got.as_ref().ok().copied(), expect.as_ref().map(|(n, _)| *n));
+                        if let Some((_, next)) = expect { model = next; }
+                    }
+                    Op::SetMany(b, kv) => {
+                        let b = b.to_string();
+                        let pairs: Vec<(String, Vec<u8>)> = kv.into_iter().map(|(k, v)| (format!("k{k}"), v)).collect();
+                        let mut next = model.clone();
+                        for (k, v) in &pairs { next.insert((b.clone(), k.clone()), v.clone()); }
+                        let ok = pairs.iter().all(|(_, v)| v.len() <= 20) && next.len() <= 20 && size(&next) <= 300;
+                        let got = e.set_many("n", &b, pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+                        proptest::prop_assert_eq!(got.is_ok(), ok);
+                        if ok { model = next; }
+                    }
+                    Op::DeleteMany(b, keys) => {
+                        let keys: Vec<String> = keys.into_iter().map(|k| format!("k{k}")).collect();
+                        e.delete_many("n", &b.to_string(), keys.iter().map(String::as_str));
+                        for k in keys { model.remove(&(b.to_string(), k)); }
+                    }
+                }
+                let usage = e.usage();
+                proptest::prop_assert_eq!(usage.keys, model.len() as u64);
+                proptest::prop_assert_eq!(usage.bytes, size(&model));
+            }
+            for b in 0..3u8 {
+                let b = b.to_string();
+                let want: Vec<String> = model.keys().filter(|(mb, _)| *mb == b).map(|(_, k)| k.clone()).collect();
+                proptest::prop_assert_eq!(list_all(&e, "n", &b), want.clone());
+                for k in want {
+                    proptest::prop_assert_eq!(e.get("n", &b, &k).map(|v| v.to_vec()), model.get(&(b.clone(), k.clone())).cloned());
+                }
+            }
+            let buckets = model.keys().map(|(b, _)| b.clone()).collect::<std::collections::BTreeSet<_>>().len();
+            proptest::prop_assert_eq!(e.usage().buckets, buckets);
+        }
+    }
+}

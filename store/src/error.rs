@@ -1,0 +1,99 @@
+//! Why the store refused an operation.
+
+use crate::listing::Cursor;
+
+/// error names the config key that was hit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// A key or bucket name is longer than `max_key_bytes`.
+    #[error("{what} is {len} bytes, over the limit max_key_bytes={limit}")]
+    KeyTooLarge {
+        /// "key" or "bucket name".
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// A value is longer than `max_value_bytes`.
+    #[error("value of {len} bytes is over the limit max_value_bytes={limit}")]
+    ValueTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The namespace already holds `max_keys` keys.
+    #[error("namespace holds {held} keys; adding {adding} more would pass max_keys={limit}")]
+    TooManyKeys {
+        /// Keys the namespace holds.
+        held: u64,
+        /// Keys the call would add.
+        adding: u64,
+        /// The limit in force.
+        limit: u64,
+    },
+    /// The store would hold more than `max_total_bytes`.
+    #[error("store holds {held} bytes; adding {adding} more would pass max_total_bytes={limit}")]
+    OutOfSpace {
+        /// Bytes the store holds.
+        held: u64,
+        /// Bytes the call would add.
+        adding: u64,
+        /// The limit in force.
+        limit: u64,
+    },
+    /// `increment` on a value that is not a decimal `u64`.
+    #[error("cannot increment key {key:?}: its value is not a decimal u64 counter")]
+    NotACounter {
+        /// The key.
+        key: String,
+    },
+    /// `increment` would pass `u64::MAX`. The message leaves the counter's value out: it is
+    /// stored data, and this message also goes on the call's span.
+    #[error("cannot increment key {key:?} by {delta}: the counter would overflow u64")]
+    Overflow {
+        /// The key.
+        key: String,
+        /// The increment asked for.
+        delta: u64,
+    },
+    /// A list-keys cursor this store did not hand out for this bucket, or one that expired.
+    #[error("unknown or expired list-keys cursor {0}: start the listing again without a cursor")]
+    UnknownCursor(Cursor),
+    /// The sorted copy of a bucket's keys that a listing needs does not fit in
+    /// `max_listing_bytes`, even after dropping other listings.
+    #[error(
+        "listing this bucket needs more than max_listing_bytes={limit} bytes for its sorted keys \
+         ({held} held by other listings of the same namespace)"
+    )]
+    ListingTooLarge {
+        /// The limit in force.
+        limit: u64,
+        /// What the caller's namespace's other listings hold.
+        held: u64,
+    },
+}
+
+impl EngineError {
+    /// The config key of the limit this error reports, if it reports one.
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            EngineError::KeyTooLarge { .. } => Some("max_key_bytes"),
+            EngineError::ValueTooLarge { .. } => Some("max_value_bytes"),
+            EngineError::TooManyKeys { .. } => Some("max_keys"),
+            EngineError::OutOfSpace { .. } => Some("max_total_bytes"),
+            EngineError::ListingTooLarge { .. } => Some("max_listing_bytes"),
+            _ => None,
+        }
+    }
+
+    /// Whether a store-wide usage limit refused the write (the ones a concurrent batch's
+    /// worst-case reservation can trip).
+    pub(crate) fn is_usage_limit(&self) -> bool {
+        matches!(
+            self,
+            EngineError::TooManyKeys { .. } | EngineError::OutOfSpace { .. }
+        )
+    }
+}

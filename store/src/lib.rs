@@ -1,0 +1,37 @@
+//! The store of keyvalue-inmemory: namespaces of buckets of keys, in memory, with limits,
+//! paged listings and a snapshot file format.
+//!
+//! Plain synchronous Rust with no wRPC, NATS or SDK types, so it can be unit-tested, fuzzed
+//! (`fuzz/`) and benchmarked (`benches/engine.rs`) alone. The provider crate serves it.
+//!
+//! # Layout, one concept a file
+//!
+//! - `engine.rs`: [`Engine`], the API: get, set, delete, increment, the batches, and the shape
+//!   of the data (namespaces → buckets → entries, each a DashMap).
+//! - `item.rs`: how one entry lives in memory (key and value in one allocation).
+//! - `limits.rs`: [`Limits`] and the checks every write makes first.
+//! - `error.rs`: [`EngineError`], why an operation was refused.
+//! - `usage.rs`: [`Usage`], and how a write reserves room before it writes, so that counters
+//!   never pass a limit.
+//! - `answer.rs`: [`AnswerRefused`], bounding what a read copies into an answer.
+//! - `listing.rs`: paged, sorted key listings and their [`Cursor`].
+//! - [`snapshot`]: the snapshot file format, its writer and its verifying reader.
+
+mod answer;
+mod engine;
+mod error;
+mod item;
+mod limits;
+mod listing;
+pub mod snapshot;
+mod usage;
+
+#[cfg(test)]
+mod testing;
+
+pub use answer::{AnswerRefused, ANSWER_ELEMENT_BYTES};
+pub use engine::Engine;
+pub use error::EngineError;
+pub use limits::Limits;
+pub use listing::{Cursor, KeyPage, CURSOR_IDLE_TTL, MAX_LISTINGS_PER_NAMESPACE};
+pub use usage::Usage;
