@@ -15,20 +15,22 @@ FROM rust:1.95.0-slim-bookworm AS deps
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
+COPY store/Cargo.toml store/
+COPY test-support/Cargo.toml test-support/
 COPY xtask/Cargo.toml xtask/
 COPY e2e/Cargo.toml e2e/
-RUN mkdir -p src xtask/src e2e/src benches \
+RUN mkdir -p src store/src store/benches test-support/src xtask/src e2e/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs e2e/src/lib.rs \
+    && touch src/lib.rs store/src/lib.rs test-support/src/lib.rs e2e/src/lib.rs \
     && echo 'fn main() {}' > xtask/src/main.rs \
-    && echo 'fn main() {}' > benches/engine.rs \
+    && echo 'fn main() {}' > store/benches/engine.rs \
     && cargo build --release --locked --package keyvalue-inmemory --package xtask \
-    && rm -rf src xtask/src e2e/src benches
+    && rm -rf src store/src store/benches test-support/src xtask/src e2e/src
 
 # 2. The provider and its archive (no start-up check here: it needs a nats-server).
 FROM deps AS build
 COPY . .
-RUN touch src/main.rs src/lib.rs xtask/src/main.rs \
+RUN touch src/main.rs src/lib.rs store/src/lib.rs test-support/src/lib.rs xtask/src/main.rs \
     && cargo build --release --locked --package keyvalue-inmemory --package xtask \
     && target/release/xtask par --binary target/release/keyvalue-inmemory \
         --out /out --keys /tmp/keys --no-start

@@ -5,9 +5,6 @@
 //!
 //! kv-a and kv-b share the namespace `shared`; kv-c is alone in `alone`.
 
-#[path = "../../tests/common/nats_server.rs"]
-mod nats_server;
-
 use std::future::Future;
 use std::panic::{resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -58,7 +55,7 @@ fn the_provider_serves_real_components_through_a_wasmcloud_host() {
     // Count what the host's wRPC stack drops (its debug events), to print beside what the
     // provider sent again.
     keyvalue_inmemory::client::drops::install();
-    let nats = nats_server::NatsServer::start();
+    let nats = test_support::nats::NatsServer::start();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

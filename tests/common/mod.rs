@@ -7,20 +7,16 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats as nats;
-use base64::Engine as _;
 use futures::StreamExt as _;
 use serde_json::json;
 
 pub use keyvalue_inmemory::client::{atomics, batch, store, Transport};
-
-mod nats_server;
-pub use nats_server::{free_port, NatsServer};
+pub use test_support::nats::NatsServer;
 
 /// How long any one call or wait may take before the test fails.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,16 +35,14 @@ pub fn link(
 ) -> serde_json::Value {
     let target_config: HashMap<&str, &str> =
         namespace.map(|ns| ("namespace", ns)).into_iter().collect();
-    json!({
-        "source_id": source,
-        "target": provider_key,
-        "name": name,
-        "wit_namespace": "wasi",
-        "wit_package": "keyvalue",
-        "interfaces": ["store", "atomics", "batch"],
-        "source_config": {},
-        "target_config": target_config,
-    })
+    test_support::host::link(source, provider_key, name, json!(target_config))
+}
+
+/// A provider key no other provider of this test process has.
+fn unique_key() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("VKV{}N{n}", std::process::id())
 }
 
 /// The provider binary, running; killed on drop if still alive.
@@ -89,28 +83,22 @@ impl Provider {
         links: &[(&str, &str, Option<&str>)],
         log: Option<&Path>,
     ) -> Self {
-        let key = format!("VKV{}", free_port());
-        let config: HashMap<&str, &str> = config.iter().copied().collect();
-        let links: Vec<_> = links
-            .iter()
-            .map(|(source, name, ns)| link(&key, source, name, *ns))
-            .collect();
-        let mut host_data = json!({
-            "host_id": HOST_ID,
-            "lattice_rpc_prefix": LATTICE,
-            "lattice_rpc_url": server.url(),
-            "provider_key": key,
-            "instance_id": "test-instance",
-            "env_values": {},
-            "link_definitions": links,
-            "config": config,
-        });
-        if let (Some(fields), Some(extra)) =
-            (host_data.as_object_mut(), extra_host_data.as_object())
-        {
-            fields.extend(extra.clone());
-        }
-        let child = spawn_with_host_data(&host_data.to_string(), log);
+        let key = unique_key();
+        let host_data = test_support::host::HostData {
+            host_id: HOST_ID,
+            lattice: LATTICE,
+            nats_url: &server.url(),
+            provider_key: &key,
+            instance_id: "test-instance",
+            config: (config.iter())
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect(),
+            links: (links.iter())
+                .map(|(source, name, ns)| link(&key, source, name, *ns))
+                .collect(),
+            extra: extra_host_data,
+        };
+        let child = spawn_with_host_data(&host_data.to_json().to_string(), log);
         let nats = nats::connect(server.url()).await.expect("test NATS client");
         let wrpc = Transport::new(nats.clone(), LATTICE, &key);
         let provider = Self {
@@ -288,10 +276,7 @@ impl Drop for Provider {
 /// line of base64 host data on stdin, then stdin closed.
 pub fn spawn_with_host_data(json: &str, log: Option<&Path>) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keyvalue-inmemory"));
-    command
-        .env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null());
+    command.env_clear().stdout(Stdio::null());
     if let Some(level) = std::env::var_os("RUST_LOG") {
         command.env("RUST_LOG", level);
     }
@@ -300,14 +285,7 @@ pub fn spawn_with_host_data(json: &str, log: Option<&Path>) -> Child {
     } else if std::env::var_os("RUST_LOG").is_none() {
         command.stderr(Stdio::null());
     }
-    let mut child = command
-        .spawn()
-        .expect("failed to start the provider binary");
-    let encoded = base64::engine::general_purpose::STANDARD.encode(json);
-    let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{encoded}").expect("failed to write host data");
-    drop(stdin);
-    child
+    test_support::host::spawn_provider(command, json).expect("failed to start the provider binary")
 }
 
 /// Calls made as one component; every call carries [`CALL_TIMEOUT`].

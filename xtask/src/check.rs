@@ -16,14 +16,11 @@ use std::process::{Command, ExitCode};
 use anyhow::{ensure, Context as _};
 use serde::Deserialize;
 
-use crate::{par, root, run_command, tools, wit};
-
-#[derive(clap::Args)]
-pub struct Args {}
+use crate::{flags, par, root, run_command, tools, wit};
 
 type Check = fn() -> anyhow::Result<String>;
 
-pub fn run(_: Args) -> anyhow::Result<ExitCode> {
+pub fn run(_: flags::Check) -> anyhow::Result<ExitCode> {
     let checks: [(&str, Check); 6] = [
         ("wit/", || {
             wit::verify().map(|()| "deps match deps.lock; world parses".into())

@@ -10,18 +10,9 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context as _};
 
-use crate::{cargo, root, run_command, tools};
+use crate::{cargo, flags, root, run_command, tools};
 
 const TARGETS: [&str; 2] = ["snapshot_decode", "engine_ops"];
-
-#[derive(clap::Args)]
-pub struct Args {
-    /// Seconds per target.
-    #[arg(long, default_value_t = 30)]
-    seconds: u64,
-    /// Targets to run (default: all).
-    targets: Vec<String>,
-}
 
 fn cargo_fuzz() -> anyhow::Result<std::path::PathBuf> {
     let bin = tools::dir("cargo-fuzz").join("bin/cargo-fuzz");
@@ -42,7 +33,7 @@ fn cargo_fuzz() -> anyhow::Result<std::path::PathBuf> {
     Ok(bin)
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: flags::Fuzz) -> anyhow::Result<ExitCode> {
     let nightly = Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
         .output();

@@ -1,10 +1,13 @@
 //! `cargo xtask <task>`: the project's automation, in plain Rust (see README.md).
 //!
-//! One module per task. Every external command is echoed before it runs.
+//! Every task and its options are declared in `flags.rs`; one module per task does it. Every
+//! external command is echoed before it runs.
 
 mod bench;
 mod call;
 mod check;
+mod ci;
+mod flags;
 mod fuzz;
 mod nats;
 mod par;
@@ -16,66 +19,16 @@ mod wit;
 
 use std::process::{Command, ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 
-/// Tasks for building, running and testing keyvalue-inmemory.
-#[derive(Parser)]
-#[command(name = "cargo xtask", version)]
-struct Cli {
-    #[command(subcommand)]
-    task: Task,
-}
-
-#[derive(Subcommand)]
-enum Task {
-    /// Run the provider as a wasmCloud host would, against a real nats-server.
-    Run(run::Args),
-    /// Run the whole test suite (provisions nats-server first).
-    Test(test::Args),
-    /// Call a running provider over wRPC, as a linked component would.
-    Call(call::Args),
-    /// Build a signed provider archive (build/keyvalue-inmemory.par.gz) and check it.
-    Par(par::Args),
-    /// Refresh wit/deps from wit/deps.toml (network), or `--check` it against wit/deps.lock.
-    Wit(wit::Args),
-    /// Validate wit/, wasmcloud.toml, wadm.yaml, docker-compose.yml, Dockerfile, flake.nix.
-    Check(check::Args),
-    /// Bounded cargo-fuzz runs of the snapshot decoder and the engine (nightly).
-    Fuzz(fuzz::Args),
-    /// Start the docker-compose demo lattice and deploy wadm.yaml.
-    Up(up::Args),
-    /// Undeploy and stop the docker-compose demo lattice.
-    Down(up::Args),
-    /// Measure the provider against a minimal wRPC server and raw NATS (release builds).
-    Bench(bench::Args),
-    /// Print the path of a nats-server binary, installing one if none is found.
-    NatsServer,
-    /// (internal) The measuring part of `bench`, run from the release build.
-    #[command(hide = true)]
-    BenchRun(bench::Args),
-    /// (internal) The minimal wRPC server `bench` compares against.
-    #[command(hide = true)]
-    BenchFloor {
-        #[arg(long)]
-        nats: String,
-        #[arg(long)]
-        prefix: String,
-    },
-    /// (internal) The raw NATS echo `bench` compares against.
-    #[command(hide = true)]
-    BenchEcho {
-        #[arg(long)]
-        nats: String,
-        #[arg(long)]
-        subject: String,
-    },
-}
+use flags::{Internal, Task};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = flags::Cli::parse();
     let result = match cli.task {
         Task::Run(args) => run::run(args),
         Task::Test(args) => test::run(args),
+        Task::Ci(args) => ci::run(args),
         Task::Call(args) => call::run(args),
         Task::Par(args) => par::run(args),
         Task::Wit(args) => wit::run(args),
@@ -84,13 +37,13 @@ fn main() -> ExitCode {
         Task::Up(args) => up::up(args),
         Task::Down(args) => up::down(args),
         Task::Bench(args) => bench::run(args),
-        Task::BenchRun(args) => bench::run_release(args),
-        Task::BenchFloor { nats, prefix } => bench::floor(&nats, &prefix),
-        Task::BenchEcho { nats, subject } => bench::echo(&nats, &subject),
         Task::NatsServer => nats::server_binary().map(|path| {
             println!("{}", path.display());
             ExitCode::SUCCESS
         }),
+        Task::Internal(Internal::Measure(args)) => bench::run_release(args),
+        Task::Internal(Internal::Floor { nats, prefix }) => bench::floor(&nats, &prefix),
+        Task::Internal(Internal::Echo { nats, subject }) => bench::echo(&nats, &subject),
     };
     result.unwrap_or_else(|err| {
         eprintln!("error: {err:#}");

@@ -17,30 +17,7 @@ use anyhow::Context as _;
 use nkeys::KeyPair;
 use provider_archive::ProviderArchive;
 
-use crate::{nats, root, run};
-
-/// Builds and checks the provider archive.
-#[derive(clap::Args)]
-pub struct Args {
-    /// Package the release build (a debug binary is ~400 MB and slow to compress).
-    #[arg(long)]
-    release: bool,
-    /// Directory the archive is written to.
-    #[arg(long, default_value = "build")]
-    out: PathBuf,
-    /// Directory of the signing keys (issuer.nk, subject.nk), made on first use.
-    #[arg(long, default_value = ".keys")]
-    keys: PathBuf,
-    /// Write `.par` instead of `.par.gz`.
-    #[arg(long)]
-    uncompressed: bool,
-    /// Package this binary instead of building one (CI passes the one its tests built).
-    #[arg(long)]
-    binary: Option<PathBuf>,
-    /// Skip starting the extracted binary.
-    #[arg(long)]
-    no_start: bool,
-}
+use crate::{flags, nats, root, run};
 
 /// The provider's name and vendor in its claims.
 pub const NAME: &str = "keyvalue-inmemory";
@@ -51,7 +28,7 @@ pub fn target() -> String {
     format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: flags::Par) -> anyhow::Result<ExitCode> {
     let binary = match args.binary {
         Some(binary) => binary,
         None => run::build_provider(args.release)?,
@@ -183,7 +160,7 @@ pub fn check(path: &Path, no_start: bool) -> anyhow::Result<()> {
     let binary = dir.path().join("keyvalue-inmemory");
     std::fs::write(&binary, bytes)?;
     std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let server = nats::Server::start()?;
+    let server = nats::start_server()?;
     let url = server.url();
     let mut provider = run::start_provider(
         &binary,

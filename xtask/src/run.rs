@@ -5,44 +5,13 @@
 //! for its health answer, and prints how to call it. Ctrl-C sends the host's shutdown request,
 //! then stops nats-server.
 
-use std::io::Write as _;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use base64::Engine as _;
 use serde_json::json;
 
-use crate::{cargo, echo, nats, root, run_command};
-
-/// Simulates the host: host data on stdin, links, health, shutdown.
-#[derive(clap::Args)]
-pub struct Args {
-    /// Use this NATS server instead of starting one (e.g. nats://127.0.0.1:4222).
-    #[arg(long)]
-    nats: Option<String>,
-    /// Build and run the release binary.
-    #[arg(long)]
-    release: bool,
-    /// Run this provider binary instead of building one (the Docker image does).
-    #[arg(long, conflicts_with = "release")]
-    binary: Option<std::path::PathBuf>,
-    /// Lattice name (the host's `lattice_rpc_prefix`).
-    #[arg(long, default_value = "default")]
-    lattice: String,
-    /// The provider's key in the lattice.
-    #[arg(long, default_value = "keyvalue-inmemory")]
-    provider_key: String,
-    /// The component the demo link comes from.
-    #[arg(long, default_value = "demo-component")]
-    source: String,
-    /// The `namespace` of the demo link.
-    #[arg(long, default_value = "demo")]
-    namespace: String,
-    /// Provider config, `key=value`, repeatable (see README's config table).
-    #[arg(long = "config", value_name = "KEY=VALUE")]
-    config: Vec<String>,
-}
+use crate::{cargo, echo, flags, nats, root, run_command};
 
 /// Builds the provider binary (debug, or release); answers its path.
 pub fn build_provider(release: bool) -> anyhow::Result<std::path::PathBuf> {
@@ -81,27 +50,22 @@ pub fn start_provider(
     links: &[(&str, &str)],
     extra_host_data: serde_json::Value,
 ) -> anyhow::Result<std::process::Child> {
-    let links: Vec<_> = links
-        .iter()
-        .map(|(source, namespace)| {
-            link_definition(source, provider_key, json!({ "namespace": namespace }))
-        })
-        .collect();
-    let mut host_data = json!({
-        "host_id": HOST_ID,
-        "lattice_rpc_prefix": lattice,
-        "lattice_rpc_url": nats_url,
-        "provider_key": provider_key,
-        "instance_id": format!("xtask-{provider_key}"),
-        "env_values": {},
-        "config": config,
-        "link_definitions": links,
-    });
-    if let (Some(fields), Some(extra)) = (host_data.as_object_mut(), extra_host_data.as_object()) {
-        fields.extend(extra.clone());
-    }
+    let host_data = test_support::host::HostData {
+        host_id: HOST_ID,
+        lattice,
+        nats_url,
+        provider_key,
+        instance_id: &format!("xtask-{provider_key}"),
+        config,
+        links: (links.iter())
+            .map(|(source, namespace)| {
+                link_definition(source, provider_key, json!({ "namespace": namespace }))
+            })
+            .collect(),
+        extra: extra_host_data,
+    };
     let mut command = Command::new(binary);
-    command.env_clear().stdin(Stdio::piped());
+    command.env_clear();
     for (key, value) in std::env::vars() {
         if key == "RUST_LOG" || key.starts_with("OTEL_") {
             command.env(key, value);
@@ -109,13 +73,7 @@ pub fn start_provider(
     }
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     echo(&command);
-    let mut provider = command
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
-    let encoded = base64::engine::general_purpose::STANDARD.encode(host_data.to_string());
-    let mut stdin = provider.stdin.take().context("provider stdin")?;
-    writeln!(stdin, "{encoded}")?;
-    Ok(provider)
+    test_support::host::spawn_provider(command, &host_data.to_json().to_string())
 }
 
 /// A `wasi:keyvalue` link named `default` from `source` to provider `target`, as host data
@@ -125,16 +83,7 @@ pub fn link_definition(
     target: &str,
     target_config: serde_json::Value,
 ) -> serde_json::Value {
-    json!({
-        "source_id": source,
-        "target": target,
-        "name": "default",
-        "wit_namespace": "wasi",
-        "wit_package": "keyvalue",
-        "interfaces": ["store", "atomics", "batch"],
-        "source_config": {},
-        "target_config": target_config,
-    })
+    test_support::host::link(source, target, "default", target_config)
 }
 
 /// Waits up to 30 s for the provider's first health answer.
@@ -167,7 +116,7 @@ pub async fn wait_for_health(
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: flags::Run) -> anyhow::Result<ExitCode> {
     let mut config = serde_json::Map::new();
     for pair in &args.config {
         let (k, v) = pair
@@ -177,12 +126,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let server = match &args.nats {
         Some(_) => None,
-        None => Some(nats::Server::start()?),
+        None => Some(nats::start_server()?),
     };
     let url = args
         .nats
         .clone()
-        .or_else(|| server.as_ref().map(nats::Server::url))
+        .or_else(|| server.as_ref().map(nats::NatsServer::url))
         .unwrap_or_default();
 
     let binary = match &args.binary {

@@ -4,17 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use crate::{cargo, echo, nats, par, root, run_command};
+use crate::{cargo, echo, flags, nats, par, root, run_command};
 
-/// Runs `cargo test --workspace` with NATS_SERVER_BIN and KEYVALUE_PAR set.
-#[derive(clap::Args)]
-pub struct Args {
-    /// Extra arguments for cargo test (after `--`), e.g. a test name filter.
-    #[arg(last = true)]
-    cargo_args: Vec<String>,
-}
-
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: flags::Test) -> anyhow::Result<ExitCode> {
     let nats_server = nats::server_binary()?;
     // Build everything first, in the same invocation (same feature unification) as the run
     // below: the provider binary the archive is made of is then the one the other tests run.
@@ -50,7 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// `cargo test --workspace` with the user's arguments; `--no-run` goes before any `--` (the
 /// arguments after it are the test harness's).
-fn cargo_test(args: &Args, no_run: bool) -> Command {
+fn cargo_test(args: &flags::Test, no_run: bool) -> Command {
     let split = (args.cargo_args.iter())
         .position(|arg| arg == "--")
         .unwrap_or(args.cargo_args.len());

@@ -9,15 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::{par, root, run, run_command, tools};
+use crate::{flags, par, root, run, run_command, tools};
 
 /// The NATS port docker-compose.yml publishes on 127.0.0.1.
 const NATS: &str = "nats://127.0.0.1:4222";
 const LATTICE: &str = "default";
 const APP: &str = "keyvalue-inmemory-demo";
-
-#[derive(clap::Args)]
-pub struct Args {}
 
 /// `docker compose …` in the repository, or a plain message saying what is missing.
 fn compose() -> anyhow::Result<Command> {
@@ -54,7 +51,7 @@ async fn wadm(nats: &async_nats::Client, op: &str, body: Vec<u8>) -> anyhow::Res
     Ok(answer["message"].as_str().unwrap_or_default().to_string())
 }
 
-pub fn up(_: Args) -> anyhow::Result<ExitCode> {
+pub fn up(_: flags::Up) -> anyhow::Result<ExitCode> {
     let mut compose = compose()?;
     let binary = run::build_provider(true)?;
     let archive = par::write(&binary, &root().join("build"), &root().join(".keys"), true)?;
@@ -97,7 +94,7 @@ pub fn up(_: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn down(_: Args) -> anyhow::Result<ExitCode> {
+pub fn down(_: flags::Up) -> anyhow::Result<ExitCode> {
     let mut compose = compose()?;
     let undeploy = tokio::runtime::Runtime::new()?.block_on(async {
         let nats = async_nats::connect(NATS).await?;

@@ -17,16 +17,9 @@ use std::process::ExitCode;
 use anyhow::{bail, ensure, Context as _};
 use wit_deps::{LockEntry, LockEntrySource, ManifestEntry};
 
-use crate::{par, root};
+use crate::{flags, par, root};
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// Verify offline instead of refreshing.
-    #[arg(long)]
-    check: bool,
-}
-
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: flags::Wit) -> anyhow::Result<ExitCode> {
     let wit = root().join("wit");
     let runtime = tokio::runtime::Runtime::new()?;
     if !args.check {

@@ -1,0 +1,153 @@
+//! A nats-server with JetStream on a loopback port, stopped on drop.
+//!
+//! The server picks its own port (`-p -1`) and writes it to a ports file, which we read: no
+//! port is ever probed free, released, then bound by someone else.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+/// How long nats-server may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where `cargo xtask` installs nats-server when none is found.
+pub fn provisioned() -> PathBuf {
+    crate::workspace_root().join("target/tools/nats-server/bin/nats-server")
+}
+
+/// A nats-server binary: `$NATS_SERVER_BIN`, the copy `cargo xtask` provisions
+/// ([`provisioned`]), or `nats-server` on `PATH`, in that order.
+pub fn find_binary() -> anyhow::Result<Option<PathBuf>> {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        let bin = PathBuf::from(bin);
+        anyhow::ensure!(
+            bin.is_file(),
+            "NATS_SERVER_BIN={} is not a file",
+            bin.display()
+        );
+        return Ok(Some(bin));
+    }
+    if provisioned().is_file() {
+        return Ok(Some(provisioned()));
+    }
+    Ok(std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file()))
+}
+
+/// How to start one.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The binary; [`find_binary`] when `None`.
+    pub binary: Option<PathBuf>,
+    /// A port to listen on (a restart on the port a test's clients know); the server picks
+    /// a free one when `None`.
+    pub port: Option<u16>,
+    /// Start it in a process group of its own, so that Ctrl-C reaches only the caller, which
+    /// stops things in order (`cargo xtask`). Tests leave it in theirs: an interrupted test
+    /// run takes its servers with it.
+    pub own_process_group: bool,
+}
+
+/// A nats-server with JetStream, on 127.0.0.1 only; killed on drop.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts one on a port of its choosing; panics (a test's failure) when it cannot.
+    pub fn start() -> Self {
+        Self::try_start(&Options::default()).expect("cannot start nats-server")
+    }
+
+    /// Starts one on `port` (a restart on the port it had); panics when it cannot.
+    pub fn start_on(port: u16) -> Self {
+        let options = Options {
+            port: Some(port),
+            ..Options::default()
+        };
+        Self::try_start(&options).expect("cannot start nats-server")
+    }
+
+    /// Starts one as `options` say and waits until it listens.
+    pub fn try_start(options: &Options) -> anyhow::Result<Self> {
+        let binary = match &options.binary {
+            Some(binary) => binary.clone(),
+            None => find_binary()?.context(
+                "no nats-server found: run through `cargo xtask` (it provisions one), or set \
+                 NATS_SERVER_BIN",
+            )?,
+        };
+        let dir = tempfile::tempdir()?;
+        let port = options
+            .port
+            .map_or_else(|| "-1".to_owned(), |p| p.to_string());
+        let mut command = Command::new(&binary);
+        command
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+            .arg(dir.path().join("jetstream"))
+            .arg("--ports_file_dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if options.own_process_group {
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        match wait_for_port(&mut child, dir.path()) {
+            Ok(port) => Ok(Self {
+                child,
+                port,
+                _dir: dir,
+            }),
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(err)
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The client port from the ports file nats-server writes into `dir` once it listens
+/// (`{"nats":["nats://127.0.0.1:PORT"], …}`).
+fn wait_for_port(child: &mut Child, dir: &Path) -> anyhow::Result<u16> {
+    let file = dir.join(format!("nats-server_{}.ports", child.id()));
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            if let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text) {
+                let url = ports["nats"][0].as_str().unwrap_or_default();
+                let port = url.rsplit(':').next().and_then(|p| p.parse().ok());
+                return port.with_context(|| format!("no client port in {text:?}"));
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("nats-server exited at start ({status}): is its port taken?");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nats-server did not listen within {START_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

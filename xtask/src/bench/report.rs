@@ -1,0 +1,157 @@
+//! The report of a run: a Markdown table (printed, and written to target/bench/report.md) and
+//! the same figures as JSON (target/bench/report.json).
+
+use keyvalue_inmemory::transport::Figures;
+use serde_json::json;
+
+use super::driver::{Phase, Results};
+use super::memory::Memory;
+use super::workload::Workload;
+use crate::{flags, root};
+
+/// Writes and prints the report.
+pub fn write(
+    args: &flags::Bench,
+    results: &Results<'_>,
+    memory: Option<Memory>,
+) -> anyhow::Result<()> {
+    let mut md = String::new();
+    let mut rows = Vec::new();
+    md.push_str(&format!(
+        "Command: `cargo xtask bench {}` ({} s a phase, {} rounds, medians; machine: {} cores).\n\n",
+        // The options `cargo xtask bench` was given (and passed on to `bench-run`).
+        std::env::args().skip(2).collect::<Vec<_>>().join(" "),
+        args.seconds,
+        args.rounds,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    md.push_str("| workload | in flight | ours calls/s | floor calls/s | ours / floor | ours p50 / p99 / p999 µs | floor p50 / p99 / p999 µs | key-ops/s (ours) | lost (ours, floor) | handshakes the client dropped (ours, floor) | ours resent / recovered / spurious | other messages the client dropped (ours, floor) |\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for ((workload, k), by_target) in results {
+        let stat = |name: &str, f: &dyn Fn(&Phase) -> f64| {
+            by_target
+                .get(name)
+                .map(|v| median(v.iter().map(f).collect()))
+        };
+        // Median of the per-round ratios of two targets' rates.
+        let ratio_of = |a: &str, b: &str| match (by_target.get(a), by_target.get(b)) {
+            (Some(a), Some(b)) => Some(median(
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| x.calls_per_sec() / y.calls_per_sec())
+                    .collect(),
+            )),
+            _ => None,
+        };
+        let ratio = ratio_of("ours", "floor");
+        let main = if *workload == Workload::Echo {
+            "echo"
+        } else {
+            "ours"
+        };
+        let rate = stat(main, &|p| p.calls_per_sec()).unwrap_or(f64::NAN);
+        let floor_rate = stat("floor", &|p| p.calls_per_sec());
+        let pct = |name: &str| {
+            let p = |q: f64| stat(name, &|ph| ph.percentile(q)).unwrap_or(f64::NAN);
+            (p(0.5), p(0.99), p(0.999))
+        };
+        let (o50, o99, o999) = pct(main);
+        let (f50, f99, f999) = pct("floor");
+        let sum = |name: &str, f: fn(&Phase) -> u64| {
+            by_target
+                .get(name)
+                .map_or(0, |v| v.iter().map(f).sum::<u64>())
+        };
+        let lost = |name: &str| sum(name, |p| p.lost);
+        let drops = |name: &str| {
+            (
+                sum(name, |p| p.client_drops.0),
+                sum(name, |p| p.client_drops.1),
+            )
+        };
+        // What our provider covered for, over the rounds.
+        let covered = (by_target.get(main).into_iter().flatten())
+            .filter_map(|p| p.covered)
+            .fold(Figures::default(), |total, p| total + p);
+        let covered_cell = if *workload == Workload::Echo {
+            String::new()
+        } else {
+            format!(
+                "{} / {} / {}",
+                covered.resent, covered.recovered, covered.spurious
+            )
+        };
+        md.push_str(&format!(
+            "| {} | {k} | {rate:.0} | {} | {} | {o50:.0} / {o99:.0} / {o999:.0} | {} | {:.0} | {}, {} | {}, {} | {covered_cell} | {}, {} |\n",
+            workload.name(),
+            floor_rate.map_or("".into(), |r| format!("{r:.0}")),
+            ratio.map_or("".into(), |r| format!("{r:.2}")),
+            if floor_rate.is_some() { format!("{f50:.0} / {f99:.0} / {f999:.0}") } else { String::new() },
+            rate * workload.keys_per_call() as f64,
+            lost(main),
+            lost("floor"),
+            drops(main).0,
+            drops("floor").0,
+            drops(main).1,
+            drops("floor").1,
+        ));
+        let compare = stat("compare", &|p| p.calls_per_sec());
+        rows.push(json!({
+            "workload": workload.name(), "in_flight": k, "calls_per_sec": rate, "floor_calls_per_sec": floor_rate,
+            "ratio_to_floor": ratio, "p50_us": o50, "p99_us": o99, "p999_us": o999,
+            "floor_p50_us": f50, "key_ops_per_sec": rate * workload.keys_per_call() as f64,
+            "lost": lost(main), "floor_lost": lost("floor"), "compare_calls_per_sec": compare, "ratio_to_compare": ratio_of("ours", "compare"),
+            "client_dropped_handshakes": drops(main).0, "floor_client_dropped_handshakes": drops("floor").0,
+            "client_dropped_others": drops(main).1, "floor_client_dropped_others": drops("floor").1,
+            "handshakes_resent": covered.resent, "calls_recovered": covered.recovered,
+            "resends_spurious": covered.spurious,
+        }));
+        if let Some(c) = compare {
+            let (c50, c99, c999) = pct("compare");
+            md.push_str(&format!(
+                "| ↳ --compare | {k} | {c:.0} | | ours / compare: **{:.2}** | {c50:.0} / {c99:.0} / {c999:.0} | | {:.0} | {} | | | |\n",
+                ratio_of("ours", "compare").unwrap_or(f64::NAN),
+                c * workload.keys_per_call() as f64,
+                lost("compare")
+            ));
+        }
+    }
+    let mut memory_json = serde_json::Value::Null;
+    if let Some(m) = memory {
+        let per_key = (m.rss_after.saturating_sub(m.rss_before)) as f64 / m.keys as f64;
+        md.push_str(&format!(
+            "\nMemory: {} keys of 16 B with 100 B values: RSS {:.1} MiB → {:.1} MiB, **{per_key:.0} B per key**.  \n\
+             list-keys full pass over them (page {}): **{:.2} s** ({} keys listed; first page {:.0} ms, \
+             then {:.2} ms a page).\n",
+            m.keys,
+            m.rss_before as f64 / 1048576.0,
+            m.rss_after as f64 / 1048576.0,
+            m.page_size,
+            m.list_seconds,
+            m.listed,
+            m.first_page_seconds * 1e3,
+            (m.list_seconds - m.first_page_seconds) * 1e3
+                / (m.listed.div_ceil(m.page_size).saturating_sub(1).max(1)) as f64,
+        ));
+        memory_json = json!({ "keys": m.keys, "rss_before": m.rss_before, "rss_after": m.rss_after, "bytes_per_key": per_key, "list_keys_full_pass_seconds": m.list_seconds, "list_keys_first_page_seconds": m.first_page_seconds, "list_page_size": m.page_size, "listed": m.listed });
+    }
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("report.md"), &md)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&json!({ "rows": rows, "memory": memory_json }))?,
+    )?;
+    println!("{md}");
+    eprintln!("written to target/bench/report.md and report.json");
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}

@@ -1,0 +1,113 @@
+//! `cargo xtask ci`: everything CI checks, in order, each step timed. `.ci/run` calls it on a
+//! clean clone; run here, it answers the same question before a push.
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use crate::{cargo, check, flags, fuzz, par, root, run_command, test};
+
+pub fn run(args: flags::Ci) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    step("cargo fmt --check", || {
+        run_command(
+            cargo()
+                .current_dir(root())
+                .args(["fmt", "--all", "--check"]),
+        )
+    })?;
+    step("cargo clippy", || {
+        run_command(cargo().current_dir(root()).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    step(
+        "cargo xtask check (wit/, wasmcloud.toml, wadm.yaml, docker-compose.yml, Dockerfile, \
+         flake.nix)",
+        || succeeded(check::run(flags::Check {})?),
+    )?;
+    step(
+        "cargo xtask test (with the real-lattice test: a wasmCloud host, components, our archive)",
+        || {
+            succeeded(test::run(flags::Test {
+                cargo_args: vec!["--locked".into()],
+            })?)
+        },
+    )?;
+    step(
+        &format!(
+            "cargo xtask fuzz (snapshot decoder, engine operations; {} s each, nightly)",
+            args.fuzz_seconds
+        ),
+        || {
+            succeeded(fuzz::run(flags::Fuzz {
+                seconds: args.fuzz_seconds,
+                targets: Vec::new(),
+            })?)
+        },
+    )?;
+    step(
+        "cargo xtask par (the debug binary the tests built, uncompressed: no second build)",
+        || {
+            succeeded(par::run(flags::Par {
+                release: false,
+                out: "target/par-check".into(),
+                keys: ".keys".into(),
+                uncompressed: true,
+                binary: Some("target/debug/keyvalue-inmemory".into()),
+                no_start: false,
+            })?)
+        },
+    )?;
+    step(
+        "disk used by target/ (CI machines have run out: keep this small)",
+        || {
+            run_command(
+                Command::new("du")
+                    .current_dir(root())
+                    .args(["-sh", "target"]),
+            )
+        },
+    )?;
+    println!(
+        "\n=== all CI steps passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one step under a heading with the time it started and took.
+fn step(name: &str, run: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    println!("\n=== {name} ({})", utc_time());
+    let result = run();
+    println!(
+        "=== {} after {:.0} s",
+        if result.is_ok() { "done" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    result.map_err(|err| err.context(format!("CI step failed: {name}")))
+}
+
+fn succeeded(code: ExitCode) -> anyhow::Result<()> {
+    anyhow::ensure!(code == ExitCode::SUCCESS, "exited with a failure");
+    Ok(())
+}
+
+/// The wall clock, `HH:MM:SS` UTC.
+fn utc_time() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
