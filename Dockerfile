@@ -18,14 +18,13 @@ COPY .cargo .cargo
 COPY store/Cargo.toml store/
 COPY test-support/Cargo.toml test-support/
 COPY xtask/Cargo.toml xtask/
-COPY e2e/Cargo.toml e2e/
-RUN mkdir -p src store/src store/benches test-support/src xtask/src e2e/src \
+RUN mkdir -p src store/src store/benches test-support/src xtask/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs store/src/lib.rs test-support/src/lib.rs e2e/src/lib.rs \
+    && touch src/lib.rs store/src/lib.rs test-support/src/lib.rs \
     && echo 'fn main() {}' > xtask/src/main.rs \
     && echo 'fn main() {}' > store/benches/engine.rs \
     && cargo build --release --locked --package keyvalue-inmemory --package xtask \
-    && rm -rf src store/src store/benches test-support/src xtask/src e2e/src
+    && rm -rf src store/src store/benches test-support/src xtask/src
 
 # 2. The provider and its archive (no start-up check here: it needs a nats-server).
 FROM deps AS build

@@ -93,14 +93,21 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::SetMany(b, pairs) => {
                 let bucket = names(b, 0).0;
-                let pairs: Vec<(String, Vec<u8>)> =
-                    pairs.into_iter().take(8).map(|(k, v)| (names(b, k).1, v)).collect();
+                let pairs: Vec<(String, Vec<u8>)> = pairs
+                    .into_iter()
+                    .take(8)
+                    .map(|(k, v)| (names(b, k).1, v))
+                    .collect();
                 let mut next = model.clone();
                 for (k, v) in &pairs {
                     next.insert((bucket.clone(), k.clone()), v.clone());
                 }
                 let ok = pairs.iter().all(|(_, v)| v.len() <= MAX_VALUE) && fits(&next);
-                let got = e.set_many("n", &bucket, pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+                let got = e.set_many(
+                    "n",
+                    &bucket,
+                    pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                );
                 assert_eq!(got.is_ok(), ok, "set-many");
                 if ok {
                     model = next;

@@ -18,7 +18,9 @@ fuzz_target!(|data: &[u8]| {
             value,
         } = record;
         delivered += 1;
-        engine.set(namespace, bucket, key, value).expect("unlimited");
+        engine
+            .set(namespace, bucket, key, value)
+            .expect("unlimited");
     });
     let Ok(stats) = decoded else {
         return;
@@ -31,9 +33,17 @@ fuzz_target!(|data: &[u8]| {
     snapshot::write(&engine, &path).expect("write");
     let again = engine::Engine::new(engine::Limits::UNLIMITED);
     let bytes = std::fs::read(&path).expect("read back");
-    let restats = snapshot::decode(&bytes[..], |snapshot::Record::Entry { namespace, bucket, key, value }| {
-        again.set(namespace, bucket, key, value).expect("unlimited");
-    })
+    let restats = snapshot::decode(
+        &bytes[..],
+        |snapshot::Record::Entry {
+             namespace,
+             bucket,
+             key,
+             value,
+         }| {
+            again.set(namespace, bucket, key, value).expect("unlimited");
+        },
+    )
     .expect("a snapshot we wrote must decode");
     assert_eq!(restats.entries, usage.keys);
     assert_eq!(again.usage(), usage);

@@ -35,6 +35,7 @@ pub fn run(args: flags::Ci) -> anyhow::Result<ExitCode> {
         "cargo xtask test (with the real-lattice test: a wasmCloud host, components, our archive)",
         || {
             succeeded(test::run(flags::Test {
+                e2e_only: false,
                 cargo_args: vec!["--locked".into()],
             })?)
         },

@@ -106,9 +106,13 @@ pub struct Run {
     pub config: Vec<String>,
 }
 
-/// Runs `cargo test --workspace` with NATS_SERVER_BIN and KEYVALUE_PAR set.
+/// Runs `cargo test --workspace` in the provider's workspace, then in e2e's (with
+/// NATS_SERVER_BIN and KEYVALUE_PAR set).
 #[derive(clap::Args)]
 pub struct Test {
+    /// Run only the real-lattice test (the e2e workspace); the arguments after `--` go to it.
+    #[arg(long)]
+    pub e2e_only: bool,
     /// Extra arguments for cargo test (after `--`), e.g. a test name filter.
     #[arg(last = true)]
     pub cargo_args: Vec<String>,

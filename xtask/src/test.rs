@@ -8,50 +8,75 @@ use crate::{cargo, echo, flags, nats, par, root, run_command};
 
 pub fn run(args: flags::Test) -> anyhow::Result<ExitCode> {
     let nats_server = nats::server_binary()?;
-    // Build everything first, in the same invocation (same feature unification) as the run
-    // below: the provider binary the archive is made of is then the one the other tests run.
-    // `cargo build -p keyvalue-inmemory` would resolve features for the provider alone and
-    // build a second copy of the whole tree (wasmtime included).
-    run_command(&mut cargo_test(&args, true))?;
-    // A run filtered to some targets (e.g. `-- --test lattice`) may not have built the provider
-    // binary, and the archive would hold a stale one: build it, with the same features (the
-    // binary is built for a package's integration tests; `contract` is one).
+    // The locking flags apply to both workspaces; the rest of the arguments to the one run.
+    let locking: Vec<String> = (args.cargo_args.iter())
+        .filter(|arg| ["--locked", "--frozen", "--offline"].contains(&arg.as_str()))
+        .cloned()
+        .collect();
+    if !args.e2e_only {
+        // Build everything first: a failure to build stops here, before any server starts.
+        run_command(&mut cargo_test(Workspace::Provider, &args.cargo_args, true))?;
+    }
+    // The archive is made of the binary the provider's own tests run. A run filtered to some
+    // targets (e.g. `-- --test lattice`) may not have built it: build it, as the provider's
+    // integration tests do (`contract` is one), so its features are theirs.
     let mut binary = cargo();
     binary
         .current_dir(root())
         .args(["test", "--workspace", "--no-run", "--test", "contract"])
-        .args(
-            args.cargo_args
-                .iter()
-                .filter(|arg| ["--locked", "--frozen", "--offline"].contains(&arg.as_str())),
-        );
+        .args(&locking);
     run_command(&mut binary)?;
     let archive = e2e_archive(&root().join("target/debug/keyvalue-inmemory"))?;
-    let mut command = cargo_test(&args, false);
+    let mut failed = false;
+    if !args.e2e_only {
+        let mut command = cargo_test(Workspace::Provider, &args.cargo_args, false);
+        command.env("NATS_SERVER_BIN", &nats_server);
+        echo(&command);
+        failed |= !command.status()?.success();
+    }
+    let e2e_args = if args.e2e_only {
+        &args.cargo_args
+    } else {
+        &locking
+    };
+    let mut command = cargo_test(Workspace::E2e, e2e_args, false);
     command
         .env("NATS_SERVER_BIN", &nats_server)
         .env("KEYVALUE_PAR", &archive);
     echo(&command);
-    let status = command.status()?;
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
+    failed |= !command.status()?.success();
+    Ok(if failed {
         ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
-/// `cargo test --workspace` with the user's arguments; `--no-run` goes before any `--` (the
-/// arguments after it are the test harness's).
-fn cargo_test(args: &flags::Test, no_run: bool) -> Command {
-    let split = (args.cargo_args.iter())
+/// The two workspaces: the provider's (with the store, test-support and xtask), and e2e's,
+/// which has a lock of its own for the pins of the wasmCloud host library.
+#[derive(Clone, Copy)]
+enum Workspace {
+    Provider,
+    E2e,
+}
+
+/// `cargo test --workspace` with `args`; `--no-run` goes before any `--` (the arguments
+/// after it are the test harness's). Both workspaces build into the one `target/`, so what
+/// they share (most of the dependency tree) is built once.
+fn cargo_test(workspace: Workspace, args: &[String], no_run: bool) -> Command {
+    let split = args
+        .iter()
         .position(|arg| arg == "--")
-        .unwrap_or(args.cargo_args.len());
-    let (cargo_args, harness) = args.cargo_args.split_at(split);
+        .unwrap_or(args.len());
+    let (cargo_args, harness) = args.split_at(split);
     let mut command = cargo();
-    command
-        .current_dir(root())
-        .args(["test", "--workspace"])
-        .args(cargo_args);
+    match workspace {
+        Workspace::Provider => command.current_dir(root()),
+        Workspace::E2e => command
+            .current_dir(root().join("e2e"))
+            .env("CARGO_TARGET_DIR", root().join("target")),
+    };
+    command.args(["test", "--workspace"]).args(cargo_args);
     if no_run {
         command.arg("--no-run");
     } else {
