@@ -54,15 +54,19 @@
 
         checks = {
           inherit provider;
+          # The provider and the store crate it serves (store/).
           clippy = craneLib.cargoClippy (commonArgs // {
             inherit cargoArtifacts;
+            cargoExtraArgs = "--locked --package keyvalue-inmemory --package keyvalue-store";
             cargoClippyExtraArgs = "--all-targets -- --deny warnings";
           });
           fmt = craneLib.cargoFmt { inherit src; };
-          # The provider's own tests; they start nats-server on free loopback ports. The
-          # real-lattice test (e2e/) needs the archive `cargo xtask test` builds: run it there.
+          # The provider's and the store's tests; they start nats-server on loopback ports it
+          # picks. The real-lattice test (e2e/) needs the archive `cargo xtask test` builds: run
+          # it there.
           tests = craneLib.cargoNextest (commonArgs // {
             inherit cargoArtifacts;
+            cargoExtraArgs = "--locked --package keyvalue-inmemory --package keyvalue-store";
             nativeCheckInputs = [ pkgs.nats-server ];
             NATS_SERVER_BIN = "${pkgs.nats-server}/bin/nats-server";
           });

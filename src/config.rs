@@ -10,8 +10,9 @@
 //!
 //! Each map is read on top of the defaults, so a key removed from the config returns to its
 //! default. A key with a value we cannot use is reported as a [`Problem`] and keeps the value
-//! it had (at start: the default): a typo never takes the store down. Keys are matched
-//! case-insensitively, values trimmed; keys we do not know are ignored.
+//! it had (at start: the default): a typo never takes the store down. Provider config keys are
+//! matched case-insensitively and their values trimmed (`OTEL_*` values are taken as given);
+//! the link config key `namespace` is matched exactly; keys we do not know are ignored.
 //!
 //! Each value has one owner once applied: the engine holds the [`Limits`], the provider the
 //! [`Serving`] bounds (and hands the in-flight ones to its budget).
@@ -62,16 +63,6 @@ pub const SNAPSHOT_PATH: &str = "snapshot_path";
 pub const SNAPSHOT_INTERVAL_SECS: &str = "snapshot_interval_secs";
 /// Refuse to start on an unreadable snapshot, `true`/`false` (start only).
 pub const SNAPSHOT_REQUIRED: &str = "snapshot_required";
-
-/// The `OTEL_*` provider config keys that override the host's `otel_config` (start only), and
-/// the field each one sets: the overrides the SDK's `initialize_observability!` honours.
-pub const OTEL_KEYS: [&str; 5] = [
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-    "OTEL_TRACES_SAMPLER",
-    "OTEL_TRACES_SAMPLER_ARG",
-];
 
 /// Link `target_config` key naming the namespace a link's calls use. Links naming the same
 /// namespace share data; without it a component gets a namespace of its own.
@@ -169,6 +160,8 @@ impl fmt::Display for Problem {
     }
 }
 
+impl std::error::Error for Problem {}
+
 impl Config {
     /// Reads `map` on top of the defaults. A value that cannot be used keeps the value it has
     /// in `current`, and is reported.
@@ -255,8 +248,20 @@ impl Snapshots {
         };
         let path = PathBuf::from(path);
         let default = Self::DEFAULT_INTERVAL.as_secs();
-        let interval = r.positive(SNAPSHOT_INTERVAL_SECS, default, default);
-        let required = r.boolean(SNAPSHOT_REQUIRED, false, false);
+        let interval = r.read(
+            SNAPSHOT_INTERVAL_SECS,
+            "whole seconds above 0; snapshotting every 60 s",
+            default,
+            default,
+            |v| v.parse::<u64>().ok().filter(|&s| s > 0),
+        );
+        let required = r.read(
+            SNAPSHOT_REQUIRED,
+            "true or false; an unreadable snapshot is moved aside",
+            false,
+            false,
+            parse_bool,
+        );
         let settings = Snapshots {
             path,
             interval: Duration::from_secs(interval),
@@ -266,21 +271,20 @@ impl Snapshots {
     }
 }
 
-/// The host's `otel_config` with the provider config's `OTEL_*` overrides ([`OTEL_KEYS`])
-/// applied.
+/// The host's `otel_config` with the provider config's `OTEL_*` overrides applied (start only):
+/// the overrides the SDK's `initialize_observability!` honours, one field each.
 pub fn otel_config(host: &OtelConfig, map: &HashMap<String, String>) -> OtelConfig {
     let mut otel = host.clone();
     for (key, value) in map {
-        let value = Some(value.clone());
-        let key = key.to_ascii_uppercase();
-        match OTEL_KEYS.iter().position(|k| *k == key) {
-            Some(0) => otel.observability_endpoint = value,
-            Some(1) => otel.traces_endpoint = value,
-            Some(2) => otel.metrics_endpoint = value,
-            Some(3) => otel.traces_sampler = value,
-            Some(4) => otel.traces_sampler_arg = value,
-            _ => {}
-        }
+        let field = match key.to_ascii_uppercase().as_str() {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => &mut otel.observability_endpoint,
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => &mut otel.traces_endpoint,
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" => &mut otel.metrics_endpoint,
+            "OTEL_TRACES_SAMPLER" => &mut otel.traces_sampler,
+            "OTEL_TRACES_SAMPLER_ARG" => &mut otel.traces_sampler_arg,
+            _ => continue,
+        };
+        *field = Some(value.clone());
     }
     otel
 }
@@ -294,6 +298,15 @@ pub fn link_namespace(link_config: &HashMap<String, String>, source_id: &str) ->
         Some(name) if !name.is_empty() => links::named_namespace(name),
         _ => links::component_namespace(source_id),
     }
+}
+
+/// The namespace of a call no link admits, served with `allow_unlinked`: its component's own
+/// (from the `source-id` header), or one shared by every caller that names no component.
+pub fn unlinked_namespace(source: Option<&str>) -> Arc<str> {
+    source.map_or_else(
+        || Arc::from(links::ANONYMOUS_NAMESPACE),
+        links::component_namespace,
+    )
 }
 
 /// Reads settings out of one config map, collecting what could not be used.
@@ -345,15 +358,18 @@ impl<'a> Reader<'a> {
     }
 
     fn boolean(&mut self, key: &'static str, default: bool, current: bool) -> bool {
-        self.read(key, "true or false", default, current, |v| {
-            if v.eq_ignore_ascii_case("true") {
-                Some(true)
-            } else if v.eq_ignore_ascii_case("false") {
-                Some(false)
-            } else {
-                None
-            }
-        })
+        self.read(key, "true or false", default, current, parse_bool)
+    }
+}
+
+/// `true` or `false`, in any case.
+fn parse_bool(value: &str) -> Option<bool> {
+    if value.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if value.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        None
     }
 }
 
@@ -455,12 +471,6 @@ mod tests {
 
     #[test]
     fn snapshot_settings_come_from_config_and_bad_values_keep_their_defaults() {
-        let map = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
         assert_eq!(Snapshots::from_map(&map(&[])), (None, vec![]));
         let (s, problems) = Snapshots::from_map(&map(&[("SNAPSHOT_PATH", "/tmp/x")]));
         let s = s.unwrap();

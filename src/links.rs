@@ -100,6 +100,16 @@ impl LinkTable {
 mod tests {
     use super::*;
 
+    /// A version 1 snapshot's namespaces load as components' own: the store names them the
+    /// way links do.
+    #[test]
+    fn version_1_snapshot_namespaces_are_components_own() {
+        assert_eq!(
+            &*component_namespace("c1"),
+            keyvalue_store::snapshot::version_1_namespace("c1")
+        );
+    }
+
     #[test]
     fn links_resolve_by_source_and_name() {
         let t = LinkTable::default();

@@ -1,5 +1,6 @@
 //! The provider: the SDK's control-plane callbacks and the generated wRPC handler traits, on
-//! one struct that owns the engine, the link table and the config.
+//! one struct that owns the engine (which holds the limits in force), the link table, the
+//! serving settings and the stop.
 //!
 //! Handlers answer `anyhow::Result<Result<T, store::Error>>`: the outer error means the call
 //! itself failed (the caller sees a transport error), the inner one is the answer the
@@ -19,7 +20,7 @@ use wasmcloud_provider_sdk::{
 use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
 use crate::budget::{self, Budget};
 use crate::config::{self, Config, Serving, Snapshots};
-use crate::links::{self, LinkTable};
+use crate::links::LinkTable;
 use crate::shutdown::Shutdown;
 use crate::snapshots::Snapshotter;
 use crate::telemetry;
@@ -105,14 +106,6 @@ impl KvProvider {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// The config in force, from the owners of its values.
-    pub fn config(&self) -> Config {
-        Config {
-            limits: self.inner.engine.limits(),
-            serving: self.serving(),
-        }
-    }
-
     /// Applies a config map (the full merged map, as the host sends it).
     pub fn apply_config(&self, map: &std::collections::HashMap<String, String>) {
         let mut serving = self
@@ -185,10 +178,7 @@ impl KvProvider {
             return Ok(ns);
         }
         if self.serving().allow_unlinked {
-            return Ok(source.map_or_else(
-                || Arc::from(links::ANONYMOUS_NAMESPACE),
-                links::component_namespace,
-            ));
+            return Ok(config::unlinked_namespace(source));
         }
         debug!(?source, link_name, "call without an active link refused");
         Err(store::Error::AccessDenied)
@@ -557,6 +547,7 @@ impl Provider for KvProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::links;
     use std::collections::HashMap;
 
     fn cx(source: Option<&str>, link: Option<&str>) -> Option<Context> {

@@ -120,7 +120,7 @@ impl Server {
         })
     }
 
-    /// Serves until [`KvProvider::stop`], then stops accepting, waits up to [`DRAIN_GRACE`]
+    /// Serves until [`Shutdown::stop`](crate::shutdown::Shutdown::stop), then stops accepting, waits up to [`DRAIN_GRACE`]
     /// for in-flight calls and answers.
     pub async fn run(self) -> anyhow::Result<()> {
         let Self {

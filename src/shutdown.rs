@@ -24,7 +24,7 @@ pub const DRAIN_WAIT: Duration = Duration::from_secs(10);
 pub const FINAL_SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
 
 /// The provider's stop: cheap to clone, clones share it.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Shutdown {
     inner: Arc<Inner>,
 }

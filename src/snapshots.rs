@@ -31,10 +31,6 @@ impl Snapshotter {
         })
     }
 
-    pub fn settings(&self) -> &Snapshots {
-        &self.settings
-    }
-
     /// Loads the snapshot into the (empty) store, first removing what unfinished writes left
     /// and making an old file private. Neither a leftover nor a file's mode stops a start;
     /// an unreadable file does only with `snapshot_required`.

@@ -14,16 +14,20 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
+use std::time::Instant;
 
 use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use crate::answer::{AnswerRefused, ANSWER_ELEMENT_BYTES};
+use crate::cursor::Cursor;
 use crate::error::EngineError;
 use crate::item::{Entries, Item};
 use crate::limits::{check_key, check_value, Limits};
-use crate::listing::Listings;
+use crate::listing::{
+    page_end, KeyPage, Listing, Listings, SortedKeys, UnsortedKeys, LISTING_OVERHEAD,
+};
 use crate::usage::{Space, Usage};
 
 /// Bytes of values get-many copies into one shared allocation before starting another.
@@ -31,10 +35,10 @@ const GET_MANY_BUFFER: usize = 64 * 1024;
 
 /// One tenant's data: its buckets, and what it holds (see `usage.rs`).
 #[derive(Default)]
-pub(crate) struct Namespace {
+struct Namespace {
     buckets: DashMap<Box<str>, Entries>,
-    pub(crate) keys: AtomicU64,
-    pub(crate) bytes: AtomicU64,
+    keys: AtomicU64,
+    bytes: AtomicU64,
 }
 
 /// The in-memory store. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -44,11 +48,11 @@ pub struct Engine {
     // Read on every write, written on a config update: a plain `RwLock` around a `Copy` value,
     // never held across anything but a copy.
     limits: RwLock<Limits>,
-    pub(crate) listings: Listings,
+    listings: Listings,
     /// Keys removed so far, anywhere. A listing page re-checks its keys against the bucket
     /// only when this moved since the listing's snapshot: a page of 1,000 keys of a 1M-key
     /// bucket is otherwise 1,000 cache-missing lookups for nothing.
-    pub(crate) removals: AtomicU64,
+    removals: AtomicU64,
     /// Successful writes and removals so far: a snapshot is only needed when this moved.
     changes: AtomicU64,
     /// Batches that began writing under the shared gate, and those still writing: a
@@ -227,7 +231,7 @@ impl Engine {
             let Some(entries) = ns_ref.buckets.get(bucket) else {
                 return;
             };
-            let space = Space::new(&self.total_bytes, &ns_ref);
+            let space = Space::new(&self.total_bytes, &ns_ref.keys, &ns_ref.bytes);
             let mut removed = 0u64;
             for key in keys {
                 // The counters go down under the entry's shard lock, as the entry goes: a
@@ -446,6 +450,90 @@ impl Engine {
             .unwrap_or(0)
     }
 
+    /// One page of the bucket's keys, in lexicographic order.
+    pub fn list_keys(
+        &self,
+        ns: &str,
+        bucket: &str,
+        cursor: Option<Cursor>,
+    ) -> Result<KeyPage, EngineError> {
+        self.list_keys_within(ns, bucket, cursor, usize::MAX)
+    }
+
+    /// One page of the bucket's keys, in lexicographic order, of at most `list_page_size` keys
+    /// and at most `max_bytes` (keys plus [`ANSWER_ELEMENT_BYTES`] each; a page always holds
+    /// at least one key).
+    ///
+    /// The first call (no cursor) takes a sorted copy of the bucket's keys, O(N log N): the
+    /// copy is made one shard's read lock at a time and sorted with no lock held, counted
+    /// against `max_listing_bytes` as it grows. Later pages are slices of it, so a key that
+    /// exists for the whole listing is listed exactly once. Keys deleted since the copy are
+    /// left out of later pages; keys added since may be missing. Callers on an async runtime
+    /// should make the first call of a large bucket ([`Engine::bucket_len`]) on a blocking
+    /// thread.
+    ///
+    /// A cursor names the listing and the offset of its page, so a retried call with the same
+    /// cursor answers the same page, the last one included, until the listing is dropped
+    /// (idle for [`CURSOR_IDLE_TTL`], or to make room: see [`Listings::reserve`]).
+    pub fn list_keys_within(
+        &self,
+        ns: &str,
+        bucket: &str,
+        cursor: Option<Cursor>,
+        max_bytes: usize,
+    ) -> Result<KeyPage, EngineError> {
+        let page_size = self.limits().list_page_size.max(1);
+        let Some(cursor) = cursor else {
+            // Read before the copy: a removal racing with it makes pages re-check.
+            let removals = self.removals.load(Ordering::SeqCst);
+            let limit = self.limits().max_listing_bytes;
+            let mut held = self.listings.reserve(ns, LISTING_OVERHEAD, limit)?;
+            let copied = self.read_bucket(ns, bucket, |entries| {
+                UnsortedKeys::copy(entries, |n| held.grow(n))
+            });
+            let keys = match copied {
+                None => SortedKeys::default(),
+                Some(copied) => copied?.sort(),
+            };
+            // A cursor holds a page's offset in 32 bits.
+            if keys.len() > u32::MAX as usize {
+                return Err(EngineError::ListingTooLarge { limit, held: 0 });
+            }
+            let end = page_end(&keys, 0, page_size, max_bytes);
+            let first = keys.strings(0..end);
+            if end == keys.len() {
+                return Ok(KeyPage {
+                    keys: first,
+                    cursor: None,
+                });
+            }
+            let cursor = self.listings.open(
+                Listing {
+                    namespace: ns.into(),
+                    bucket: bucket.into(),
+                    keys,
+                    page_size,
+                    removals,
+                    last_used: Instant::now(),
+                },
+                held,
+            );
+            return Ok(KeyPage {
+                keys: first,
+                cursor: Some(cursor.at(end)),
+            });
+        };
+        let (mut keys, next, removals) = self.listings.page(ns, bucket, cursor, max_bytes)?;
+        // Leave out what was deleted since the copy.
+        if self.removals.load(Ordering::SeqCst) != removals {
+            self.read_bucket(ns, bucket, |entries| {
+                keys.retain(|k| entries.contains_key(k.as_str()));
+            })
+            .unwrap_or_else(|| keys.clear());
+        }
+        Ok(KeyPage { keys, cursor: next })
+    }
+
     /// Live figures.
     pub fn usage(&self) -> Usage {
         let mut usage = Usage {
@@ -504,12 +592,13 @@ impl Engine {
         })
     }
 
-    pub(crate) fn read_bucket<R>(
-        &self,
-        ns: &str,
-        bucket: &str,
-        f: impl FnOnce(&Entries) -> R,
-    ) -> Option<R> {
+    /// The open listings, for the listing module's tests.
+    #[cfg(test)]
+    pub(crate) fn listings(&self) -> &Listings {
+        &self.listings
+    }
+
+    fn read_bucket<R>(&self, ns: &str, bucket: &str, f: impl FnOnce(&Entries) -> R) -> Option<R> {
         let ns_ref = self.namespaces.get(ns)?;
         let entries = ns_ref.buckets.get(bucket)?;
         Some(f(&entries))
@@ -529,7 +618,10 @@ impl Engine {
             Some(found) => found,
             None => ns_ref.buckets.entry(bucket.into()).or_default().downgrade(),
         };
-        f(&Space::new(&self.total_bytes, &ns_ref), &entries)
+        f(
+            &Space::new(&self.total_bytes, &ns_ref.keys, &ns_ref.bytes),
+            &entries,
+        )
     }
 
     fn drop_bucket_if_empty(&self, ns: &str, bucket: &str) {
@@ -571,7 +663,6 @@ fn parse_counter(value: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::listing::KeyPage;
     use crate::testing::{limits, list_all, strings};
     use std::collections::BTreeMap;
     use std::sync::Arc;

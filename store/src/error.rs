@@ -1,7 +1,8 @@
 //! Why the store refused an operation.
 
-use crate::listing::Cursor;
+use crate::cursor::Cursor;
 
+/// Why the engine refused an operation. The message is what the caller reads; every limit
 /// error names the config key that was hit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {

@@ -14,10 +14,11 @@
 //! - `usage.rs`: [`Usage`], and how a write reserves room before it writes, so that counters
 //!   never pass a limit.
 //! - `answer.rs`: [`AnswerRefused`], bounding what a read copies into an answer.
-//! - `listing.rs`: paged, sorted key listings and their [`Cursor`].
+//! - `listing.rs`: paged, sorted key listings; `cursor.rs`: the [`Cursor`] of their pages.
 //! - [`snapshot`]: the snapshot file format, its writer and its verifying reader.
 
 mod answer;
+mod cursor;
 mod engine;
 mod error;
 mod item;
@@ -30,8 +31,9 @@ mod usage;
 mod testing;
 
 pub use answer::{AnswerRefused, ANSWER_ELEMENT_BYTES};
+pub use cursor::Cursor;
 pub use engine::Engine;
 pub use error::EngineError;
 pub use limits::Limits;
-pub use listing::{Cursor, KeyPage, CURSOR_IDLE_TTL, MAX_LISTINGS_PER_NAMESPACE};
+pub use listing::{KeyPage, CURSOR_IDLE_TTL, MAX_LISTINGS_PER_NAMESPACE};
 pub use usage::Usage;

@@ -1,62 +1,16 @@
 //! Paged key listings: a sorted copy of a bucket's keys taken by the first page, later pages
-//! cut from it by a [`Cursor`], every copy counted against `max_listing_bytes`.
+//! cut from it by a [`Cursor`], every copy counted against `max_listing_bytes`. The engine's
+//! `list_keys` (in `engine.rs`) takes and serves them.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::answer::ANSWER_ELEMENT_BYTES;
-use crate::engine::Engine;
+use crate::cursor::Cursor;
 use crate::error::EngineError;
 use crate::item::Entries;
-
-/// Where the next page of a listing starts: the listing (32 bits) and the offset of the page's
-/// first key in it (32 bits). On the wire it is the `u64` cursor of `list-keys`,
-/// `listing << 32 | offset`; any `u64` converts into one, and one this store did not hand out
-/// is refused as [`EngineError::UnknownCursor`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cursor(u64);
-
-impl Cursor {
-    /// `offset` fits in 32 bits: a listing of more keys is refused before it is opened.
-    fn new(listing: u32, offset: usize) -> Cursor {
-        Cursor(u64::from(listing) << 32 | offset as u64)
-    }
-
-    fn listing(self) -> u32 {
-        (self.0 >> 32) as u32
-    }
-
-    fn offset(self) -> usize {
-        (self.0 & 0xffff_ffff) as usize
-    }
-
-    /// The cursor of the same listing at `offset`.
-    fn at(self, offset: usize) -> Cursor {
-        Cursor::new(self.listing(), offset)
-    }
-}
-
-impl From<u64> for Cursor {
-    fn from(wire: u64) -> Cursor {
-        Cursor(wire)
-    }
-}
-
-impl From<Cursor> for u64 {
-    fn from(cursor: Cursor) -> u64 {
-        cursor.0
-    }
-}
-
-impl fmt::Display for Cursor {
-    /// As the caller sent it: the wire's `u64`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// How long a list-keys cursor lives after its last use.
 pub const CURSOR_IDLE_TTL: Duration = Duration::from_secs(300);
@@ -66,7 +20,7 @@ pub const CURSOR_IDLE_TTL: Duration = Duration::from_secs(300);
 pub const MAX_LISTINGS_PER_NAMESPACE: usize = 64;
 
 /// What an open listing costs besides its keys, counted against `max_listing_bytes`.
-const LISTING_OVERHEAD: u64 = 1024;
+pub(crate) const LISTING_OVERHEAD: u64 = 1024;
 
 /// One page of a key listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,92 +29,6 @@ pub struct KeyPage {
     pub keys: Vec<String>,
     /// Where the next page starts, `None` after the last page.
     pub cursor: Option<Cursor>,
-}
-
-impl Engine {
-    /// One page of the bucket's keys, in lexicographic order.
-    pub fn list_keys(
-        &self,
-        ns: &str,
-        bucket: &str,
-        cursor: Option<Cursor>,
-    ) -> Result<KeyPage, EngineError> {
-        self.list_keys_within(ns, bucket, cursor, usize::MAX)
-    }
-
-    /// One page of the bucket's keys, in lexicographic order, of at most `list_page_size` keys
-    /// and at most `max_bytes` (keys plus [`ANSWER_ELEMENT_BYTES`] each; a page always holds
-    /// at least one key).
-    ///
-    /// The first call (no cursor) takes a sorted copy of the bucket's keys, O(N log N): the
-    /// copy is made one shard's read lock at a time and sorted with no lock held, counted
-    /// against `max_listing_bytes` as it grows. Later pages are slices of it, so a key that
-    /// exists for the whole listing is listed exactly once. Keys deleted since the copy are
-    /// left out of later pages; keys added since may be missing. Callers on an async runtime
-    /// should make the first call of a large bucket ([`Engine::bucket_len`]) on a blocking
-    /// thread.
-    ///
-    /// A cursor names the listing and the offset of its page, so a retried call with the same
-    /// cursor answers the same page, the last one included, until the listing is dropped
-    /// (idle for [`CURSOR_IDLE_TTL`], or to make room: see [`Listings::reserve`]).
-    pub fn list_keys_within(
-        &self,
-        ns: &str,
-        bucket: &str,
-        cursor: Option<Cursor>,
-        max_bytes: usize,
-    ) -> Result<KeyPage, EngineError> {
-        let page_size = self.limits().list_page_size.max(1);
-        let Some(cursor) = cursor else {
-            // Read before the copy: a removal racing with it makes pages re-check.
-            let removals = self.removals.load(Ordering::SeqCst);
-            let limit = self.limits().max_listing_bytes;
-            let mut held = self.listings.reserve(ns, LISTING_OVERHEAD, limit)?;
-            let copied = self.read_bucket(ns, bucket, |entries| {
-                UnsortedKeys::copy(entries, |n| held.grow(n))
-            });
-            let keys = match copied {
-                None => SortedKeys::default(),
-                Some(copied) => copied?.sort(),
-            };
-            // A cursor holds a page's offset in 32 bits.
-            if keys.len() > u32::MAX as usize {
-                return Err(EngineError::ListingTooLarge { limit, held: 0 });
-            }
-            let end = page_end(&keys, 0, page_size, max_bytes);
-            let first = keys.strings(0..end);
-            if end == keys.len() {
-                return Ok(KeyPage {
-                    keys: first,
-                    cursor: None,
-                });
-            }
-            let cursor = self.listings.open(
-                Listing {
-                    namespace: ns.into(),
-                    bucket: bucket.into(),
-                    keys,
-                    page_size,
-                    removals,
-                    last_used: Instant::now(),
-                },
-                held,
-            );
-            return Ok(KeyPage {
-                keys: first,
-                cursor: Some(cursor.at(end)),
-            });
-        };
-        let (mut keys, next, removals) = self.listings.page(ns, bucket, cursor, max_bytes)?;
-        // Leave out what was deleted since the copy.
-        if self.removals.load(Ordering::SeqCst) != removals {
-            self.read_bucket(ns, bucket, |entries| {
-                keys.retain(|k| entries.contains_key(k.as_str()));
-            })
-            .unwrap_or_else(|| keys.clear());
-        }
-        Ok(KeyPage { keys, cursor: next })
-    }
 }
 
 /// Bytes a listing is charged per key beyond twice the key's bytes (the unsorted and the
@@ -180,7 +48,7 @@ struct Unsorted {
 
 /// A bucket's keys as copied out of it, before sorting.
 #[derive(Default)]
-struct UnsortedKeys {
+pub(crate) struct UnsortedKeys {
     bytes: Vec<u8>,
     keys: Vec<Unsorted>,
 }
@@ -188,7 +56,7 @@ struct UnsortedKeys {
 impl UnsortedKeys {
     /// Copies the keys of `entries`, one shard's read lock at a time (DashMap's iterator),
     /// asking `grow` for room before the copy passes what it was granted.
-    fn copy(
+    pub(crate) fn copy(
         entries: &Entries,
         mut grow: impl FnMut(u64) -> Result<(), EngineError>,
     ) -> Result<UnsortedKeys, EngineError> {
@@ -222,7 +90,7 @@ impl UnsortedKeys {
     }
 
     /// Sorts the keys into a [`SortedKeys`]. Takes no lock: run it after the copy.
-    fn sort(mut self) -> SortedKeys {
+    pub(crate) fn sort(mut self) -> SortedKeys {
         let bytes = &self.bytes;
         // Equal prefixes need the full comparison: "a" and "a\0" pad to the same prefix.
         self.keys.sort_unstable_by(|a, b| {
@@ -247,13 +115,13 @@ impl UnsortedKeys {
 /// reads the keys' first 16 bytes from one contiguous array instead of chasing a pointer per
 /// comparison.
 #[derive(Default)]
-struct SortedKeys {
+pub(crate) struct SortedKeys {
     bytes: Vec<u8>,
     ends: Vec<usize>,
 }
 
 impl SortedKeys {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.ends.len()
     }
 
@@ -263,7 +131,7 @@ impl SortedKeys {
         unsafe { std::str::from_utf8_unchecked(&self.bytes[start..self.ends[i]]) }
     }
 
-    fn strings(&self, range: std::ops::Range<usize>) -> Vec<String> {
+    pub(crate) fn strings(&self, range: std::ops::Range<usize>) -> Vec<String> {
         range.map(|i| self.key(i).to_owned()).collect()
     }
 
@@ -275,7 +143,12 @@ impl SortedKeys {
 
 /// Where the page that starts at `start` ends: at most `page_size` keys and `max_bytes` of
 /// answer, but at least one key.
-fn page_end(keys: &SortedKeys, start: usize, page_size: usize, max_bytes: usize) -> usize {
+pub(crate) fn page_end(
+    keys: &SortedKeys,
+    start: usize,
+    page_size: usize,
+    max_bytes: usize,
+) -> usize {
     let (mut end, mut bytes) = (start, 0usize);
     while end < keys.len() && end - start < page_size {
         let cost = keys.key(end).len() + ANSWER_ELEMENT_BYTES;
@@ -289,14 +162,14 @@ fn page_end(keys: &SortedKeys, start: usize, page_size: usize, max_bytes: usize)
 }
 
 /// A sorted copy of a bucket's keys that later pages are cut from.
-struct Listing {
-    namespace: Box<str>,
-    bucket: Box<str>,
-    keys: SortedKeys,
-    page_size: usize,
+pub(crate) struct Listing {
+    pub(crate) namespace: Box<str>,
+    pub(crate) bucket: Box<str>,
+    pub(crate) keys: SortedKeys,
+    pub(crate) page_size: usize,
     /// `Engine::removals` when the copy was taken.
-    removals: u64,
-    last_used: Instant,
+    pub(crate) removals: u64,
+    pub(crate) last_used: Instant,
 }
 
 /// Open listings by id, and the bytes counted against `max_listing_bytes`.
@@ -388,7 +261,7 @@ impl ListingTable {
 
 /// Bytes taken from `max_listing_bytes` for a listing being copied; given back on drop
 /// unless [`Listings::open`] takes them over.
-struct Held<'a> {
+pub(crate) struct Held<'a> {
     listings: &'a Listings,
     namespace: &'a str,
     bytes: u64,
@@ -396,7 +269,7 @@ struct Held<'a> {
 }
 
 impl Held<'_> {
-    fn grow(&mut self, n: u64) -> Result<(), EngineError> {
+    pub(crate) fn grow(&mut self, n: u64) -> Result<(), EngineError> {
         let mut table = self.listings.lock();
         table.make_room(self.namespace, n, self.limit)?;
         self.bytes += n;
@@ -439,7 +312,12 @@ impl Listings {
 
     /// Takes `n` bytes of `max_listing_bytes` (`limit`) for a listing of `ns` about to be
     /// copied, dropping idle listings, then listings as [`ListingTable::make_room`] says.
-    fn reserve<'a>(&'a self, ns: &'a str, n: u64, limit: u64) -> Result<Held<'a>, EngineError> {
+    pub(crate) fn reserve<'a>(
+        &'a self,
+        ns: &'a str,
+        n: u64,
+        limit: u64,
+    ) -> Result<Held<'a>, EngineError> {
         let mut table = self.lock();
         let now = Instant::now();
         let idle: Vec<u32> = (table.open.iter())
@@ -460,7 +338,7 @@ impl Listings {
 
     /// Stores a listing whose first page was served, keeping of `held` what it occupies;
     /// answers its cursor with offset 0.
-    fn open(&self, listing: Listing, mut held: Held<'_>) -> Cursor {
+    pub(crate) fn open(&self, listing: Listing, mut held: Held<'_>) -> Cursor {
         let footprint = (listing.keys.footprint() + LISTING_OVERHEAD).min(held.bytes);
         let mut table = self.lock();
         // From being copied to open: `footprint` stays counted, the rest goes back.
@@ -490,7 +368,7 @@ impl Listings {
 
     /// The keys of the page `cursor` points at, the cursor of the page after it, and the
     /// listing's removal count.
-    fn page(
+    pub(crate) fn page(
         &self,
         ns: &str,
         bucket: &str,
@@ -519,6 +397,7 @@ mod tests {
     use super::*;
     use crate::limits::Limits;
     use crate::testing::{limits, list_all};
+    use crate::Engine;
 
     #[test]
     fn listing_pages_through_every_key_once() {
@@ -686,7 +565,10 @@ mod tests {
         for _ in 0..MAX_LISTINGS_PER_NAMESPACE {
             e.list_keys("a", "b", None).unwrap();
         }
-        assert_eq!(e.listings.lock().open.len(), MAX_LISTINGS_PER_NAMESPACE + 1);
+        assert_eq!(
+            e.listings().lock().open.len(),
+            MAX_LISTINGS_PER_NAMESPACE + 1
+        );
         assert!(
             e.list_keys("a", "b", Some(first)).is_err(),
             "a's oldest was evicted"
@@ -711,7 +593,7 @@ mod tests {
         }
         let open = |ns| e.list_keys(ns, "b", None).unwrap().cursor.unwrap();
         let big: Vec<Cursor> = (0..8).map(|_| open("big")).collect();
-        let held = e.listings.lock().held;
+        let held = e.listings().lock().held;
         assert!(held <= LISTING_GROW_BLOCK + 20_000, "{held}");
         // Copying the next one needs a block: "big" holds the most, so its oldest make room,
         // and "small" can still list.
@@ -728,13 +610,13 @@ mod tests {
         for i in 0..20_000 {
             e.set("huge", "b", &format!("key{i:05}"), b"").unwrap();
         }
-        let open_before = e.listings.lock().open.len();
+        let open_before = e.listings().lock().open.len();
         let err = e.list_keys("huge", "b", None).unwrap_err();
         assert_eq!(err.limit(), Some("max_listing_bytes"), "{err}");
-        assert_eq!(e.listings.lock().open.len(), open_before);
+        assert_eq!(e.listings().lock().open.len(), open_before);
         assert!(e.list_keys("small", "b", Some(small)).is_ok());
         // Nothing leaks: every byte held belongs to an open listing.
-        let table = e.listings.lock();
+        let table = e.listings().lock();
         let open_bytes: u64 = table.open.values().map(|(_, bytes)| bytes).sum();
         assert_eq!(table.held, open_bytes);
         assert!(table.building.is_empty());

@@ -19,12 +19,11 @@
 //! reserves exactly what it changes. A refusal therefore always means
 //! that the store, as it stood at one instant between other writes, had no room: every
 //! accepted history has a serial order that explains it. The exclusive path is only taken at
+//! a limit, and holds the gate for one write (`Engine::limited_write` in `engine.rs`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::engine::Namespace;
 use crate::error::EngineError;
 use crate::limits::Limits;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Live figures of the store, for health and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,12 +53,9 @@ pub(crate) struct Reservation {
 }
 
 impl<'a> Space<'a> {
-    pub(crate) fn new(total: &'a AtomicU64, ns: &'a Namespace) -> Self {
-        Self {
-            total,
-            keys: &ns.keys,
-            bytes: &ns.bytes,
-        }
+    /// The counters of the store (`total`) and of one namespace (`keys`, `bytes`).
+    pub(crate) fn new(total: &'a AtomicU64, keys: &'a AtomicU64, bytes: &'a AtomicU64) -> Self {
+        Self { total, keys, bytes }
     }
 
     /// Reserves room for `keys` more keys and `bytes` more bytes, or refuses with the limit hit.

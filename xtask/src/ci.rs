@@ -8,24 +8,37 @@ use crate::{cargo, check, flags, fuzz, par, root, run_command, test};
 
 pub fn run(args: flags::Ci) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    step("cargo fmt --check", || {
-        run_command(
-            cargo()
-                .current_dir(root())
-                .args(["fmt", "--all", "--check"]),
-        )
-    })?;
-    step("cargo clippy", || {
-        run_command(cargo().current_dir(root()).args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--locked",
-            "--",
-            "-D",
-            "warnings",
-        ]))
-    })?;
+    // Three workspaces: the provider's, e2e's (its own lock) and fuzz's (nightly).
+    step(
+        "cargo fmt --check (the provider's, e2e's and fuzz's workspaces)",
+        || {
+            for manifest in ["Cargo.toml", "e2e/Cargo.toml", "fuzz/Cargo.toml"] {
+                run_command(cargo().current_dir(root()).args([
+                    "fmt",
+                    "--all",
+                    "--check",
+                    "--manifest-path",
+                    manifest,
+                ]))?;
+            }
+            Ok(())
+        },
+    )?;
+    step(
+        "cargo clippy (the provider's workspace, then e2e's)",
+        || {
+            let clippy = ["clippy", "--workspace", "--all-targets", "--locked", "--"];
+            let deny = ["-D", "warnings"];
+            run_command(cargo().current_dir(root()).args(clippy).args(deny))?;
+            // In e2e/, so that its .cargo/config.toml builds into the provider's target/.
+            run_command(
+                cargo()
+                    .current_dir(root().join("e2e"))
+                    .args(clippy)
+                    .args(deny),
+            )
+        },
+    )?;
     step(
         "cargo xtask check (wit/, wasmcloud.toml, wadm.yaml, docker-compose.yml, Dockerfile, \
          flake.nix)",
