@@ -494,7 +494,7 @@ async fn limits(
         call("increment", kv::increment(a, None, "limits", &long, 1)).await?,
         Err(kv::Error::Other(_))
     ));
-    // For set, the 1.x host traps the component on a provider error (CONTRACT §1): the host
+    // For set, the 1.x host traps the component on a provider error (its wasi:keyvalue `set` has no error path): the host
     // ends the call without results (the client reads "incomplete results"), nothing is
     // written, and the provider goes on serving every component.
     let refused = tokio::time::timeout(

@@ -5,7 +5,7 @@ use std::fmt;
 /// Where the next page of a listing starts: the listing (32 bits) and the offset of the page's
 /// first key in it (32 bits). On the wire it is the `u64` cursor of `list-keys`,
 /// `listing << 32 | offset`; any `u64` converts into one, and one this store did not hand out
-/// is refused as [`EngineError::UnknownCursor`].
+/// is refused as [`EngineError::UnknownCursor`](crate::EngineError::UnknownCursor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cursor(u64);
 

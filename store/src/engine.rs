@@ -474,7 +474,8 @@ impl Engine {
     ///
     /// A cursor names the listing and the offset of its page, so a retried call with the same
     /// cursor answers the same page, the last one included, until the listing is dropped
-    /// (idle for [`CURSOR_IDLE_TTL`], or to make room: see [`Listings::reserve`]).
+    /// (idle for [`CURSOR_IDLE_TTL`](crate::CURSOR_IDLE_TTL), or to make room for other
+    /// listings within `max_listing_bytes`: see `listing.rs`).
     pub fn list_keys_within(
         &self,
         ns: &str,

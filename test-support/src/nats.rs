@@ -94,6 +94,8 @@ impl NatsServer {
             .arg(dir.path().join("jetstream"))
             .arg("--ports_file_dir")
             .arg(dir.path())
+            .arg("--log")
+            .arg(dir.path().join("nats-server.log"))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if options.own_process_group {
@@ -111,7 +113,15 @@ impl NatsServer {
             Err(err) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                Err(err)
+                let log =
+                    std::fs::read_to_string(dir.path().join("nats-server.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                Err(err.context(format!(
+                    "{} (its log ends: {:?})",
+                    binary.display(),
+                    tail.join(" | ")
+                )))
             }
         }
     }
@@ -122,12 +132,16 @@ impl NatsServer {
 }
 
 /// The client port from the ports file nats-server writes into `dir` once it listens
-/// (`{"nats":["nats://127.0.0.1:PORT"], …}`).
+/// (`<its program name>_<pid>.ports`, holding `{"nats":["nats://127.0.0.1:PORT"], …}`); the
+/// directory is this server's alone.
 fn wait_for_port(child: &mut Child, dir: &Path) -> anyhow::Result<u16> {
-    let file = dir.join(format!("nats-server_{}.ports", child.id()));
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if let Ok(text) = std::fs::read_to_string(&file) {
+        let ports_file = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|entry| entry.path())
+            .find(|path| path.extension().is_some_and(|e| e == "ports"));
+        if let Some(text) = ports_file.and_then(|file| std::fs::read_to_string(file).ok()) {
             if let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text) {
                 let url = ports["nats"][0].as_str().unwrap_or_default();
                 let port = url.rsplit(':').next().and_then(|p| p.parse().ok());
@@ -135,7 +149,7 @@ fn wait_for_port(child: &mut Child, dir: &Path) -> anyhow::Result<u16> {
             }
         }
         if let Some(status) = child.try_wait()? {
-            anyhow::bail!("nats-server exited at start ({status}): is its port taken?");
+            anyhow::bail!("nats-server exited at start ({status})");
         }
         anyhow::ensure!(
             Instant::now() < deadline,

@@ -1,4 +1,4 @@
-//! Black-box test harness: a real `nats-server` on a free loopback port, the real provider
+//! Black-box test harness: a real `nats-server` on a loopback port it picks, the real provider
 //! binary started as the host starts it (base64 host data on stdin, environment cleared), the
 //! control subjects the host publishes on, and a wRPC client generated from our `wit/`.
 //!

@@ -16,7 +16,8 @@ use std::process::{Command, ExitCode};
 use anyhow::{ensure, Context as _};
 use serde::Deserialize;
 
-use crate::{flags, par, root, run_command, tools, wit};
+use crate::process::{root, run_command};
+use crate::{flags, par, tools, wit};
 
 type Check = fn() -> anyhow::Result<String>;
 

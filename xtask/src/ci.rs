@@ -4,7 +4,8 @@
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
-use crate::{cargo, check, flags, fuzz, par, root, run_command, test};
+use crate::process::{cargo, root, run_command};
+use crate::{check, flags, fuzz, par, test};
 
 pub fn run(args: flags::Ci) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
@@ -70,10 +71,10 @@ pub fn run(args: flags::Ci) -> anyhow::Result<ExitCode> {
         || {
             succeeded(par::run(flags::Par {
                 release: false,
-                out: "target/par-check".into(),
-                keys: ".keys".into(),
+                out: root().join("target/par-check"),
+                keys: root().join(".keys"),
                 uncompressed: true,
-                binary: Some("target/debug/keyvalue-inmemory".into()),
+                binary: Some(root().join("target/debug/keyvalue-inmemory")),
                 no_start: false,
             })?)
         },

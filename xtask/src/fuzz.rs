@@ -10,7 +10,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context as _};
 
-use crate::{cargo, flags, root, run_command, tools};
+use crate::process::{cargo, root, run_command};
+use crate::{flags, tools};
 
 const TARGETS: [&str; 2] = ["snapshot_decode", "engine_ops"];
 

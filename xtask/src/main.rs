@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: the project's automation, in plain Rust (see README.md).
 //!
-//! Every task and its options are declared in `flags.rs`; one module per task does it. Every
-//! external command is echoed before it runs.
+//! Every task and its options are declared in `flags.rs`; one module per task does it.
+//! `process.rs` runs what they run: every external command is echoed before it runs (the
+//! nats-server a task starts is reported with its address instead).
 
 mod bench;
 mod call;
@@ -11,13 +12,14 @@ mod flags;
 mod fuzz;
 mod nats;
 mod par;
+mod process;
 mod run;
 mod test;
 mod tools;
 mod up;
 mod wit;
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 use clap::Parser as _;
 
@@ -49,53 +51,4 @@ fn main() -> ExitCode {
         eprintln!("error: {err:#}");
         ExitCode::FAILURE
     })
-}
-
-/// The workspace root.
-pub fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
-}
-
-/// A command of the cargo that runs this task (`$CARGO`, which cargo sets for `cargo xtask`),
-/// or of the `cargo` on the PATH.
-pub fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
-/// Prints a command the way a shell would show it, before running it.
-pub fn echo(command: &Command) {
-    let mut line = String::from("$");
-    for (key, value) in command.get_envs() {
-        if let Some(value) = value {
-            line.push_str(&format!(
-                " {}={}",
-                key.to_string_lossy(),
-                value.to_string_lossy()
-            ));
-        }
-    }
-    line.push(' ');
-    line.push_str(&command.get_program().to_string_lossy());
-    for arg in command.get_args() {
-        line.push(' ');
-        line.push_str(&arg.to_string_lossy());
-    }
-    eprintln!("{line}");
-}
-
-/// Runs a command to completion, echoed; fails on a non-zero exit.
-pub fn run_command(command: &mut Command) -> anyhow::Result<()> {
-    echo(command);
-    let status = command
-        .status()
-        .map_err(|err| anyhow::anyhow!("cannot run {:?}: {err}", command.get_program()))?;
-    anyhow::ensure!(
-        status.success(),
-        "{:?} failed: {status}",
-        command.get_program()
-    );
-    Ok(())
 }

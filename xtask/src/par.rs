@@ -17,7 +17,8 @@ use anyhow::Context as _;
 use nkeys::KeyPair;
 use provider_archive::ProviderArchive;
 
-use crate::{flags, nats, root, run};
+use crate::process::root;
+use crate::{flags, nats, run};
 
 /// The provider's name and vendor in its claims.
 pub const NAME: &str = "keyvalue-inmemory";

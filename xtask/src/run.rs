@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::json;
 
-use crate::{cargo, echo, flags, nats, root, run_command};
+use crate::process::{cargo, echo, root, run_command};
+use crate::{flags, nats};
 
 /// Builds the provider binary (debug, or release); answers its path.
 pub fn build_provider(release: bool) -> anyhow::Result<std::path::PathBuf> {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use crate::{root, run_command};
+use crate::process::{root, run_command};
 
 /// `name` on `PATH`, if it is there.
 pub fn on_path(name: &str) -> Option<PathBuf> {

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::{flags, par, root, run, run_command, tools};
+use crate::process::{root, run_command};
+use crate::{flags, par, run, tools};
 
 /// The NATS port docker-compose.yml publishes on 127.0.0.1.
 const NATS: &str = "nats://127.0.0.1:4222";

@@ -17,7 +17,8 @@ use std::process::ExitCode;
 use anyhow::{bail, ensure, Context as _};
 use wit_deps::{LockEntry, LockEntrySource, ManifestEntry};
 
-use crate::{flags, par, root};
+use crate::process::root;
+use crate::{flags, par};
 
 pub fn run(args: flags::Wit) -> anyhow::Result<ExitCode> {
     let wit = root().join("wit");

@@ -2,13 +2,12 @@
 //! under a timeout, and the rounds that alternate which target goes first.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyvalue_inmemory::transport::Figures;
 
-use super::workload::{one_call, Workload};
-use super::{CALL_TIMEOUT, LATTICE};
+use super::shared::{CALL_TIMEOUT, LATTICE};
+use super::workload::{one_call, Target, Workload};
 use crate::flags;
 
 /// What a phase measured.
@@ -41,21 +40,16 @@ impl Phase {
     }
 }
 
-/// Where calls go: a provider (ours, the floor, --compare) or the echo.
-#[derive(Clone)]
-pub enum Target {
-    Wrpc(Arc<wrpc_transport_nats::Client>),
-    Echo(async_nats::Client),
-}
-
 /// Each phase of a run, by (workload, concurrency) and target name.
 pub type Results<'a> = BTreeMap<(Workload, usize), BTreeMap<&'a str, Vec<Phase>>>;
 
-/// Runs `plan` `args.rounds` times against every target (the echo workload against the echo
-/// only), alternating which target goes first; prints each phase as it ends.
+/// Runs `plan` `args.rounds` times against every target in `order_of` (the echo workload
+/// against the echo only), reversing that order every other round; prints each phase as it
+/// ends.
 pub async fn rounds<'a>(
     args: &flags::Bench,
     plan: &[(Workload, usize)],
+    order_of: &[&'a str],
     targets: &'a BTreeMap<&'a str, Target>,
     echo: &Target,
     nats: &async_nats::Client,
@@ -69,7 +63,7 @@ pub async fn rounds<'a>(
             let mut order: Vec<&str> = if workload == Workload::Echo {
                 vec!["echo"]
             } else {
-                targets.keys().copied().collect()
+                order_of.to_vec()
             };
             if round % 2 == 1 {
                 order.reverse();

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use keyvalue_inmemory::client::{batch, store, Transport};
 use serde_json::json;
 
+use super::shared::{Killed, LATTICE};
 use super::workload::cx;
-use super::{Killed, LATTICE};
 use crate::run;
 
 /// Resident memory of a process, in bytes.

@@ -13,28 +13,22 @@
 //!
 //! One file a part: `workload.rs` (what is asked), `targets.rs` (the processes asked),
 //! `driver.rs` (the workers and the rounds), `memory.rs` (memory per key, a full listing),
-//! `profile.rs` (`--perf`), `report.rs` (the tables), `floor.rs` (the floor and the echo).
+//! `profile.rs` (`--perf`), `report.rs` (the tables), `floor.rs` (the floor and the echo),
+//! `shared.rs` (what they share).
 
 mod driver;
 mod floor;
 mod memory;
 mod profile;
 mod report;
+mod shared;
 mod targets;
 mod workload;
 
-use std::process::{Child, Command, ExitCode};
-use std::time::Duration;
+use std::process::{Command, ExitCode};
 
-use crate::{cargo, flags, nats, root, run_command};
-
-/// The lattice all benchmark processes join.
-const LATTICE: &str = "bench";
-/// The bucket every call names: the link's name, which is what wasmCloud's keyvalue-nats
-/// provider takes a bucket to be (ours and keyvalue-redis accept any).
-const BUCKET: &str = "default";
-/// Per-call timeout: a call not answered by then counts as lost.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+use crate::process::{cargo, root, run_command};
+use crate::{flags, nats};
 
 /// Entry from `cargo xtask bench`: builds release binaries and re-runs itself in release.
 pub fn run(_checked: flags::Bench) -> anyhow::Result<ExitCode> {
@@ -56,18 +50,6 @@ pub fn run(_checked: flags::Bench) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Child processes, killed when dropped (on every way out, errors included).
-pub struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Entry of the release build: measures and writes the report.
 pub fn run_release(args: flags::Bench) -> anyhow::Result<ExitCode> {
     keyvalue_inmemory::client::drops::install();
@@ -87,7 +69,9 @@ async fn measure(args: flags::Bench) -> anyhow::Result<ExitCode> {
         true => Some(profile::Profiler::start(targets.ours_pid)?),
         false => None,
     };
-    let results = driver::rounds(&args, &plan, &targets.clients, &targets.echo, &nats).await;
+    let order: Vec<&str> = targets.prefixes.iter().map(|(name, _)| *name).collect();
+    let results =
+        driver::rounds(&args, &plan, &order, &targets.clients, &targets.echo, &nats).await;
     if let Some(profiler) = profiler {
         profiler.finish()?;
     }

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::Context as _;
 
-use crate::{root, run_command};
+use crate::process::{root, run_command};
 
 /// `perf record` attached to the provider.
 pub struct Profiler {

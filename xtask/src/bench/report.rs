@@ -7,7 +7,8 @@ use serde_json::json;
 use super::driver::{Phase, Results};
 use super::memory::Memory;
 use super::workload::Workload;
-use crate::{flags, root};
+use crate::flags;
+use crate::process::root;
 
 /// Writes and prints the report.
 pub fn write(
@@ -19,8 +20,12 @@ pub fn write(
     let mut rows = Vec::new();
     md.push_str(&format!(
         "Command: `cargo xtask bench {}` ({} s a phase, {} rounds, medians; machine: {} cores).\n\n",
-        // The options `cargo xtask bench` was given (and passed on to `bench-run`).
-        std::env::args().skip(2).collect::<Vec<_>>().join(" "),
+        // The options `cargo xtask bench` was given (and passed on to `internal bench-run`).
+        std::env::args()
+            .skip_while(|arg| arg != "bench-run")
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" "),
         args.seconds,
         args.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get())

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::json;
 
-use super::driver::Target;
-use super::{Killed, LATTICE};
+use super::shared::{Killed, LATTICE};
+use super::workload::Target;
 use crate::{flags, run};
 
 /// The started targets.

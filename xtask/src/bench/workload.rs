@@ -1,14 +1,14 @@
 //! What the benchmark asks: the workloads, one call of each, the keys they read preloaded,
 //! and the plan of (workload, concurrency) pairs a run goes through.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use keyvalue_inmemory::client::{atomics, batch, component_headers, store, Transport};
 
-use super::driver::Target;
-use super::BUCKET;
+use super::shared::BUCKET;
 use crate::flags;
 
 /// One workload.
@@ -107,6 +107,13 @@ pub async fn one_call(target: &Target, workload: Workload, i: u64) -> anyhow::Re
         }
         Workload::Echo => unreachable!(),
     })
+}
+
+/// Where calls go: a provider (ours, the floor, --compare) or the echo.
+#[derive(Clone)]
+pub enum Target {
+    Wrpc(Arc<wrpc_transport_nats::Client>),
+    Echo(async_nats::Client),
 }
 
 /// The headers of the one component every benchmark call comes from.
