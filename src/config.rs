@@ -6,17 +6,20 @@
 //!    message (which carries the *full* merged map again). Applied live.
 //! 2. [`Snapshots`] and the `OTEL_*` overrides ([`otel_config`]): provider config read at
 //!    start only; changing them needs a restart.
-//! 3. Link config (`target_config` of a component's link to us): [`link_namespace`].
+//! 3. Link config (`target_config` of a component's link to us): [`link_namespace`] and
+//!    [`LinkPolicy`] (expiry and eviction). Applied when the link is put.
 //!
 //! Each map is read on top of the defaults, so a key removed from the config returns to its
 //! default. A key with a value we cannot use is reported as a [`Problem`] and keeps the value
 //! it had (at start: the default): a typo never takes the store down. Provider config keys are
 //! matched case-insensitively and their values trimmed (`OTEL_*` values are taken as given);
-//! the link config key `namespace` is matched exactly; keys we do not know are ignored.
+//! link config keys are matched exactly (`ttl_secs.<bucket>` names a bucket, and bucket names
+//! are case-sensitive); keys we do not know are ignored.
 //!
 //! Each value has one owner once applied: the engine holds the [`Limits`], the provider the
 //! [`Serving`] bounds (and hands the in-flight ones to its budget).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
@@ -67,6 +70,12 @@ pub const SNAPSHOT_REQUIRED: &str = "snapshot_required";
 /// Link `target_config` key naming the namespace a link's calls use. Links naming the same
 /// namespace share data; without it a component gets a namespace of its own.
 pub const LINK_NAMESPACE: &str = "namespace";
+/// Link `target_config` key: seconds a key written through the link lives after its last
+/// write (set, set-many, increment); `0` or absent: it never expires.
+pub const LINK_TTL_SECS: &str = "ttl_secs";
+/// Link `target_config` key: `lru` to evict the namespace's least recently used keys at
+/// `max_keys` or `max_total_bytes` instead of refusing writes; `none` (the default) refuses.
+pub const LINK_EVICTION: &str = "eviction";
 
 /// The live provider settings: what the engine enforces and what serving is bounded by.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,7 +152,7 @@ impl Default for Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
     /// The config key.
-    pub key: &'static str,
+    pub key: Cow<'static, str>,
     /// The value given (config values are not secret: secrets travel separately).
     pub value: String,
     /// What would have been accepted.
@@ -300,6 +309,73 @@ pub fn link_namespace(link_config: &HashMap<String, String>, source_id: &str) ->
     }
 }
 
+/// What a link's config asks of the data written through it: expiry, and eviction in its
+/// namespace. When links that share a namespace disagree, each write expires as its own link
+/// says, and the namespace evicts only while every link to it asks for eviction
+/// ([`LinkTable::evicts`](crate::links::LinkTable::evicts)).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkPolicy {
+    /// [`LINK_TTL_SECS`]; `None`: no expiry.
+    pub ttl: Option<Duration>,
+    /// `ttl_secs.<bucket>`, overriding `ttl` for one bucket (`None`: that bucket never expires).
+    pub bucket_ttls: HashMap<String, Option<Duration>>,
+    /// [`LINK_EVICTION`]` = lru`.
+    pub evicts: bool,
+}
+
+impl LinkPolicy {
+    /// Reads the link config keys [`LINK_TTL_SECS`], `ttl_secs.<bucket>` and
+    /// [`LINK_EVICTION`]. A value that cannot be used is reported and the setting is off.
+    pub fn from_link_config(map: &HashMap<String, String>) -> (LinkPolicy, Vec<Problem>) {
+        let mut policy = LinkPolicy::default();
+        let mut problems = Vec::new();
+        let ttl =
+            |key: &str, value: &str, problems: &mut Vec<Problem>| match value.trim().parse::<u64>()
+            {
+                Ok(0) => Some(None),
+                Ok(secs) if secs <= keyvalue_store::MAX_TTL.as_secs() => {
+                    Some(Some(Duration::from_secs(secs)))
+                }
+                _ => {
+                    problems.push(Problem {
+                        key: Cow::Owned(key.to_owned()),
+                        value: value.to_owned(),
+                        expected: "whole seconds, 0 (no expiry) to 315360000 (ten years)",
+                    });
+                    None
+                }
+            };
+        for (key, value) in map {
+            if key == LINK_TTL_SECS {
+                policy.ttl = ttl(key, value, &mut problems).flatten();
+            } else if let Some(bucket) = key.strip_prefix("ttl_secs.") {
+                if let Some(bucket_ttl) = ttl(key, value, &mut problems) {
+                    policy.bucket_ttls.insert(bucket.to_owned(), bucket_ttl);
+                }
+            } else if key == LINK_EVICTION {
+                match value.trim().to_ascii_lowercase().as_str() {
+                    "lru" => policy.evicts = true,
+                    "" | "none" => {}
+                    _ => problems.push(Problem {
+                        key: Cow::Borrowed(LINK_EVICTION),
+                        value: value.clone(),
+                        expected: "lru or none; writes are refused at a limit",
+                    }),
+                }
+            }
+        }
+        (policy, problems)
+    }
+
+    /// The TTL of a key written to `bucket` through the link.
+    pub fn ttl(&self, bucket: &str) -> Option<Duration> {
+        match self.bucket_ttls.get(bucket) {
+            Some(ttl) => *ttl,
+            None => self.ttl,
+        }
+    }
+}
+
 /// The namespace of a call no link admits, served with `allow_unlinked`: its component's own
 /// (from the `source-id` header), or one shared by every caller that names no component.
 pub fn unlinked_namespace(source: Option<&str>) -> Arc<str> {
@@ -340,7 +416,7 @@ impl<'a> Reader<'a> {
         };
         parse(value).unwrap_or_else(|| {
             self.problems.push(Problem {
-                key,
+                key: Cow::Borrowed(key),
                 value: (*value).to_owned(),
                 expected,
             });
@@ -382,6 +458,55 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn link_policy_reads_ttls_per_bucket_and_eviction() {
+        let (policy, problems) = LinkPolicy::from_link_config(&map(&[
+            ("namespace", "sessions"),
+            ("ttl_secs", "60"),
+            ("ttl_secs.counters", " 5 "),
+            ("ttl_secs.forever", "0"),
+            ("ttl_secs.", "7"),
+            ("ttl_secs.a.b", "9"),
+            ("eviction", "LRU"),
+        ]));
+        assert!(problems.is_empty(), "{problems:?}");
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(policy.ttl("sessions"), secs(60));
+        assert_eq!(policy.ttl("counters"), secs(5));
+        assert_eq!(
+            policy.ttl("Counters"),
+            secs(60),
+            "bucket names are case-sensitive"
+        );
+        assert_eq!(policy.ttl("forever"), None);
+        assert_eq!(policy.ttl(""), secs(7));
+        assert_eq!(policy.ttl("a.b"), secs(9));
+        assert!(policy.evicts);
+        assert_eq!(
+            LinkPolicy::from_link_config(&map(&[])).0,
+            LinkPolicy::default()
+        );
+    }
+
+    #[test]
+    fn unusable_link_policy_values_are_reported_and_off() {
+        let (policy, problems) = LinkPolicy::from_link_config(&map(&[
+            ("ttl_secs", "-1"),
+            ("ttl_secs.b", "soon"),
+            ("ttl_secs.c", "999999999999"),
+            ("eviction", "lfu"),
+        ]));
+        assert_eq!(policy, LinkPolicy::default());
+        let mut keys: Vec<_> = problems.iter().map(|p| p.key.to_string()).collect();
+        keys.sort();
+        assert_eq!(keys, ["eviction", "ttl_secs", "ttl_secs.b", "ttl_secs.c"]);
+        assert!(
+            problems[0].to_string().contains("ignored"),
+            "{}",
+            problems[0]
+        );
     }
 
     #[test]
@@ -457,7 +582,7 @@ mod tests {
             Config::default().limits.list_page_size
         );
         assert!(config.serving.allow_unlinked);
-        let keys: Vec<_> = problems.iter().map(|p| p.key).collect();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_ref()).collect();
         assert_eq!(keys, vec![MAX_KEYS, LIST_PAGE_SIZE, ALLOW_UNLINKED]);
         assert!(problems[0].to_string().contains("max_keys=\"-1\""));
     }

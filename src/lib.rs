@@ -21,7 +21,8 @@
 //!   results the host's client drops.
 //! - [`wire`]: reading parameters without trusting the lengths they declare.
 //! - [`budget`]: what calls in flight may hold (bytes, calls), in all and per component.
-//! - [`snapshots`]: when snapshots are restored and written.
+//! - [`snapshots`]: when snapshots are restored and written; [`expiry`]: when expired keys are
+//!   swept.
 //! - [`shutdown`]: stopping: the stop request, the drain, the final snapshot.
 //! - [`telemetry`]: logs, OTLP traces and metrics as the host configures them; a leaf, handed
 //!   what it observes.
@@ -31,6 +32,7 @@
 pub mod budget;
 pub mod client;
 pub mod config;
+pub mod expiry;
 pub mod links;
 pub mod provider;
 pub mod serve;
@@ -118,6 +120,9 @@ async fn serve(
         .context("failed to flush the data-plane subscriptions")?;
     let periodic = (provider.snapshots())
         .map(|snapshots| tokio::spawn(std::sync::Arc::clone(snapshots).periodically()));
+    let sweeping = tokio::spawn(expiry::sweep_periodically(std::sync::Arc::clone(
+        provider.engine(),
+    )));
     let stop = provider.shutdown_handle();
     let serving = server.run();
     tokio::pin!(control, serving);
@@ -155,6 +160,7 @@ async fn serve(
         periodic.abort();
         let _ = periodic.await;
     }
+    sweeping.abort();
     Ok((served, provider))
 }
 

@@ -8,6 +8,7 @@
 //! [`From<EngineError>`](#impl-From<EngineError>-for-Error).
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use keyvalue_store::{AnswerRefused, Cursor, Engine, EngineError, Usage, ANSWER_ELEMENT_BYTES};
@@ -20,7 +21,7 @@ use wasmcloud_provider_sdk::{
 use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
 use crate::budget::{self, Budget};
 use crate::config::{self, Config, Serving, Snapshots};
-use crate::links::LinkTable;
+use crate::links::{Link, LinkTable};
 use crate::shutdown::Shutdown;
 use crate::snapshots::Snapshotter;
 use crate::telemetry;
@@ -139,10 +140,13 @@ impl KvProvider {
             buckets,
             keys,
             bytes,
+            expired,
+            evicted,
         } = self.inner.engine.usage();
         let l = self.inner.engine.limits();
         format!(
-            "{} links, {namespaces} namespaces, {buckets} buckets, {keys} keys, {bytes} bytes; \
+            "{} links, {namespaces} namespaces, {buckets} buckets, {keys} keys, {bytes} bytes, \
+             {expired} expired, {evicted} evicted; \
              limits: max_key_bytes={} max_value_bytes={} max_keys={} max_total_bytes={} \
              list_page_size={} allow_unlinked={}; transport: {}",
             self.inner.links.len(),
@@ -154,6 +158,16 @@ impl KvProvider {
             self.serving().allow_unlinked,
             crate::transport::stats().figures(),
         )
+    }
+
+    /// Turns eviction in `namespace` on or off as its links now say (see
+    /// [`LinkTable::evicts`]).
+    fn update_eviction(&self, namespace: &str) {
+        let evicts = self.inner.links.evicts(namespace);
+        if evicts != self.inner.engine.evicts(namespace) {
+            info!(namespace, evicts, "eviction changed");
+        }
+        self.inner.engine.set_eviction(namespace, evicts);
     }
 
     /// Whose share of the in-flight budget a call uses: its `source-id` when a link admits it
@@ -171,14 +185,18 @@ impl KvProvider {
         }
     }
 
-    /// The namespace a call works in, from its `source-id` and `link-name` headers.
-    fn namespace(&self, cx: &Option<Context>) -> Result<Arc<str>, store::Error> {
+    /// The namespace a call works in, from its `source-id` and `link-name` headers, and the
+    /// link that admits it (none for an unlinked call).
+    fn namespace(
+        &self,
+        cx: &Option<Context>,
+    ) -> Result<(Arc<str>, Option<Arc<Link>>), store::Error> {
         let (source, link_name) = caller(cx);
-        if let Some(ns) = source.and_then(|s| self.inner.links.resolve(s, link_name)) {
-            return Ok(ns);
+        if let Some(link) = source.and_then(|s| self.inner.links.resolve(s, link_name)) {
+            return Ok((link.namespace.clone(), Some(link)));
         }
         if self.serving().allow_unlinked {
-            return Ok(config::unlinked_namespace(source));
+            return Ok((config::unlinked_namespace(source), None));
         }
         debug!(?source, link_name, "call without an active link refused");
         Err(store::Error::AccessDenied)
@@ -262,26 +280,27 @@ impl AnswerRoom {
     }
 }
 
-/// Runs `op` on `keys` keys of `bucket` in the caller's namespace, or answers
-/// `access-denied`. Puts what the call touched on its span (never values), and counts limit
-/// refusals.
+/// Runs `op` on `keys` keys of `bucket` in the caller's namespace, with the TTL its link gives
+/// keys written to `bucket`, or answers `access-denied`. Puts what the call touched on its
+/// span (never values), and counts limit refusals.
 fn in_namespace<T>(
     provider: &KvProvider,
     cx: &Option<Context>,
     bucket: &str,
     keys: usize,
-    op: impl FnOnce(&Engine, &str) -> Result<T, Refused>,
+    op: impl FnOnce(&Engine, &str, Option<Duration>) -> Result<T, Refused>,
 ) -> anyhow::Result<Result<T, store::Error>> {
     let span = Span::current();
     span.record("keyvalue.bucket", bucket);
     span.record("keyvalue.keys", keys);
-    let ns = match provider.namespace(cx) {
-        Ok(ns) => ns,
+    let (ns, link) = match provider.namespace(cx) {
+        Ok(found) => found,
         Err(denied) => return Ok(Err(denied)),
     };
     span.record("keyvalue.namespace", &*ns);
+    let ttl = link.and_then(|link| link.policy.ttl(bucket));
     Ok(
-        op(&provider.inner.engine, &ns).map_err(|refused| match refused {
+        op(&provider.inner.engine, &ns, ttl).map_err(|refused| match refused {
             Refused::Engine(err) => {
                 if let Some(limit) = err.limit() {
                     telemetry::metrics().rejection(limit);
@@ -309,7 +328,7 @@ impl store::Handler<Option<Context>> for KvProvider {
         key: String,
     ) -> anyhow::Result<Result<Option<Bytes>, store::Error>> {
         let mut room = AnswerRoom::new(&self.serving());
-        in_namespace(self, &cx, &bucket, 1, |e, ns| {
+        in_namespace(self, &cx, &bucket, 1, |e, ns, _| {
             e.check_key_limits(&bucket, &key)?;
             let value = e
                 .get_within(ns, &bucket, &key, |n| room.take(n))
@@ -327,8 +346,8 @@ impl store::Handler<Option<Context>> for KvProvider {
         value: Bytes,
     ) -> anyhow::Result<Result<(), store::Error>> {
         record_bytes("keyvalue.bytes_in", value.len());
-        in_namespace(self, &cx, &bucket, 1, |e, ns| {
-            Ok(e.set(ns, &bucket, &key, &value)?)
+        in_namespace(self, &cx, &bucket, 1, |e, ns, ttl| {
+            Ok(e.set_expiring(ns, &bucket, &key, &value, ttl)?)
         })
     }
 
@@ -338,7 +357,7 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key: String,
     ) -> anyhow::Result<Result<(), store::Error>> {
-        in_namespace(self, &cx, &bucket, 1, |e, ns| {
+        in_namespace(self, &cx, &bucket, 1, |e, ns, _| {
             e.delete(ns, &bucket, &key);
             Ok(())
         })
@@ -350,7 +369,7 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key: String,
     ) -> anyhow::Result<Result<bool, store::Error>> {
-        in_namespace(self, &cx, &bucket, 1, |e, ns| {
+        in_namespace(self, &cx, &bucket, 1, |e, ns, _| {
             Ok(e.exists(ns, &bucket, &key))
         })
     }
@@ -364,7 +383,7 @@ impl store::Handler<Option<Context>> for KvProvider {
         let max_bytes = self.serving().max_response_bytes;
         // `Ok(Err(ns))`: a first page of a large bucket, which copies and sorts its keys: that
         // runs on a blocking thread, not on an async worker.
-        let listed = in_namespace(self, &cx, &bucket, 0, |e, ns| {
+        let listed = in_namespace(self, &cx, &bucket, 0, |e, ns, _| {
             if cursor.is_none() && e.bucket_len(ns, &bucket) > SORT_ON_BLOCKING_THREAD {
                 return Ok(Err(Arc::<str>::from(ns)));
             }
@@ -420,8 +439,8 @@ impl atomics::Handler<Option<Context>> for KvProvider {
         key: String,
         delta: u64,
     ) -> anyhow::Result<Result<u64, store::Error>> {
-        in_namespace(self, &cx, &bucket, 1, |e, ns| {
-            Ok(e.increment(ns, &bucket, &key, delta)?)
+        in_namespace(self, &cx, &bucket, 1, |e, ns, ttl| {
+            Ok(e.increment_expiring(ns, &bucket, &key, delta, ttl)?)
         })
     }
 }
@@ -434,7 +453,7 @@ impl batch::Handler<Option<Context>> for KvProvider {
         keys: Vec<String>,
     ) -> anyhow::Result<Result<Vec<Option<(String, Bytes)>>, store::Error>> {
         let mut room = AnswerRoom::new(&self.serving());
-        in_namespace(self, &cx, &bucket, keys.len(), |e, ns| {
+        in_namespace(self, &cx, &bucket, keys.len(), |e, ns, _| {
             let values = e
                 .get_many_within(ns, &bucket, keys, |n| room.take(n))
                 .map_err(|refused| room.refused("get-many", refused))?;
@@ -454,11 +473,12 @@ impl batch::Handler<Option<Context>> for KvProvider {
             "keyvalue.bytes_in",
             key_values.iter().map(|(_, v)| v.len()).sum(),
         );
-        in_namespace(self, &cx, &bucket, key_values.len(), |e, ns| {
-            Ok(e.set_many(
+        in_namespace(self, &cx, &bucket, key_values.len(), |e, ns, ttl| {
+            Ok(e.set_many_expiring(
                 ns,
                 &bucket,
                 key_values.iter().map(|(k, v)| (k.as_str(), v.as_ref())),
+                ttl,
             )?)
         })
     }
@@ -469,7 +489,7 @@ impl batch::Handler<Option<Context>> for KvProvider {
         bucket: String,
         keys: Vec<String>,
     ) -> anyhow::Result<Result<(), store::Error>> {
-        in_namespace(self, &cx, &bucket, keys.len(), |e, ns| {
+        in_namespace(self, &cx, &bucket, keys.len(), |e, ns, _| {
             e.delete_many(ns, &bucket, keys.iter().map(String::as_str));
             Ok(())
         })
@@ -505,21 +525,39 @@ impl Provider for KvProvider {
             link.link_name
         );
         let namespace = config::link_namespace(link.config, link.source_id);
-        self.inner
-            .links
-            .put_namespace(link.source_id, link.link_name, namespace.clone());
+        let (policy, problems) = config::LinkPolicy::from_link_config(link.config);
+        for problem in problems {
+            warn!(
+                source = link.source_id,
+                link_name = link.link_name,
+                "link {problem}"
+            );
+        }
         info!(
             source = link.source_id,
             link_name = link.link_name,
             namespace = &*namespace,
+            ttl_secs = policy.ttl.map(|ttl| ttl.as_secs()),
+            bucket_ttls = policy.bucket_ttls.len(),
+            eviction = policy.evicts,
             "link added"
         );
+        let entry = Link {
+            namespace: namespace.clone(),
+            policy,
+        };
+        let replaced = (self.inner.links).put_link(link.source_id, link.link_name, entry);
+        self.update_eviction(&namespace);
+        if let Some(old) = replaced.filter(|old| old.namespace != namespace) {
+            self.update_eviction(&old.namespace);
+        }
         Ok(())
     }
 
     async fn delete_link_as_target(&self, link: impl LinkDeleteInfo) -> anyhow::Result<()> {
         let (source, name) = (link.get_source_id(), link.get_link_name());
-        if self.inner.links.remove(source, name) {
+        if let Some(removed) = self.inner.links.remove(source, name) {
+            self.update_eviction(&removed.namespace);
             info!(
                 source,
                 link_name = name,
@@ -569,12 +607,13 @@ mod tests {
         let p = KvProvider::default();
         p.links().put("c1", "default", "shared");
         assert_eq!(
-            p.namespace(&cx(Some("c1"), None)).unwrap().as_ref(),
+            p.namespace(&cx(Some("c1"), None)).unwrap().0.as_ref(),
             "shared"
         );
         assert_eq!(
             p.namespace(&cx(Some("c1"), Some("default")))
                 .unwrap()
+                .0
                 .as_ref(),
             "shared"
         );
@@ -595,15 +634,15 @@ mod tests {
             "true".to_string(),
         )]));
         assert_eq!(
-            p.namespace(&cx(Some("c2"), None)).unwrap().as_ref(),
+            p.namespace(&cx(Some("c2"), None)).unwrap().0.as_ref(),
             "component:c2"
         );
         assert_eq!(
-            p.namespace(&None).unwrap().as_ref(),
+            p.namespace(&None).unwrap().0.as_ref(),
             links::ANONYMOUS_NAMESPACE
         );
         assert_eq!(
-            p.namespace(&cx(Some("c1"), None)).unwrap().as_ref(),
+            p.namespace(&cx(Some("c1"), None)).unwrap().0.as_ref(),
             "shared"
         );
     }

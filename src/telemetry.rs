@@ -374,10 +374,34 @@ impl Metrics {
 /// always cover all of them).
 const NAMESPACE_GAUGE_LIMIT: usize = 64;
 
-/// Registers the live gauges: keys and bytes in the store, and per namespace.
+/// Registers the live gauges, keys and bytes in the store, and the counters of keys that
+/// expired and were evicted: in all, and per namespace.
 pub fn register_usage_gauges(engine: Arc<Engine>) {
     let meter = meter();
-    let (keys, bytes) = (Arc::clone(&engine), engine);
+    let (keys, bytes) = (Arc::clone(&engine), Arc::clone(&engine));
+    let (expired, evicted) = (Arc::clone(&engine), engine);
+    meter
+        .u64_observable_counter("keyvalue.expired")
+        .with_description("Keys removed because their TTL passed, in all and per namespace")
+        .with_callback(move |counter| {
+            counter.observe(expired.usage().expired, &[]);
+            for ns in expired.namespaces(NAMESPACE_GAUGE_LIMIT) {
+                let (n, _) = expired.namespace_churn(&ns);
+                counter.observe(n, &[KeyValue::new("namespace", ns)]);
+            }
+        })
+        .build();
+    meter
+        .u64_observable_counter("keyvalue.evicted")
+        .with_description("Keys evicted to make room (eviction=lru), in all and per namespace")
+        .with_callback(move |counter| {
+            counter.observe(evicted.usage().evicted, &[]);
+            for ns in evicted.namespaces(NAMESPACE_GAUGE_LIMIT) {
+                let (_, n) = evicted.namespace_churn(&ns);
+                counter.observe(n, &[KeyValue::new("namespace", ns)]);
+            }
+        })
+        .build();
     meter
         .u64_observable_gauge("keyvalue.keys")
         .with_description("Live keys, in all and per namespace")

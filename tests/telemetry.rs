@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::*;
 use http_body_util::BodyExt as _;
@@ -146,7 +147,7 @@ async fn telemetry_provider(receiver: &Receiver, enabled: bool) -> (NatsServer, 
     let provider = Provider::start_with(
         &server,
         otel,
-        &[("max_value_bytes", "8")],
+        &[("max_value_bytes", "8"), ("max_keys", "3")],
         &[(C1, "default", Some("team"))],
     )
     .await;
@@ -172,6 +173,28 @@ async fn each_call_is_one_span_in_the_callers_trace_and_metrics_count_them() {
     c().set_many("b", &[("x", &b"1"[..]), ("y", &b"22"[..])])
         .await
         .unwrap();
+    // A cache: four writes into a namespace of three keys evict one; then all expire.
+    let cache = [
+        ("namespace", "cache"),
+        ("ttl_secs", "1"),
+        ("eviction", "lru"),
+    ];
+    p.put_link_config("cacher", "default", &cache, 2).await;
+    let cacher = p.as_component("cacher", "default");
+    for key in ["a", "b", "c", "d"] {
+        cacher.set("b", key, b"v").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        cacher
+            .get_many("b", &["a", "b", "c", "d"])
+            .await
+            .unwrap()
+            .iter()
+            .flatten()
+            .count(),
+        0
+    );
 
     // The host's shutdown request flushes what is buffered.
     p.request_shutdown().await;
@@ -239,6 +262,7 @@ async fn each_call_is_one_span_in_the_callers_trace_and_metrics_count_them() {
     let mut rejections = HashMap::new();
     let mut keys = None;
     let mut durations = 0;
+    let mut churn = HashMap::new();
     for metric in last
         .resource_metrics
         .iter()
@@ -274,6 +298,16 @@ async fn each_call_is_one_span_in_the_callers_trace_and_metrics_count_them() {
                     }
                 }
             }
+            (name @ ("keyvalue.expired" | "keyvalue.evicted"), Some(metric::Data::Sum(sum))) => {
+                for point in &sum.data_points {
+                    let a = attributes(&point.attributes);
+                    let Some(number_data_point::Value::AsInt(n)) = point.value else {
+                        panic!("{point:?}")
+                    };
+                    let ns = a.get("namespace").cloned().unwrap_or_default();
+                    churn.insert((name.to_string(), ns), n);
+                }
+            }
             ("keyvalue.call.duration", Some(metric::Data::Histogram(h))) => {
                 durations = h.data_points.iter().map(|p| p.count).sum();
             }
@@ -282,7 +316,7 @@ async fn each_call_is_one_span_in_the_callers_trace_and_metrics_count_them() {
     }
     let count =
         |op: &str, outcome: &str| calls.get(&(op.to_string(), outcome.to_string())).copied();
-    assert_eq!(count("keyvalue.set", "ok"), Some(1), "{calls:?}");
+    assert_eq!(count("keyvalue.set", "ok"), Some(5), "{calls:?}");
     assert_eq!(count("keyvalue.get", "ok"), Some(1), "{calls:?}");
     assert_eq!(count("keyvalue.set", "error"), Some(1), "{calls:?}");
     assert_eq!(count("keyvalue.get", "denied"), Some(1), "{calls:?}");
@@ -293,7 +327,12 @@ async fn each_call_is_one_span_in_the_callers_trace_and_metrics_count_them() {
         "{rejections:?}"
     );
     assert_eq!(keys, Some(3), "live keys of namespace team");
-    assert_eq!(durations, 5);
+    assert_eq!(durations, 10);
+    let churn = |name: &str, ns: &str| churn.get(&(name.to_string(), ns.to_string())).copied();
+    assert_eq!(churn("keyvalue.evicted", "named:cache"), Some(1));
+    assert_eq!(churn("keyvalue.expired", "named:cache"), Some(3));
+    assert_eq!(churn("keyvalue.expired", "named:team"), Some(0));
+    assert_eq!(churn("keyvalue.evicted", ""), Some(1), "in all");
 }
 
 #[tokio::test]

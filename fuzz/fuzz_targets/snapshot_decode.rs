@@ -16,10 +16,12 @@ fuzz_target!(|data: &[u8]| {
             bucket,
             key,
             value,
+            deadline,
         } = record;
         delivered += 1;
+        // A deadline already passed stores nothing.
         engine
-            .set(namespace, bucket, key, value)
+            .set_with_deadline(namespace, bucket, key, value, deadline)
             .expect("unlimited");
     });
     let Ok(stats) = decoded else {
@@ -40,8 +42,11 @@ fuzz_target!(|data: &[u8]| {
              bucket,
              key,
              value,
+             deadline,
          }| {
-            again.set(namespace, bucket, key, value).expect("unlimited");
+            again
+                .set_with_deadline(namespace, bucket, key, value, deadline)
+                .expect("unlimited");
         },
     )
     .expect("a snapshot we wrote must decode");

@@ -10,20 +10,31 @@
 //! so an empty bucket can be dropped (which needs the bucket map's write lock) without racing a
 //! writer that is about to fill it. No method takes a second guard on a map it already holds a
 //! guard of: DashMap's locks are not re-entrant.
+//!
+//! # Expiry and eviction
+//!
+//! Each entry carries a [`Stamp`]: its deadline (from the TTL its write asked for) and when it
+//! was last used. An expired entry is gone for every operation at once: reads treat it as
+//! missing and remove it, writes replace it as if it were missing; what no call touches, the
+//! incremental sweep (`expiry.rs`) reclaims. A namespace with eviction on
+//! ([`Engine::set_eviction`]) makes room at a usage limit by evicting its own least recently
+//! used entries, approximately (`evict.rs`), instead of refusing.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use crate::answer::{AnswerRefused, ANSWER_ELEMENT_BYTES};
+use crate::clock::Clock;
 use crate::cursor::Cursor;
 use crate::error::EngineError;
-use crate::item::{Entries, Item};
+use crate::expiry::SweepState;
+use crate::item::{Entries, Item, Stamp};
 use crate::limits::{check_key, check_value, Limits};
 use crate::listing::{
     page_end, KeyPage, Listing, Listings, SortedKeys, UnsortedKeys, LISTING_OVERHEAD,
@@ -33,18 +44,46 @@ use crate::usage::{Space, Usage};
 /// Bytes of values get-many copies into one shared allocation before starting another.
 const GET_MANY_BUFFER: usize = 64 * 1024;
 
-/// One tenant's data: its buckets, and what it holds (see `usage.rs`).
+/// One tenant's data: its buckets, what it holds (see `usage.rs`), its eviction setting and
+/// what left it by expiry and eviction.
 #[derive(Default)]
-struct Namespace {
-    buckets: DashMap<Box<str>, Entries>,
-    keys: AtomicU64,
-    bytes: AtomicU64,
+pub(crate) struct Namespace {
+    pub(crate) buckets: DashMap<Box<str>, Entries>,
+    pub(crate) keys: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    /// Evict least recently used entries at a usage limit instead of refusing.
+    pub(crate) evicts: AtomicBool,
+    /// An entry with a deadline was written here once: the sweep and listings look for
+    /// expired entries only in such namespaces.
+    pub(crate) expires: AtomicBool,
+    pub(crate) expired: AtomicU64,
+    pub(crate) evicted: AtomicU64,
+}
+
+impl Namespace {
+    pub(crate) fn space<'a>(&'a self, total: &'a AtomicU64) -> Space<'a> {
+        Space::new(total, &self.keys, &self.bytes)
+    }
+}
+
+/// Why entries are removed: the counters differ.
+#[derive(Clone, Copy)]
+pub(crate) enum Removal {
+    /// A delete: whatever is there goes.
+    Deleted,
+    /// Expiry: only entries expired at this tick go.
+    Expired(u32),
 }
 
 /// The in-memory store. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct Engine {
-    namespaces: DashMap<Box<str>, Namespace>,
-    total_bytes: AtomicU64,
+    pub(crate) namespaces: DashMap<Box<str>, Namespace>,
+    pub(crate) total_bytes: AtomicU64,
+    pub(crate) clock: Clock,
+    /// Where the expiry sweep is (`expiry.rs`).
+    pub(crate) sweep: Mutex<SweepState>,
+    /// Seeds eviction's random samples (`evict.rs`).
+    pub(crate) samples: AtomicU64,
     // Read on every write, written on a config update: a plain `RwLock` around a `Copy` value,
     // never held across anything but a copy.
     limits: RwLock<Limits>,
@@ -52,16 +91,16 @@ pub struct Engine {
     /// Keys removed so far, anywhere. A listing page re-checks its keys against the bucket
     /// only when this moved since the listing's snapshot: a page of 1,000 keys of a 1M-key
     /// bucket is otherwise 1,000 cache-missing lookups for nothing.
-    removals: AtomicU64,
+    pub(crate) removals: AtomicU64,
     /// Successful writes and removals so far: a snapshot is only needed when this moved.
-    changes: AtomicU64,
+    pub(crate) changes: AtomicU64,
     /// Batches that began writing under the shared gate, and those still writing: a
     /// single-key refusal is retried alone in the store only when one may have caused it.
     batches_begun: AtomicU64,
     batches_pending: AtomicU64,
     /// Writes hold it shared; a write refused at a usage limit retries holding it alone (see
     /// `usage.rs`). A std lock: never held across an await.
-    gate: RwLock<()>,
+    pub(crate) gate: RwLock<()>,
 }
 
 impl Engine {
@@ -70,6 +109,9 @@ impl Engine {
         Self {
             namespaces: DashMap::new(),
             total_bytes: AtomicU64::new(0),
+            clock: Clock::new(),
+            sweep: Mutex::default(),
+            samples: AtomicU64::new(0),
             limits: RwLock::new(limits),
             listings: Listings::default(),
             removals: AtomicU64::new(0),
@@ -109,19 +151,67 @@ impl Engine {
         key: &str,
         room: impl FnOnce(usize) -> bool,
     ) -> Result<Option<Bytes>, AnswerRefused> {
-        self.read_bucket(ns, bucket, |entries| {
-            let Some(entry) = entries.get(key) else {
-                return Ok(None);
-            };
-            let value = entry.key().value();
-            if !room(value.len()) {
-                return Err(AnswerRefused {
-                    asked: value.len() as u64,
-                });
-            }
-            Ok(Some(Bytes::copy_from_slice(value)))
-        })
-        .unwrap_or(Ok(None))
+        Ok(self
+            .get_stamped(ns, bucket, key, room)?
+            .map(|(value, _)| value))
+    }
+
+    /// Like [`Engine::get_within`], with the entry's deadline (0 for none).
+    fn get_stamped(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        room: impl FnOnce(usize) -> bool,
+    ) -> Result<Option<(Bytes, u32)>, AnswerRefused> {
+        let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+        let mut expired = false;
+        let found = self
+            .read_bucket(ns, bucket, |entries| {
+                let Some(entry) = entries.get(key) else {
+                    return Ok(None);
+                };
+                let stamp = entry.value();
+                if stamp.expired(now) {
+                    expired = true;
+                    return Ok(None);
+                }
+                stamp.touch(now_ms);
+                let value = entry.key().value();
+                if !room(value.len()) {
+                    return Err(AnswerRefused {
+                        asked: value.len() as u64,
+                    });
+                }
+                Ok(Some((Bytes::copy_from_slice(value), stamp.deadline())))
+            })
+            .unwrap_or(Ok(None));
+        if expired {
+            self.remove(ns, bucket, [key], Removal::Expired(now));
+        }
+        found
+    }
+
+    /// The value of `key` and its deadline as Unix milliseconds (0 for none), for a snapshot.
+    pub fn get_with_deadline(&self, ns: &str, bucket: &str, key: &str) -> Option<(Bytes, u64)> {
+        let (value, deadline) = self.get_stamped(ns, bucket, key, |_| true).ok()??;
+        Some((value, self.clock.to_unix_ms(deadline)))
+    }
+
+    /// Stores `value` under `key` with a deadline given as Unix milliseconds (0 for none), as
+    /// a snapshot holds it; a deadline already passed stores nothing.
+    pub fn set_with_deadline(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        unix_ms: u64,
+    ) -> Result<(), EngineError> {
+        match self.clock.deadline_of_unix_ms(unix_ms) {
+            None => Ok(()),
+            Some(deadline) => self.set_at(ns, bucket, key, value, deadline),
+        }
     }
 
     /// `Err` when `bucket` or `key` is longer than `max_key_bytes`. Writes check this
@@ -135,40 +225,93 @@ impl Engine {
 
     /// Whether `key` exists.
     pub fn exists(&self, ns: &str, bucket: &str, key: &str) -> bool {
-        self.read_bucket(ns, bucket, |entries| entries.contains_key(key))
-            .unwrap_or(false)
+        self.get_stamped(ns, bucket, key, |_| true)
+            .ok()
+            .flatten()
+            .is_some()
     }
 
-    /// Stores `value` under `key`.
+    /// Stores `value` under `key`, with no deadline.
     pub fn set(&self, ns: &str, bucket: &str, key: &str, value: &[u8]) -> Result<(), EngineError> {
+        self.set_expiring(ns, bucket, key, value, None)
+    }
+
+    /// Stores `value` under `key`, expiring `ttl` from now (`None`: never).
+    pub fn set_expiring(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), EngineError> {
+        self.set_at(ns, bucket, key, value, self.clock.deadline(ttl))
+    }
+
+    fn set_at(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        deadline: u32,
+    ) -> Result<(), EngineError> {
         let limits = self.limits();
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
         check_value(&limits, value)?;
-        self.limited_write(ns, bucket, false, |space, entries, _| {
+        let expired = self.limited_write(ns, bucket, false, deadline, |space, entries, _| {
+            let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
             // Exact: the old entry cannot change while its shard lock is held.
             match entries.entry(Item::new(key, value)) {
                 Entry::Occupied(old) => {
                     let old_len = old.key().value().len();
                     let grow = value.len().saturating_sub(old_len) as u64;
                     let reservation = space.reserve(&limits, 0, grow)?;
-                    old.replace_entry(());
+                    let (_, stamp) = old.replace_entry(Stamp::new(deadline, now_ms));
                     space.settle(reservation, 0, value.len() as i64 - old_len as i64);
+                    Ok(u64::from(stamp.expired(now)))
                 }
                 Entry::Vacant(vacant) => {
                     let size = (key.len() + value.len()) as u64;
                     let reservation = space.reserve(&limits, 1, size)?;
-                    vacant.insert(());
+                    vacant.insert(Stamp::new(deadline, now_ms));
                     space.settle(reservation, 1, size as i64);
+                    Ok(0)
                 }
             }
-            Ok(())
-        })
+        })?;
+        self.count_expired(ns, expired);
+        Ok(())
     }
 
-    /// Stores every pair, or none of them: every limit is checked before anything is written.
-    /// A key named twice ends with its last value.
+    /// Counts entries that writes found expired and replaced.
+    fn count_expired(&self, ns: &str, expired: u64) {
+        if expired > 0 {
+            if let Some(ns_ref) = self.namespaces.get(ns) {
+                ns_ref.expired.fetch_add(expired, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Stores every pair, or none of them, with no deadline (see
+    /// [`Engine::set_many_expiring`]).
     pub fn set_many<'a, I>(&self, ns: &str, bucket: &str, pairs: I) -> Result<(), EngineError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
+        self.set_many_expiring(ns, bucket, pairs, None)
+    }
+
+    /// Stores every pair, or none of them, expiring `ttl` from now: every limit is checked
+    /// before anything is written. A key named twice ends with its last value.
+    pub fn set_many_expiring<'a, I>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        pairs: I,
+        ttl: Option<Duration>,
+    ) -> Result<(), EngineError>
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
@@ -182,35 +325,42 @@ impl Engine {
         }
         if latest.len() == 1 {
             let (key, value) = latest.into_iter().next().unwrap_or_default();
-            return self.set(ns, bucket, key, value);
+            return self.set_expiring(ns, bucket, key, value, ttl);
         }
         if latest.is_empty() {
             return Ok(());
         }
-        self.limited_write(ns, bucket, true, |space, entries, exclusive| {
-            let (mut new_keys, mut change) = (0u64, 0i64);
-            for (key, value) in &latest {
-                match entries.get(*key).filter(|_| exclusive) {
-                    // Alone in the store: what the batch changes is exact (shrinking values
-                    // make room for growing ones in the same batch).
-                    Some(old) => change += value.len() as i64 - old.key().value().len() as i64,
-                    // Shared: the worst case, every key new.
-                    None => {
-                        new_keys += 1;
-                        change += (key.len() + value.len()) as i64;
+        let deadline = self.clock.deadline(ttl);
+        let expired =
+            self.limited_write(ns, bucket, true, deadline, |space, entries, exclusive| {
+                let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+                let (mut new_keys, mut change) = (0u64, 0i64);
+                for (key, value) in &latest {
+                    match entries.get(*key).filter(|_| exclusive) {
+                        // Alone in the store: what the batch changes is exact (shrinking values
+                        // make room for growing ones in the same batch).
+                        Some(old) => change += value.len() as i64 - old.key().value().len() as i64,
+                        // Shared: the worst case, every key new.
+                        None => {
+                            new_keys += 1;
+                            change += (key.len() + value.len()) as i64;
+                        }
                     }
                 }
-            }
-            let reservation = space.reserve(&limits, new_keys, change.max(0) as u64)?;
-            let (mut added, mut delta) = (0u64, 0i64);
-            for (key, value) in &latest {
-                let (was_new, change) = put(entries, key, value);
-                added += u64::from(was_new);
-                delta += change;
-            }
-            space.settle(reservation, added, delta);
-            Ok(())
-        })
+                let reservation = space.reserve(&limits, new_keys, change.max(0) as u64)?;
+                let (mut added, mut delta, mut expired) = (0u64, 0i64, 0u64);
+                let stamp = || Stamp::new(deadline, now_ms);
+                for (key, value) in &latest {
+                    let (was_new, change, was_expired) = put(entries, key, value, stamp, now);
+                    added += u64::from(was_new);
+                    delta += change;
+                    expired += u64::from(was_expired);
+                }
+                space.settle(reservation, added, delta);
+                Ok(expired)
+            })?;
+        self.count_expired(ns, expired);
+        Ok(())
     }
 
     /// Removes `key`; a missing key is not an error.
@@ -220,43 +370,65 @@ impl Engine {
 
     /// Removes every key named; missing keys are ignored.
     pub fn delete_many<'a>(&self, ns: &str, bucket: &str, keys: impl IntoIterator<Item = &'a str>) {
+        self.remove(ns, bucket, keys, Removal::Deleted);
+    }
+
+    /// Removes the keys named, all of them or (`Removal::Expired`) those expired; answers how
+    /// many went.
+    pub(crate) fn remove<'a>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        keys: impl IntoIterator<Item = &'a str>,
+        why: Removal,
+    ) -> u64 {
         let _shared = self
             .gate
             .read()
             .unwrap_or_else(|poison| poison.into_inner());
         let Some(ns_ref) = self.namespaces.get(ns) else {
-            return;
+            return 0;
         };
-        let emptied = {
+        let (emptied, removed) = {
             let Some(entries) = ns_ref.buckets.get(bucket) else {
-                return;
+                return 0;
             };
-            let space = Space::new(&self.total_bytes, &ns_ref.keys, &ns_ref.bytes);
-            let mut removed = 0u64;
+            let space = ns_ref.space(&self.total_bytes);
+            let (mut removed, mut expired) = (0u64, 0u64);
             for key in keys {
                 // The counters go down under the entry's shard lock, as the entry goes: a
                 // writer of the same key cannot see it gone while it is still counted (and be
                 // refused at a limit the delete already made room under).
-                let released = entries.remove_if(key, |item, ()| {
-                    space.release(1, item.size());
-                    true
+                let released = entries.remove_if(key, |item, stamp| {
+                    let goes = match why {
+                        Removal::Deleted => true,
+                        Removal::Expired(now) => stamp.expired(now),
+                    };
+                    if goes {
+                        space.release(1, item.size());
+                    }
+                    goes
                 });
                 removed += u64::from(released.is_some());
+                if matches!(why, Removal::Expired(_)) {
+                    expired += u64::from(released.is_some());
+                }
             }
             if removed > 0 {
                 self.removals.fetch_add(removed, Ordering::SeqCst);
                 self.changes.fetch_add(1, Ordering::Relaxed);
+                ns_ref.expired.fetch_add(expired, Ordering::Relaxed);
             }
-            entries.is_empty()
+            (entries.is_empty(), removed)
         };
         if emptied {
             drop_empty(&ns_ref.buckets, bucket);
         }
+        removed
     }
 
-    /// Adds `delta` to the decimal counter under `key` and answers the new value; a missing
-    /// key is created holding `delta`. Atomic: the read, the check and the write happen under
-    /// the key's shard lock.
+    /// Adds `delta` to the decimal counter under `key` and answers the new value, with no
+    /// deadline (see [`Engine::increment_expiring`]).
     pub fn increment(
         &self,
         ns: &str,
@@ -264,48 +436,74 @@ impl Engine {
         key: &str,
         delta: u64,
     ) -> Result<u64, EngineError> {
+        self.increment_expiring(ns, bucket, key, delta, None)
+    }
+
+    /// Adds `delta` to the decimal counter under `key` and answers the new value; a missing
+    /// (or expired) key is created holding `delta`. The counter then expires `ttl` from now.
+    /// Atomic: the read, the check and the write happen under the key's shard lock.
+    pub fn increment_expiring(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        delta: u64,
+        ttl: Option<Duration>,
+    ) -> Result<u64, EngineError> {
         let limits = self.limits();
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
-        self.limited_write(ns, bucket, false, |space, entries, _| loop {
-            // Read, compute, then write only if the value is still the one read: a
-            // compare-and-swap under the key's shard lock (an item is replaced whole, so the
-            // read cannot keep the lock across the new allocation).
-            let seen: Option<Box<[u8]>> = entries.get(key).map(|e| e.key().value().into());
-            let next = match &seen {
-                None => delta,
-                Some(value) => {
-                    let current = parse_counter(value).ok_or_else(|| EngineError::NotACounter {
-                        key: key.to_owned(),
-                    })?;
-                    current
-                        .checked_add(delta)
-                        .ok_or_else(|| EngineError::Overflow {
-                            key: key.to_owned(),
-                            delta,
-                        })?
+        let deadline = self.clock.deadline(ttl);
+        let (next, expired) =
+            self.limited_write(ns, bucket, false, deadline, |space, entries, _| loop {
+                let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+                // Read, compute, then write only if the value is still the one read: a
+                // compare-and-swap under the key's shard lock (an item is replaced whole, so the
+                // read cannot keep the lock across the new allocation). An expired value counts
+                // from zero.
+                let seen: Option<(Box<[u8]>, bool)> = entries
+                    .get(key)
+                    .map(|e| (e.key().value().into(), e.value().expired(now)));
+                let next = match &seen {
+                    None | Some((_, true)) => delta,
+                    Some((value, false)) => {
+                        let current =
+                            parse_counter(value).ok_or_else(|| EngineError::NotACounter {
+                                key: key.to_owned(),
+                            })?;
+                        current
+                            .checked_add(delta)
+                            .ok_or_else(|| EngineError::Overflow {
+                                key: key.to_owned(),
+                                delta,
+                            })?
+                    }
+                };
+                let text = next.to_string();
+                match (entries.entry(Item::new(key, text.as_bytes())), &seen) {
+                    (Entry::Occupied(found), Some((old, was_expired)))
+                        if found.key().value() == &old[..]
+                            && found.get().expired(now) == *was_expired =>
+                    {
+                        let grow = (text.len() as u64).saturating_sub(old.len() as u64);
+                        let reservation = space.reserve(&limits, 0, grow)?;
+                        found.replace_entry(Stamp::new(deadline, now_ms));
+                        space.settle(reservation, 0, text.len() as i64 - old.len() as i64);
+                        return Ok((next, u64::from(*was_expired)));
+                    }
+                    (Entry::Vacant(vacant), None) => {
+                        let size = (key.len() + text.len()) as u64;
+                        let reservation = space.reserve(&limits, 1, size)?;
+                        vacant.insert(Stamp::new(deadline, now_ms));
+                        space.settle(reservation, 1, size as i64);
+                        return Ok((delta, 0));
+                    }
+                    // Another writer got there between the read and the write: read again.
+                    _ => continue,
                 }
-            };
-            let text = next.to_string();
-            match (entries.entry(Item::new(key, text.as_bytes())), &seen) {
-                (Entry::Occupied(found), Some(old)) if found.key().value() == &old[..] => {
-                    let grow = (text.len() as u64).saturating_sub(old.len() as u64);
-                    let reservation = space.reserve(&limits, 0, grow)?;
-                    found.replace_entry(());
-                    space.settle(reservation, 0, text.len() as i64 - old.len() as i64);
-                    return Ok(next);
-                }
-                (Entry::Vacant(vacant), None) => {
-                    let size = (key.len() + text.len()) as u64;
-                    let reservation = space.reserve(&limits, 1, size)?;
-                    vacant.insert(());
-                    space.settle(reservation, 1, size as i64);
-                    return Ok(delta);
-                }
-                // Another writer got there between the read and the write: read again.
-                _ => continue,
-            }
-        })
+            })?;
+        self.count_expired(ns, expired);
+        Ok(next)
     }
 
     /// Runs a write under the gate: shared, then, if a usage limit refused it, once more
@@ -316,12 +514,32 @@ impl Engine {
     /// worst-case reservation may have caused it: a batch was under way when it began, or
     /// began while it ran. A tenant refused at its own `max_keys` therefore does not take the
     /// store-wide lock from every other tenant on each refused write.
+    ///
+    /// In a namespace with eviction on, a usage refusal evicts what the write needs and tries
+    /// again (`evict.rs`), until it fits or cannot fit at all.
     fn limited_write<R>(
         &self,
         ns: &str,
         bucket: &str,
         batch: bool,
+        deadline: u32,
         write: impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        loop {
+            match self.limited_write_once(ns, bucket, batch, deadline, &write) {
+                Err(err) if err.is_usage_limit() && self.evicts(ns) => self.make_room(ns, &err)?,
+                done => return done,
+            }
+        }
+    }
+
+    fn limited_write_once<R>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        batch: bool,
+        deadline: u32,
+        write: &impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         let batches_before = self.batches_begun.load(Ordering::SeqCst);
         let pending_before = self.batches_pending.load(Ordering::SeqCst);
@@ -334,8 +552,9 @@ impl Engine {
                 self.batches_begun.fetch_add(1, Ordering::SeqCst);
                 self.batches_pending.fetch_add(1, Ordering::SeqCst);
             }
-            let written =
-                self.write_bucket(ns, bucket, |space, entries| write(space, entries, false));
+            let written = self.write_bucket(ns, bucket, deadline, |space, entries| {
+                write(space, entries, false)
+            });
             if batch {
                 self.batches_pending.fetch_sub(1, Ordering::SeqCst);
             }
@@ -353,7 +572,9 @@ impl Engine {
                     .gate
                     .write()
                     .unwrap_or_else(|poison| poison.into_inner());
-                self.write_bucket(ns, bucket, |space, entries| write(space, entries, true))
+                self.write_bucket(ns, bucket, deadline, |space, entries| {
+                    write(space, entries, true)
+                })
             }
             done => done,
         };
@@ -399,17 +620,25 @@ impl Engine {
         mut room: impl FnMut(usize) -> bool,
     ) -> Result<Vec<Option<(String, Bytes)>>, AnswerRefused> {
         let asked = keys.len();
+        let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+        let mut expired: Vec<String> = Vec::new();
         let found = self.read_bucket(ns, bucket, |entries| {
             let mut buffer = bytes::BytesMut::new();
             let mut answer = Vec::with_capacity(asked);
             let mut refused: Option<u64> = None;
             for (i, key) in keys.into_iter().enumerate() {
-                let Some(entry) = entries.get(key.as_str()) else {
+                let entry = entries.get(key.as_str());
+                let live = entry.filter(|e| !e.value().expired(now));
+                let Some(entry) = live else {
+                    if entries.contains_key(key.as_str()) {
+                        expired.push(key);
+                    }
                     if refused.is_none() {
                         answer.push(None);
                     }
                     continue;
                 };
+                entry.value().touch(now_ms);
                 let value = entry.key().value();
                 let cost = value.len() + key.len() + ANSWER_ELEMENT_BYTES;
                 if let Some(total) = &mut refused {
@@ -441,6 +670,10 @@ impl Engine {
                 None => Ok(answer),
             }
         });
+        if !expired.is_empty() {
+            let keys = expired.iter().map(String::as_str);
+            self.remove(ns, bucket, keys, Removal::Expired(now));
+        }
         found.unwrap_or_else(|| Ok(vec![None; asked]))
     }
 
@@ -489,8 +722,9 @@ impl Engine {
             let removals = self.removals.load(Ordering::SeqCst);
             let limit = self.limits().max_listing_bytes;
             let mut held = self.listings.reserve(ns, LISTING_OVERHEAD, limit)?;
+            let now = self.clock.now_tick();
             let copied = self.read_bucket(ns, bucket, |entries| {
-                UnsortedKeys::copy(entries, |n| held.grow(n))
+                UnsortedKeys::copy(entries, now, |n| held.grow(n))
             });
             let keys = match copied {
                 None => SortedKeys::default(),
@@ -525,10 +759,16 @@ impl Engine {
             });
         };
         let (mut keys, next, removals) = self.listings.page(ns, bucket, cursor, max_bytes)?;
-        // Leave out what was deleted since the copy.
-        if self.removals.load(Ordering::SeqCst) != removals {
+        // Leave out what was deleted since the copy, or has expired by now.
+        let expires = self.namespace(ns, |n| n.expires.load(Ordering::Relaxed)) == Some(true);
+        if expires || self.removals.load(Ordering::SeqCst) != removals {
+            let now = self.clock.now_tick();
             self.read_bucket(ns, bucket, |entries| {
-                keys.retain(|k| entries.contains_key(k.as_str()));
+                keys.retain(|k| {
+                    entries
+                        .get(k.as_str())
+                        .is_some_and(|e| !e.value().expired(now))
+                });
             })
             .unwrap_or_else(|| keys.clear());
         }
@@ -546,8 +786,55 @@ impl Engine {
             usage.namespaces += 1;
             usage.buckets += ns.buckets.len();
             usage.keys += ns.keys.load(Ordering::Relaxed);
+            usage.expired += ns.expired.load(Ordering::Relaxed);
+            usage.evicted += ns.evicted.load(Ordering::Relaxed);
         }
         usage
+    }
+
+    /// Key plus value bytes the whole store holds.
+    pub(crate) fn usage_bytes(&self) -> u64 {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Keys that left namespace `ns` by expiry and by eviction so far: `(expired, evicted)`.
+    pub fn namespace_churn(&self, ns: &str) -> (u64, u64) {
+        self.namespace(ns, |n| {
+            (
+                n.expired.load(Ordering::Relaxed),
+                n.evicted.load(Ordering::Relaxed),
+            )
+        })
+        .unwrap_or_default()
+    }
+
+    /// Turns eviction on or off for namespace `ns`: on, a write that would pass `max_keys` or
+    /// `max_total_bytes` evicts least recently used entries of `ns` (never of another
+    /// namespace) instead of being refused.
+    pub fn set_eviction(&self, ns: &str, on: bool) {
+        if !on && !self.namespaces.contains_key(ns) {
+            return;
+        }
+        self.namespaces
+            .entry(ns.into())
+            .or_default()
+            .evicts
+            .store(on, Ordering::Relaxed);
+    }
+
+    /// Whether namespace `ns` evicts at a usage limit.
+    pub fn evicts(&self, ns: &str) -> bool {
+        self.namespace(ns, |n| n.evicts.load(Ordering::Relaxed)) == Some(true)
+    }
+
+    /// Moves the engine's clock ahead (tests of expiry).
+    #[cfg(test)]
+    pub(crate) fn skip_time(&self, by: Duration) {
+        self.clock.skip(by);
+    }
+
+    fn namespace<R>(&self, ns: &str, f: impl FnOnce(&Namespace) -> R) -> Option<R> {
+        self.namespaces.get(ns).map(|n| f(&n))
     }
 
     /// Names of up to `limit` namespaces, in no particular order.
@@ -569,8 +856,13 @@ impl Engine {
     /// The keys of one bucket, in no particular order. Holds one shard's read lock at a time
     /// while that shard's keys are copied.
     pub fn bucket_keys(&self, ns: &str, bucket: &str) -> Vec<Box<str>> {
+        let now = self.clock.now_tick();
         self.read_bucket(ns, bucket, |entries| {
-            entries.iter().map(|e| Box::from(e.key().key())).collect()
+            entries
+                .iter()
+                .filter(|e| !e.value().expired(now))
+                .map(|e| Box::from(e.key().key()))
+                .collect()
         })
         .unwrap_or_default()
     }
@@ -605,24 +897,27 @@ impl Engine {
         Some(f(&entries))
     }
 
+    /// Runs `f` on the bucket, creating it if need be; a write of an entry with a deadline
+    /// marks its namespace as one the sweep visits.
     fn write_bucket<R>(
         &self,
         ns: &str,
         bucket: &str,
+        deadline: u32,
         f: impl FnOnce(&Space<'_>, &Entries) -> R,
     ) -> R {
         let ns_ref = match self.namespaces.get(ns) {
             Some(found) => found,
             None => self.namespaces.entry(ns.into()).or_default().downgrade(),
         };
+        if deadline != 0 && !ns_ref.expires.load(Ordering::Relaxed) {
+            ns_ref.expires.store(true, Ordering::Relaxed);
+        }
         let entries = match ns_ref.buckets.get(bucket) {
             Some(found) => found,
             None => ns_ref.buckets.entry(bucket.into()).or_default().downgrade(),
         };
-        f(
-            &Space::new(&self.total_bytes, &ns_ref.keys, &ns_ref.bytes),
-            &entries,
-        )
+        f(&ns_ref.space(&self.total_bytes), &entries)
     }
 
     fn drop_bucket_if_empty(&self, ns: &str, bucket: &str) {
@@ -634,21 +929,28 @@ impl Engine {
 
 /// Drops a bucket that holds no keys. Takes the bucket map's write lock, so it cannot run while
 /// a writer holds the bucket (writers hold a read guard on it while they write).
-fn drop_empty(buckets: &DashMap<Box<str>, Entries>, bucket: &str) {
+pub(crate) fn drop_empty(buckets: &DashMap<Box<str>, Entries>, bucket: &str) {
     buckets.remove_if(bucket, |_, entries| entries.is_empty());
 }
 
-/// Writes one entry; answers whether the key is new and by how many bytes the store changed.
-fn put(entries: &Entries, key: &str, value: &[u8]) -> (bool, i64) {
+/// Writes one entry; answers whether the key is new, by how many bytes the store changed and
+/// whether it replaced an entry expired at tick `now`.
+fn put(
+    entries: &Entries,
+    key: &str,
+    value: &[u8],
+    stamp: impl FnOnce() -> Stamp,
+    now: u32,
+) -> (bool, i64, bool) {
     match entries.entry(Item::new(key, value)) {
         Entry::Occupied(old) => {
             let change = value.len() as i64 - old.key().value().len() as i64;
-            old.replace_entry(());
-            (false, change)
+            let (_, old) = old.replace_entry(stamp());
+            (false, change, old.expired(now))
         }
         Entry::Vacant(vacant) => {
-            vacant.insert(());
-            (true, (key.len() + value.len()) as i64)
+            vacant.insert(stamp());
+            (true, (key.len() + value.len()) as i64, false)
         }
     }
 }

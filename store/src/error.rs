@@ -44,6 +44,25 @@ pub enum EngineError {
         /// The limit in force.
         limit: u64,
     },
+    /// A write to a namespace with eviction on that cannot fit even after eviction: it alone
+    /// is larger than the limit, or the rest of the store (other namespaces, which are never
+    /// evicted for it) leaves it too little room.
+    #[error(
+        "{adding} {unit} cannot fit under {limit_key}={limit} even after evicting this \
+         namespace's keys ({evictable} {unit} of them evictable)"
+    )]
+    WontFit {
+        /// The config key of the limit.
+        limit_key: &'static str,
+        /// "keys" or "bytes".
+        unit: &'static str,
+        /// What the write adds.
+        adding: u64,
+        /// What this namespace holds, all of which eviction could free.
+        evictable: u64,
+        /// The limit in force.
+        limit: u64,
+    },
     /// `increment` on a value that is not a decimal `u64`.
     #[error("cannot increment key {key:?}: its value is not a decimal u64 counter")]
     NotACounter {
@@ -85,6 +104,7 @@ impl EngineError {
             EngineError::TooManyKeys { .. } => Some("max_keys"),
             EngineError::OutOfSpace { .. } => Some("max_total_bytes"),
             EngineError::ListingTooLarge { .. } => Some("max_listing_bytes"),
+            EngineError::WontFit { limit_key, .. } => Some(limit_key),
             _ => None,
         }
     }

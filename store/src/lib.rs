@@ -8,7 +8,10 @@
 //!
 //! - `engine.rs`: [`Engine`], the API: get, set, delete, increment, the batches, and the shape
 //!   of the data (namespaces → buckets → entries, each a DashMap).
-//! - `item.rs`: how one entry lives in memory (key and value in one allocation).
+//! - `item.rs`: how one entry lives in memory (key and value in one allocation behind a thin
+//!   pointer, and its stamp: deadline and last use); `clock.rs`: the units of the stamp.
+//! - `expiry.rs`: the incremental sweep of expired entries; `evict.rs`: approximate LRU
+//!   eviction; `raw.rs`: the slot-level walks of a shard both need.
 //! - `limits.rs`: [`Limits`] and the checks every write makes first.
 //! - `error.rs`: [`EngineError`], why an operation was refused.
 //! - `usage.rs`: [`Usage`], and how a write reserves room before it writes, so that counters
@@ -18,12 +21,16 @@
 //! - [`snapshot`]: the snapshot file format, its writer and its verifying reader.
 
 mod answer;
+mod clock;
 mod cursor;
 mod engine;
 mod error;
+mod evict;
+mod expiry;
 mod item;
 mod limits;
 mod listing;
+mod raw;
 pub mod snapshot;
 mod usage;
 
@@ -31,9 +38,12 @@ mod usage;
 mod testing;
 
 pub use answer::{AnswerRefused, ANSWER_ELEMENT_BYTES};
+pub use clock::{MAX_TTL, TICK};
 pub use cursor::Cursor;
 pub use engine::Engine;
 pub use error::EngineError;
+pub use evict::SAMPLES as EVICTION_SAMPLES;
+pub use expiry::{Swept, SWEEP_RUN};
 pub use limits::Limits;
 pub use listing::{KeyPage, CURSOR_IDLE_TTL, MAX_LISTINGS_PER_NAMESPACE};
 pub use usage::Usage;

@@ -58,6 +58,7 @@ impl UnsortedKeys {
     /// asking `grow` for room before the copy passes what it was granted.
     pub(crate) fn copy(
         entries: &Entries,
+        now: u32,
         mut grow: impl FnMut(u64) -> Result<(), EngineError>,
     ) -> Result<UnsortedKeys, EngineError> {
         let mut out = UnsortedKeys::default();
@@ -67,6 +68,9 @@ impl UnsortedKeys {
         grow(least)?;
         let (mut granted, mut used) = (least, 0u64);
         for item in entries.iter() {
+            if item.value().expired(now) {
+                continue;
+            }
             let key = item.key().key().as_bytes();
             let cost = (2 * key.len() + LISTING_BYTES_PER_KEY) as u64;
             if used + cost > granted {

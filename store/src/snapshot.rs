@@ -1,15 +1,16 @@
 //! The snapshot file: the whole store in one file, written atomically and read back only
 //! whole. When to write one and when to read it is the provider's business.
 //!
-//! # File format (version 2)
+//! # File format (version 3)
 //!
 //! ```text
 //! magic    8 bytes  "KVINMEM1"
-//! version  u32 LE   2
+//! version  u32 LE   3
 //! records  …        tag u8, then
 //!                     1 namespace: len u32 LE, UTF-8 name   (following buckets belong to it)
 //!                     2 bucket:    len u32 LE, UTF-8 name   (following entries belong to it)
 //!                     3 entry:     len u32 LE, UTF-8 key, len u32 LE, value bytes
+//!                     4 expiring entry: as 3, then its deadline: Unix milliseconds u64 LE
 //!                     0 end:       entries u64 LE, then the checksum
 //! checksum u32 LE   CRC-32 (IEEE) of every byte before it
 //! ```
@@ -18,6 +19,10 @@
 //! UTF-8 names, the entry count and the checksum matching, nothing after the checksum. The
 //! file is read into memory once at start (a transient copy of its size) and its checksum
 //! verified before any entry is loaded.
+//!
+//! Version 3 is version 2 with expiring entries (tag 4): a key keeps its deadline across a
+//! restart, as an absolute time, and a key whose deadline passed meanwhile is not loaded.
+//! Versions 1 and 2 have no tag 4 and load as before.
 //!
 //! Version 2 is version 1 with the engine's tagged namespace names (`named:<name>`,
 //! `component:<id>`, named by the provider's links). Version 1 did not tell a component's own namespace from
@@ -48,13 +53,14 @@ use crate::{Engine, Limits};
 
 /// The first bytes of a snapshot file.
 pub const MAGIC: &[u8; 8] = b"KVINMEM1";
-/// The format version this provider writes (it reads 1 as well).
-pub const VERSION: u32 = 2;
+/// The format version this provider writes (it reads 1 and 2 as well).
+pub const VERSION: u32 = 3;
 
 const TAG_END: u8 = 0;
 const TAG_NAMESPACE: u8 = 1;
 const TAG_BUCKET: u8 = 2;
 const TAG_ENTRY: u8 = 3;
+const TAG_EXPIRING_ENTRY: u8 = 4;
 
 /// Why a snapshot file was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +69,7 @@ pub enum SnapshotError {
     Io(#[from] io::Error),
     #[error("not a keyvalue-inmemory snapshot (bad magic)")]
     BadMagic,
-    #[error("written in format version {0}; this provider reads versions 1 and {VERSION}")]
+    #[error("written in format version {0}; this provider reads versions 1 to {VERSION}")]
     Version(u32),
     #[error("truncated (it ends before its checksum)")]
     Truncated,
@@ -266,15 +272,22 @@ fn write_to(engine: &Engine, file: File) -> io::Result<Stats> {
             }
             out.put_bytes(TAG_BUCKET, bucket.as_bytes())?;
             for key in keys {
-                // Deleted since the key list was taken: left out.
-                let Some(value) = engine.get(&ns, &bucket, &key) else {
+                // Deleted or expired since the key list was taken: left out.
+                let Some((value, deadline)) = engine.get_with_deadline(&ns, &bucket, &key) else {
                     continue;
                 };
-                out.put_bytes(TAG_ENTRY, key.as_bytes())?;
+                let tag = match deadline {
+                    0 => TAG_ENTRY,
+                    _ => TAG_EXPIRING_ENTRY,
+                };
+                out.put_bytes(tag, key.as_bytes())?;
                 let len = u32::try_from(value.len())
                     .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "over 4 GiB"))?;
                 out.put(&len.to_le_bytes())?;
                 out.put(&value)?;
+                if deadline != 0 {
+                    out.put(&deadline.to_le_bytes())?;
+                }
                 stats.entries += 1;
                 stats.bytes += (key.len() + value.len()) as u64;
             }
@@ -298,6 +311,8 @@ pub enum Record<'a> {
         bucket: &'a str,
         key: &'a str,
         value: &'a [u8],
+        /// Unix milliseconds; 0 for none.
+        deadline: u64,
     },
 }
 
@@ -326,7 +341,7 @@ fn decode_bytes(data: &[u8], sink: &mut impl FnMut(Record<'_>)) -> Result<Stats,
         at: MAGIC.len(),
     };
     let version = header.u32()?;
-    if version != 1 && version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(SnapshotError::Version(version));
     }
     let Some(split) = data.len().checked_sub(4) else {
@@ -387,12 +402,19 @@ fn records(
                         .ok_or_else(|| malformed(&at, "bucket name not UTF-8"))?,
                 );
             }
-            TAG_ENTRY => {
+            tag @ (TAG_ENTRY | TAG_EXPIRING_ENTRY) => {
                 let (Some(ns), Some(b)) = (namespace, bucket) else {
                     return Err(malformed(&at, "entry outside a bucket"));
                 };
                 let key = at.str()?.ok_or_else(|| malformed(&at, "key not UTF-8"))?;
                 let value = at.bytes()?;
+                let deadline = match tag {
+                    TAG_EXPIRING_ENTRY => at.u64()?,
+                    _ => 0,
+                };
+                if tag == TAG_EXPIRING_ENTRY && deadline == 0 {
+                    return Err(malformed(&at, "expiring entry without a deadline"));
+                }
                 stats.entries += 1;
                 stats.bytes += (key.len() + value.len()) as u64;
                 sink(Record::Entry {
@@ -400,6 +422,7 @@ fn records(
                     bucket: b,
                     key,
                     value,
+                    deadline,
                 });
             }
             TAG_END => {
@@ -467,6 +490,7 @@ pub fn load(mut reader: impl Read, engine: &Engine) -> Result<Stats, SnapshotErr
                                   bucket,
                                   key,
                                   value,
+                                  deadline,
                               }| {
         let namespace = if version_1 {
             if migrated.0 != namespace {
@@ -476,7 +500,8 @@ pub fn load(mut reader: impl Read, engine: &Engine) -> Result<Stats, SnapshotErr
         } else {
             namespace
         };
-        let _ = engine.set(namespace, bucket, key, value);
+        // A deadline passed meanwhile stores nothing.
+        let _ = engine.set_with_deadline(namespace, bucket, key, value, deadline);
     })
 }
 
@@ -615,10 +640,34 @@ mod tests {
     #[test]
     fn another_version_is_named() {
         let mut bytes = encoded(&engine());
-        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&4u32.to_le_bytes());
         let err = decode(&bytes[..], |_| ()).unwrap_err();
-        assert!(matches!(err, SnapshotError::Version(3)), "{err}");
-        assert!(err.to_string().contains("version 3"), "{err}");
+        assert!(matches!(err, SnapshotError::Version(4)), "{err}");
+        assert!(err.to_string().contains("version 4"), "{err}");
+    }
+
+    #[test]
+    fn deadlines_survive_a_restore_and_keys_expired_meanwhile_do_not_come_back() {
+        let e = engine();
+        let minute = Some(std::time::Duration::from_secs(60));
+        e.set_expiring("a", "b1", "later", b"v", minute).unwrap();
+        let brief = Some(std::time::Duration::from_millis(150));
+        e.set_expiring("a", "b1", "soon", b"v", brief).unwrap();
+        let (_, deadline) = e.get_with_deadline("a", "b1", "later").unwrap();
+        let bytes = encoded(&e);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let loaded = Engine::new(Limits::UNLIMITED);
+        let stats = load(&bytes[..], &loaded).unwrap();
+        assert_eq!(stats.entries, 7, "both expiring entries are in the file");
+        assert_eq!(loaded.get("a", "b1", "soon"), None, "expired meanwhile");
+        let (value, restored) = loaded.get_with_deadline("a", "b1", "later").unwrap();
+        assert_eq!(&value[..], b"v");
+        assert!(
+            restored.abs_diff(deadline) <= 250,
+            "{restored} vs {deadline}"
+        );
+        assert_eq!(loaded.get_with_deadline("a", "b1", "k1").unwrap().1, 0);
+        assert_eq!(loaded.usage().keys, 6);
     }
 
     #[test]
@@ -635,7 +684,7 @@ mod tests {
             Some(&b"v1"[..])
         );
         assert_eq!(e.get("a", "b1", "k1"), None);
-        // A version 2 file loads as written.
+        // A file of the current version loads as written.
         let e = Engine::new(Limits::UNLIMITED);
         load(&encoded(&engine())[..], &e).unwrap();
         assert_eq!(e.get("a", "b1", "k1").as_deref(), Some(&b"v1"[..]));

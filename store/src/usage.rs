@@ -32,10 +32,14 @@ pub struct Usage {
     pub namespaces: usize,
     /// Buckets holding at least one key (an emptied bucket is dropped).
     pub buckets: usize,
-    /// Live keys.
+    /// Keys held, those expired but not yet reclaimed included.
     pub keys: u64,
     /// Key plus value bytes of live keys.
     pub bytes: u64,
+    /// Keys removed because they expired, so far.
+    pub expired: u64,
+    /// Keys evicted to make room, so far.
+    pub evicted: u64,
 }
 
 /// The counters one write touches: the store's bytes and its namespace's keys and bytes.

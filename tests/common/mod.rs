@@ -157,7 +157,22 @@ impl Provider {
         namespace: Option<&str>,
         expect_links: usize,
     ) {
-        let body = link(&self.key, source, name, namespace).to_string();
+        let config: Vec<(&str, &str)> = namespace.map(|ns| ("namespace", ns)).into_iter().collect();
+        self.put_link_config(source, name, &config, expect_links)
+            .await;
+    }
+
+    /// Puts a link with this link config (`target_config`) and waits until the provider
+    /// counts `expect_links` links.
+    pub async fn put_link_config(
+        &self,
+        source: &str,
+        name: &str,
+        config: &[(&str, &str)],
+        expect_links: usize,
+    ) {
+        let config: HashMap<&str, &str> = config.iter().copied().collect();
+        let body = test_support::host::link(source, &self.key, name, json!(config)).to_string();
         self.nats
             .publish(self.subject("linkdefs.put"), body.into())
             .await
