@@ -333,7 +333,9 @@ async fn health_reports_live_figures() {
     c.set("b2", "c", b"3").await.unwrap();
     let message = p.try_health().await.expect("health");
     assert!(
-        message.starts_with("1 links, 1 namespaces, 2 buckets, 3 keys, 6 bytes;"),
+        message.starts_with(
+            "1 links, 1 namespaces, 2 buckets, 3 keys, 6 bytes, 0 expired, 0 evicted;"
+        ),
         "{message}"
     );
 }

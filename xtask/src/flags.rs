@@ -229,6 +229,12 @@ pub struct Bench {
     /// Only this concurrency.
     #[arg(long)]
     pub in_flight: Option<usize>,
+    /// Sets of the cache workload (the store alone, eviction=lru, Zipf reads; 0 skips it).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub cache_sets: u64,
+    /// Keys that expire at once for the expiry-sweep measurement (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub expiry_keys: usize,
     /// list_page_size of the provider the list-keys pass runs against.
     #[arg(long, default_value_t = 1000)]
     pub list_page_size: usize,

@@ -51,6 +51,32 @@ pub fn start_provider(
     links: &[(&str, &str)],
     extra_host_data: serde_json::Value,
 ) -> anyhow::Result<std::process::Child> {
+    let links = (links.iter())
+        .map(|(source, namespace)| {
+            link_definition(source, provider_key, json!({ "namespace": namespace }))
+        })
+        .collect();
+    start_provider_linked(
+        binary,
+        nats_url,
+        lattice,
+        provider_key,
+        config,
+        links,
+        extra_host_data,
+    )
+}
+
+/// Like [`start_provider`], with the link definitions given whole ([`link_definition`]).
+pub fn start_provider_linked(
+    binary: &std::path::Path,
+    nats_url: &str,
+    lattice: &str,
+    provider_key: &str,
+    config: serde_json::Map<String, serde_json::Value>,
+    links: Vec<serde_json::Value>,
+    extra_host_data: serde_json::Value,
+) -> anyhow::Result<std::process::Child> {
     let host_data = test_support::host::HostData {
         host_id: HOST_ID,
         lattice,
@@ -58,11 +84,7 @@ pub fn start_provider(
         provider_key,
         instance_id: &format!("xtask-{provider_key}"),
         config,
-        links: (links.iter())
-            .map(|(source, namespace)| {
-                link_definition(source, provider_key, json!({ "namespace": namespace }))
-            })
-            .collect(),
+        links,
         extra: extra_host_data,
     };
     let mut command = Command::new(binary);

@@ -12,7 +12,7 @@ use super::workload::cx;
 use crate::run;
 
 /// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> anyhow::Result<u64> {
+pub fn rss(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: u64 = status
         .lines()
@@ -23,6 +23,8 @@ fn rss(pid: u32) -> anyhow::Result<u64> {
 }
 
 pub struct Memory {
+    /// What the link asked for ("off", or expiry and eviction on).
+    pub label: &'static str,
     pub keys: usize,
     pub rss_before: u64,
     pub rss_after: u64,
@@ -33,24 +35,29 @@ pub struct Memory {
     pub listed: usize,
 }
 
-/// RSS per key after loading `keys` keys (16 B keys, 100 B values) into a fresh provider, and
-/// the time of one full list-keys pass over them.
+/// RSS per key after loading `keys` keys (16 B keys, 100 B values) into a fresh provider
+/// through a link with `link_config`, and the time of one full list-keys pass over them.
 pub async fn measure(
     binary: &std::path::Path,
     url: &str,
     nats: &async_nats::Client,
     keys: usize,
     page_size: usize,
+    (label, link_config): (&'static str, serde_json::Value),
 ) -> anyhow::Result<Memory> {
     let config = json!({ "max_keys": "100000000", "max_total_bytes": "17179869184", "list_page_size": page_size.to_string() });
     // Killed on every way out, errors included.
-    let mut provider = Killed(vec![run::start_provider(
+    let mut provider = Killed(vec![run::start_provider_linked(
         binary,
         url,
         LATTICE,
         "memory",
         config.as_object().cloned().unwrap_or_default(),
-        &[("bench-component", "bench")],
+        vec![run::link_definition(
+            "bench-component",
+            "memory",
+            link_config,
+        )],
         json!({}),
     )?]);
     let child = &mut provider.0[0];
@@ -62,7 +69,7 @@ pub async fn measure(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss(child.id())?;
     let value = Bytes::from(vec![b'x'; 100]);
-    eprintln!("loading {keys} keys (16 B keys, 100 B values)…");
+    eprintln!("loading {keys} keys (16 B keys, 100 B values), {label}…");
     for start in (0..keys).step_by(1000) {
         let names: Vec<String> = (start..(start + 1000).min(keys))
             .map(|i| format!("key-{i:012}"))
@@ -101,6 +108,7 @@ pub async fn measure(
     let list_seconds = started.elapsed().as_secs_f64();
     drop(provider);
     Ok(Memory {
+        label,
         keys,
         rss_before,
         rss_after,

@@ -16,7 +16,9 @@
 //! `profile.rs` (`--perf`), `report.rs` (the tables), `floor.rs` (the floor and the echo),
 //! `shared.rs` (what they share).
 
+mod cache;
 mod driver;
+mod expiry;
 mod floor;
 mod memory;
 mod profile;
@@ -26,6 +28,8 @@ mod targets;
 mod workload;
 
 use std::process::{Command, ExitCode};
+
+use serde_json::json;
 
 use crate::process::{cargo, root, run_command};
 use crate::{flags, nats};
@@ -75,14 +79,33 @@ async fn measure(args: flags::Bench) -> anyhow::Result<ExitCode> {
     if let Some(profiler) = profiler {
         profiler.finish()?;
     }
-    let memory = if args.memory_keys > 0 {
-        let (keys, page) = (args.memory_keys, args.list_page_size);
-        Some(memory::measure(&binary, &url, &nats, keys, page).await?)
-    } else {
-        None
-    };
     drop(targets.children);
-    report::write(&args, &results, memory)?;
+    let mut memory = Vec::new();
+    if args.memory_keys > 0 {
+        let (keys, page) = (args.memory_keys, args.list_page_size);
+        let off = ("off", json!({ "namespace": "bench" }));
+        let on = (
+            "ttl_secs + eviction=lru",
+            json!({ "namespace": "bench", "ttl_secs": "3600", "eviction": "lru" }),
+        );
+        for link in [off, on] {
+            memory.push(memory::measure(&binary, &url, &nats, keys, page, link).await?);
+        }
+    }
+    let cache = match args.cache_sets {
+        0 => None,
+        // `--quick`: a million sets, enough to fill the cache twice.
+        sets => Some(cache::run(if args.quick {
+            sets.min(1_000_000)
+        } else {
+            sets
+        })),
+    };
+    let expiry = match args.expiry_keys {
+        0 => None,
+        keys => Some(expiry::measure(&binary, &url, &nats, keys).await?),
+    };
+    report::write(&args, &results, &memory, cache.as_ref(), expiry.as_ref())?;
     Ok(ExitCode::SUCCESS)
 }
 

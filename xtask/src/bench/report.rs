@@ -4,7 +4,9 @@
 use keyvalue_inmemory::transport::Figures;
 use serde_json::json;
 
+use super::cache::CacheRun;
 use super::driver::{Phase, Results};
+use super::expiry::Expiry;
 use super::memory::Memory;
 use super::workload::Workload;
 use crate::flags;
@@ -14,7 +16,9 @@ use crate::process::root;
 pub fn write(
     args: &flags::Bench,
     results: &Results<'_>,
-    memory: Option<Memory>,
+    memory: &[Memory],
+    cache: Option<&CacheRun>,
+    expiry: Option<&Expiry>,
 ) -> anyhow::Result<()> {
     let mut md = String::new();
     let mut rows = Vec::new();
@@ -110,7 +114,17 @@ pub fn write(
             "client_dropped_others": drops(main).1, "floor_client_dropped_others": drops("floor").1,
             "handshakes_resent": covered.resent, "calls_recovered": covered.recovered,
             "resends_spurious": covered.spurious,
+            "ttl_lru_calls_per_sec": stat("cache", &|p| p.calls_per_sec()),
+            "ttl_lru_ratio_to_off": ratio_of("cache", "ours"),
         }));
+        if let Some(c) = stat("cache", &|p| p.calls_per_sec()) {
+            let (c50, c99, c999) = pct("cache");
+            md.push_str(&format!(
+                "| ↳ ttl_secs + eviction=lru on | {k} | {c:.0} | | on / off: **{:.2}** | {c50:.0} / {c99:.0} / {c999:.0} | | | {} | | | |\n",
+                ratio_of("cache", "ours").unwrap_or(f64::NAN),
+                lost("cache")
+            ));
+        }
         if let Some(c) = compare {
             let (c50, c99, c999) = pct("compare");
             md.push_str(&format!(
@@ -121,13 +135,14 @@ pub fn write(
             ));
         }
     }
-    let mut memory_json = serde_json::Value::Null;
-    if let Some(m) = memory {
+    let mut memory_json = Vec::new();
+    for m in memory {
         let per_key = (m.rss_after.saturating_sub(m.rss_before)) as f64 / m.keys as f64;
         md.push_str(&format!(
-            "\nMemory: {} keys of 16 B with 100 B values: RSS {:.1} MiB → {:.1} MiB, **{per_key:.0} B per key**.  \n\
+            "\nMemory ({}): {} keys of 16 B with 100 B values: RSS {:.1} MiB → {:.1} MiB, **{per_key:.0} B per key**.  \n\
              list-keys full pass over them (page {}): **{:.2} s** ({} keys listed; first page {:.0} ms, \
              then {:.2} ms a page).\n",
+            m.label,
             m.keys,
             m.rss_before as f64 / 1048576.0,
             m.rss_after as f64 / 1048576.0,
@@ -138,14 +153,74 @@ pub fn write(
             (m.list_seconds - m.first_page_seconds) * 1e3
                 / (m.listed.div_ceil(m.page_size).saturating_sub(1).max(1)) as f64,
         ));
-        memory_json = json!({ "keys": m.keys, "rss_before": m.rss_before, "rss_after": m.rss_after, "bytes_per_key": per_key, "list_keys_full_pass_seconds": m.list_seconds, "list_keys_first_page_seconds": m.first_page_seconds, "list_page_size": m.page_size, "listed": m.listed });
+        memory_json.push(json!({ "link": m.label, "keys": m.keys, "rss_before": m.rss_before, "rss_after": m.rss_after, "bytes_per_key": per_key, "list_keys_full_pass_seconds": m.list_seconds, "list_keys_first_page_seconds": m.first_page_seconds, "list_page_size": m.page_size, "listed": m.listed }));
     }
+    let cache_json = cache.map(|c| {
+        md.push_str(&format!(
+            "\nCache workload (the store alone, max_keys=500000, eviction=lru, Zipf s=0.99 reads over \
+             2M keys, a miss sets the key): {} sets, {} gets in {:.1} s, **{} refused**; hit ratio \
+             **{:.3}**, exact LRU on the same trace **{:.3}** ({:.3} of it); {} keys at the end; \
+             RSS {}.\n",
+            c.sets,
+            c.gets,
+            c.seconds,
+            c.refused,
+            c.hit_ratio(),
+            c.exact_hit_ratio(),
+            c.hit_ratio() / c.exact_hit_ratio(),
+            c.keys_at_end,
+            c.rss
+                .iter()
+                .map(|(sets, rss)| format!("{:.0} MiB at {}M", *rss as f64 / 1048576.0, sets / 1_000_000))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+        json!({ "sets": c.sets, "gets": c.gets, "seconds": c.seconds, "refused": c.refused,
+            "hit_ratio": c.hit_ratio(), "exact_lru_hit_ratio": c.exact_hit_ratio(),
+            "keys_at_end": c.keys_at_end, "rss": c.rss })
+    });
+    let expiry_json = expiry.map(|e| {
+        let p99 = |p: &Phase| p.percentile(0.99);
+        let rate = |p: &Phase| p.calls_per_sec();
+        md.push_str(&format!(
+            "\nExpiry sweep: {} keys expiring at once, get and set at {} in flight each: \
+             p99 get **{:.0} → {:.0} µs**, set **{:.0} → {:.0} µs** (the {} s before → the {} s after \
+             the deadline; {:.0} → {:.0} and {:.0} → {:.0} calls/s; {} and {} lost after); every \
+             expired key reclaimed **{:.1} s** after the deadline; key+value bytes {:.1} MiB → {:.1} \
+             MiB, RSS {:.1} MiB → {:.1} MiB.\n",
+            e.keys,
+            32,
+            p99(&e.before.0),
+            p99(&e.after.0),
+            p99(&e.before.1),
+            p99(&e.after.1),
+            3,
+            3,
+            rate(&e.before.0),
+            rate(&e.after.0),
+            rate(&e.before.1),
+            rate(&e.after.1),
+            e.after.0.lost,
+            e.after.1.lost,
+            e.reclaimed_seconds,
+            e.bytes_loaded as f64 / 1048576.0,
+            e.bytes_reclaimed as f64 / 1048576.0,
+            e.rss_loaded as f64 / 1048576.0,
+            e.rss_reclaimed as f64 / 1048576.0,
+        ));
+        json!({ "keys": e.keys, "get_p99_us_before": p99(&e.before.0), "get_p99_us_after": p99(&e.after.0),
+            "set_p99_us_before": p99(&e.before.1), "set_p99_us_after": p99(&e.after.1),
+            "reclaimed_seconds": e.reclaimed_seconds, "bytes_loaded": e.bytes_loaded,
+            "bytes_reclaimed": e.bytes_reclaimed, "rss_loaded": e.rss_loaded, "rss_reclaimed": e.rss_reclaimed })
+    });
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("report.md"), &md)?;
     std::fs::write(
         dir.join("report.json"),
-        serde_json::to_string_pretty(&json!({ "rows": rows, "memory": memory_json }))?,
+        serde_json::to_string_pretty(
+            &json!({ "rows": rows, "memory": memory_json, "cache": cache_json, "expiry": expiry_json }),
+        )?,
     )?;
     println!("{md}");
     eprintln!("written to target/bench/report.md and report.json");

@@ -71,9 +71,25 @@ pub async fn start(
         "--subject",
         "bench.echo",
     ])?);
+    // Ours again, its link asking for expiry and eviction (a TTL no key reaches during the
+    // run, and room for every key: what is measured is their bookkeeping on every call).
+    let cache_link = json!({ "namespace": links[0].1, "ttl_secs": "3600", "eviction": "lru" });
+    let mut cache = run::start_provider_linked(
+        binary,
+        url,
+        LATTICE,
+        "cache",
+        limits.as_object().cloned().unwrap_or_default(),
+        vec![run::link_definition(links[0].0, "cache", cache_link)],
+        json!({}),
+    )?;
+    let health = run::wait_for_health(nats, LATTICE, "cache", &mut cache).await;
+    children.0.push(cache);
+    health?;
     let mut prefixes: Vec<(&str, String)> = vec![
         ("ours", format!("{LATTICE}.ours")),
         ("floor", format!("{LATTICE}.floor")),
+        ("cache", format!("{LATTICE}.cache")),
     ];
     if let Some(bin) = &args.compare {
         let mut config = serde_json::Map::new();
