@@ -527,7 +527,9 @@ impl Engine {
     ) -> Result<R, EngineError> {
         loop {
             match self.limited_write_once(ns, bucket, batch, deadline, &write) {
-                Err(err) if err.is_usage_limit() && self.evicts(ns) => self.make_room(ns, &err)?,
+                Err(err) if err.is_usage_limit() && self.may_make_room(ns) => {
+                    self.make_room(ns, &err)?
+                }
                 done => return done,
             }
         }
@@ -627,10 +629,12 @@ impl Engine {
             let mut answer = Vec::with_capacity(asked);
             let mut refused: Option<u64> = None;
             for (i, key) in keys.into_iter().enumerate() {
-                let entry = entries.get(key.as_str());
-                let live = entry.filter(|e| !e.value().expired(now));
-                let Some(entry) = live else {
-                    if entries.contains_key(key.as_str()) {
+                let (entry, gone) = match entries.get(key.as_str()) {
+                    Some(entry) if entry.value().expired(now) => (None, true),
+                    found => (found, false),
+                };
+                let Some(entry) = entry else {
+                    if gone {
                         expired.push(key);
                     }
                     if refused.is_none() {
@@ -822,6 +826,14 @@ impl Engine {
             .store(on, Ordering::Relaxed);
     }
 
+    /// Whether a write refused at a usage limit in `ns` may make room: by eviction, or by
+    /// removing expired entries the sweep has not reached yet.
+    fn may_make_room(&self, ns: &str) -> bool {
+        self.namespace(ns, |n| {
+            n.evicts.load(Ordering::Relaxed) || n.expires.load(Ordering::Relaxed)
+        }) == Some(true)
+    }
+
     /// Whether namespace `ns` evicts at a usage limit.
     pub fn evicts(&self, ns: &str) -> bool {
         self.namespace(ns, |n| n.evicts.load(Ordering::Relaxed)) == Some(true)
@@ -891,7 +903,12 @@ impl Engine {
         &self.listings
     }
 
-    fn read_bucket<R>(&self, ns: &str, bucket: &str, f: impl FnOnce(&Entries) -> R) -> Option<R> {
+    pub(crate) fn read_bucket<R>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        f: impl FnOnce(&Entries) -> R,
+    ) -> Option<R> {
         let ns_ref = self.namespaces.get(ns)?;
         let entries = ns_ref.buckets.get(bucket)?;
         Some(f(&entries))

@@ -7,6 +7,11 @@
 //! longest ago; an expired entry found on the way goes first. The bench (`cargo xtask bench`,
 //! "Cache") prints the hit ratio this gives beside exact LRU's on the same trace.
 //!
+//! A namespace without eviction but with expiring entries takes the same path with expired
+//! entries only: a write refused at a limit first removes expired entries the sweep has not
+//! reached yet (found the same way), so a session store full of expired sessions takes new
+//! ones at once. If the samples find none expired, the write is refused as before.
+//!
 //! Only the writing namespace is ever evicted: at `max_total_bytes`, which is store-wide, a
 //! namespace evicts its own entries, never another tenant's. A write that cannot fit even
 //! when its namespace is empty is refused with [`EngineError::WontFit`], and nothing is
@@ -34,6 +39,8 @@ enum Evicted {
     Raced,
     /// The namespace holds nothing.
     Empty,
+    /// Only expired entries were wanted, and the samples found none.
+    NoneExpired,
 }
 
 /// The oldest entry seen so far: its age in ms, bucket, key and last use.
@@ -45,9 +52,12 @@ struct Candidate {
 }
 
 impl Engine {
-    /// Evicts entries of `ns` until the write that `refused` reports fits, or says why it
-    /// cannot.
+    /// Evicts entries of `ns` (only expired ones, if `ns` does not evict) until the write that
+    /// `refused` reports fits, or says why it cannot.
     pub(crate) fn make_room(&self, ns: &str, refused: &EngineError) -> Result<(), EngineError> {
+        if !self.evicts(ns) {
+            return self.reclaim_expired(ns, refused);
+        }
         let (held_keys, held_bytes) = self.namespace_usage(ns);
         let (mut need_keys, mut need_bytes) = (0u64, 0u64);
         match *refused {
@@ -91,14 +101,14 @@ impl Engine {
         // being emptied) are retried, a bounded number of times in a row.
         let mut races = 0;
         while need_keys > 0 || need_bytes > 0 {
-            match self.evict_one(ns) {
+            match self.evict_one(ns, false) {
                 Evicted::Freed(bytes) => {
                     need_keys = need_keys.saturating_sub(1);
                     need_bytes = need_bytes.saturating_sub(bytes);
                     races = 0;
                 }
                 Evicted::Raced if races < MAX_RACES => races += 1,
-                Evicted::Raced => return Err(refused.clone()),
+                Evicted::Raced | Evicted::NoneExpired => return Err(refused.clone()),
                 Evicted::Empty => {
                     let (adding, limit) = match *refused {
                         EngineError::TooManyKeys { adding, limit, .. }
@@ -119,8 +129,42 @@ impl Engine {
         Ok(())
     }
 
-    /// Evicts the oldest of [`SAMPLES`] random entries of `ns`.
-    fn evict_one(&self, ns: &str) -> Evicted {
+    /// Removes expired entries of `ns` until the write that `refused` reports fits; `refused`
+    /// itself when the samples find no expired entry.
+    fn reclaim_expired(&self, ns: &str, refused: &EngineError) -> Result<(), EngineError> {
+        let (mut need_keys, mut need_bytes) = match *refused {
+            EngineError::TooManyKeys {
+                held,
+                adding,
+                limit,
+            } if adding <= limit => ((held + adding).saturating_sub(limit).max(1), 0),
+            EngineError::OutOfSpace {
+                held,
+                adding,
+                limit,
+            } => (
+                0,
+                (held.saturating_add(adding)).saturating_sub(limit).max(1),
+            ),
+            _ => return Err(refused.clone()),
+        };
+        let mut races = 0;
+        while need_keys > 0 || need_bytes > 0 {
+            match self.evict_one(ns, true) {
+                Evicted::Freed(bytes) => {
+                    need_keys = need_keys.saturating_sub(1);
+                    need_bytes = need_bytes.saturating_sub(bytes);
+                }
+                Evicted::Raced if races < MAX_RACES => races += 1,
+                _ => return Err(refused.clone()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts the oldest of [`SAMPLES`] random entries of `ns`; with `only_expired`, only if
+    /// it has expired.
+    fn evict_one(&self, ns: &str, only_expired: bool) -> Evicted {
         let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
         let mut oldest: Option<Candidate> = None;
         {
@@ -155,6 +199,7 @@ impl Engine {
             }
         }
         match oldest {
+            Some(victim) if only_expired && victim.age != u32::MAX => Evicted::NoneExpired,
             Some(victim) => self.evict_entry(ns, &victim),
             // Only buckets being emptied were sampled.
             None => Evicted::Raced,
@@ -338,6 +383,40 @@ mod tests {
             assert_eq!(e.get("n", "b", k).as_deref(), Some(&b"w"[..]), "{k}");
         }
         assert_eq!(e.namespace_usage("n"), (100, recount(&e, "n").1));
+    }
+
+    #[test]
+    fn a_namespace_full_of_expired_keys_takes_new_ones_without_eviction() {
+        let e = Engine::new(limits());
+        for i in 0..100 {
+            let ttl = Some(Duration::from_secs(1));
+            e.set_expiring("n", "b", &format!("k{i}"), b"v", ttl)
+                .unwrap();
+        }
+        let err = e.set("n", "b", "new", b"v").unwrap_err();
+        assert!(
+            err.to_string().contains("max_keys"),
+            "nothing expired yet: {err}"
+        );
+        e.skip_time(Duration::from_millis(1200));
+        for i in 0..50 {
+            e.set("n", "b", &format!("new{i}"), b"v").unwrap();
+        }
+        assert_eq!(e.namespace_churn("n"), (50, 0), "expired, not evicted");
+        assert_eq!(e.namespace_usage("n"), (100, recount_all(&e, "n")));
+    }
+
+    /// Bytes of every entry of `ns`, expired or not.
+    fn recount_all(e: &Engine, ns: &str) -> u64 {
+        let mut bytes = 0;
+        for bucket in e.bucket_names(ns) {
+            e.read_bucket(ns, &bucket, |entries| {
+                for entry in entries.iter() {
+                    bytes += entry.key().size();
+                }
+            });
+        }
+        bytes
     }
 
     #[test]
