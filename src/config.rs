@@ -349,9 +349,10 @@ impl LinkPolicy {
             if key == LINK_TTL_SECS {
                 policy.ttl = ttl(key, value, &mut problems).flatten();
             } else if let Some(bucket) = key.strip_prefix("ttl_secs.") {
-                if let Some(bucket_ttl) = ttl(key, value, &mut problems) {
-                    policy.bucket_ttls.insert(bucket.to_owned(), bucket_ttl);
-                }
+                // Unusable: that bucket's keys never expire (rather than falling back to the
+                // link's TTL, which could make data meant to stay expire).
+                let bucket_ttl = ttl(key, value, &mut problems).flatten();
+                policy.bucket_ttls.insert(bucket.to_owned(), bucket_ttl);
             } else if key == LINK_EVICTION {
                 match value.trim().to_ascii_lowercase().as_str() {
                     "lru" => policy.evicts = true,
@@ -498,7 +499,14 @@ mod tests {
             ("ttl_secs.c", "999999999999"),
             ("eviction", "lfu"),
         ]));
-        assert_eq!(policy, LinkPolicy::default());
+        assert_eq!(policy.ttl("a"), None);
+        assert_eq!(policy.ttl("b"), None);
+        assert!(!policy.evicts);
+        // A bad bucket value never falls back to the link's TTL.
+        let (policy, _) =
+            LinkPolicy::from_link_config(&map(&[("ttl_secs", "60"), ("ttl_secs.keep", "never")]));
+        assert_eq!(policy.ttl("keep"), None);
+        assert_eq!(policy.ttl("other"), Some(Duration::from_secs(60)));
         let mut keys: Vec<_> = problems.iter().map(|p| p.key.to_string()).collect();
         keys.sort();
         assert_eq!(keys, ["eviction", "ttl_secs", "ttl_secs.b", "ttl_secs.c"]);

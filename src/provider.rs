@@ -47,6 +47,9 @@ struct Inner {
     /// Writes the snapshots, when they are on.
     snapshots: Option<Arc<Snapshotter>>,
     shutdown: Shutdown,
+    /// Held across a link change and the eviction setting it implies, so that two changes
+    /// to one namespace at once cannot leave eviction on that its links no longer all ask for.
+    link_changes: std::sync::Mutex<()>,
 }
 
 impl Default for KvProvider {
@@ -68,6 +71,7 @@ impl KvProvider {
                 links: LinkTable::default(),
                 serving: RwLock::new(serving),
                 shutdown: Shutdown::new(snapshots.clone()),
+                link_changes: std::sync::Mutex::new(()),
                 snapshots,
             }),
         }
@@ -546,6 +550,7 @@ impl Provider for KvProvider {
             namespace: namespace.clone(),
             policy,
         };
+        let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
         let replaced = (self.inner.links).put_link(link.source_id, link.link_name, entry);
         self.update_eviction(&namespace);
         if let Some(old) = replaced.filter(|old| old.namespace != namespace) {
@@ -556,6 +561,7 @@ impl Provider for KvProvider {
 
     async fn delete_link_as_target(&self, link: impl LinkDeleteInfo) -> anyhow::Result<()> {
         let (source, name) = (link.get_source_id(), link.get_link_name());
+        let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
         if let Some(removed) = self.inner.links.remove(source, name) {
             self.update_eviction(&removed.namespace);
             info!(

@@ -44,6 +44,9 @@ use crate::usage::{Space, Usage};
 /// Bytes of values get-many copies into one shared allocation before starting another.
 const GET_MANY_BUFFER: usize = 64 * 1024;
 
+/// Tries of a write that makes room under the shared gate before it makes room alone.
+const SHARED_ROOM_ROUNDS: u32 = 4;
+
 /// One tenant's data: its buckets, what it holds (see `usage.rs`), its eviction setting and
 /// what left it by expiry and eviction.
 #[derive(Default)]
@@ -151,50 +154,57 @@ impl Engine {
         key: &str,
         room: impl FnOnce(usize) -> bool,
     ) -> Result<Option<Bytes>, AnswerRefused> {
-        Ok(self
-            .get_stamped(ns, bucket, key, room)?
-            .map(|(value, _)| value))
+        self.read_entry(ns, bucket, key, true, |item, _| {
+            let value = item.value();
+            if !room(value.len()) {
+                return Err(AnswerRefused {
+                    asked: value.len() as u64,
+                });
+            }
+            Ok(Bytes::copy_from_slice(value))
+        })
+        .transpose()
     }
 
-    /// Like [`Engine::get_within`], with the entry's deadline (0 for none).
-    fn get_stamped(
+    /// Looks `key` up as every read does: an expired entry is missing (and removed, after the
+    /// look-up); a live one is marked used, when `touch`, and handed to `f` under its shard's
+    /// read lock.
+    fn read_entry<T>(
         &self,
         ns: &str,
         bucket: &str,
         key: &str,
-        room: impl FnOnce(usize) -> bool,
-    ) -> Result<Option<(Bytes, u32)>, AnswerRefused> {
+        touch: bool,
+        f: impl FnOnce(&Item, &Stamp) -> T,
+    ) -> Option<T> {
         let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
         let mut expired = false;
         let found = self
             .read_bucket(ns, bucket, |entries| {
-                let Some(entry) = entries.get(key) else {
-                    return Ok(None);
-                };
+                let entry = entries.get(key)?;
                 let stamp = entry.value();
                 if stamp.expired(now) {
                     expired = true;
-                    return Ok(None);
+                    return None;
                 }
-                stamp.touch(now_ms);
-                let value = entry.key().value();
-                if !room(value.len()) {
-                    return Err(AnswerRefused {
-                        asked: value.len() as u64,
-                    });
+                if touch {
+                    stamp.touch(now_ms);
                 }
-                Ok(Some((Bytes::copy_from_slice(value), stamp.deadline())))
+                Some(f(entry.key(), stamp))
             })
-            .unwrap_or(Ok(None));
+            .flatten();
         if expired {
             self.remove(ns, bucket, [key], Removal::Expired(now));
         }
         found
     }
 
-    /// The value of `key` and its deadline as Unix milliseconds (0 for none), for a snapshot.
+    /// The value of `key` and its deadline as Unix milliseconds (0 for none), for a snapshot:
+    /// it does not count as a use (eviction's order stays the components').
     pub fn get_with_deadline(&self, ns: &str, bucket: &str, key: &str) -> Option<(Bytes, u64)> {
-        let (value, deadline) = self.get_stamped(ns, bucket, key, |_| true).ok()??;
+        let (value, deadline) = self.read_entry(ns, bucket, key, false, |item, stamp| {
+            (Bytes::copy_from_slice(item.value()), stamp.deadline())
+        })?;
         Some((value, self.clock.to_unix_ms(deadline)))
     }
 
@@ -225,10 +235,7 @@ impl Engine {
 
     /// Whether `key` exists.
     pub fn exists(&self, ns: &str, bucket: &str, key: &str) -> bool {
-        self.get_stamped(ns, bucket, key, |_| true)
-            .ok()
-            .flatten()
-            .is_some()
+        self.read_entry(ns, bucket, key, true, |_, _| ()).is_some()
     }
 
     /// Stores `value` under `key`, with no deadline.
@@ -461,9 +468,11 @@ impl Engine {
                 // compare-and-swap under the key's shard lock (an item is replaced whole, so the
                 // read cannot keep the lock across the new allocation). An expired value counts
                 // from zero.
-                let seen: Option<(Box<[u8]>, bool)> = entries
-                    .get(key)
-                    .map(|e| (e.key().value().into(), e.value().expired(now)));
+                // Marked used as it is read: eviction making room for this write never picks it.
+                let seen: Option<(Box<[u8]>, bool)> = entries.get(key).map(|e| {
+                    e.value().touch(now_ms);
+                    (e.key().value().into(), e.value().expired(now))
+                });
                 let next = match &seen {
                     None | Some((_, true)) => delta,
                     Some((value, false)) => {
@@ -515,8 +524,11 @@ impl Engine {
     /// began while it ran. A tenant refused at its own `max_keys` therefore does not take the
     /// store-wide lock from every other tenant on each refused write.
     ///
-    /// In a namespace with eviction on, a usage refusal evicts what the write needs and tries
-    /// again (`evict.rs`), until it fits or cannot fit at all.
+    /// In a namespace that may make room (eviction on, or expiring entries), a usage refusal
+    /// evicts what the write needs (`evict.rs`) and tries again under the shared gate: a full
+    /// cache, whose every new key needs an eviction, takes no store-wide lock. After
+    /// [`SHARED_ROOM_ROUNDS`] rounds whose room other writers took first, the write makes its
+    /// room and writes alone in the store, where no one can take it: it always ends.
     fn limited_write<R>(
         &self,
         ns: &str,
@@ -525,60 +537,46 @@ impl Engine {
         deadline: u32,
         write: impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
-        loop {
-            match self.limited_write_once(ns, bucket, batch, deadline, &write) {
-                Err(err) if err.is_usage_limit() && self.may_make_room(ns) => {
-                    self.make_room(ns, &err)?
+        let makes_room = self.may_make_room(ns);
+        let mut rounds = 0;
+        let result = loop {
+            let batches_before = self.batches_begun.load(Ordering::SeqCst);
+            let pending_before = self.batches_pending.load(Ordering::SeqCst);
+            let shared = self.write_shared(ns, bucket, batch, deadline, &write);
+            let batch_may_have_refused = || {
+                batch
+                    || pending_before > 0
+                    || self.batches_pending.load(Ordering::SeqCst) > 0
+                    || self.batches_begun.load(Ordering::SeqCst) != batches_before
+            };
+            match shared {
+                Err(err) if err.is_usage_limit() && makes_room && rounds < SHARED_ROOM_ROUNDS => {
+                    rounds += 1;
+                    if let Err(refused) = self.make_room(ns, &err, false) {
+                        break Err(refused);
+                    }
                 }
-                done => return done,
+                Err(err) if err.is_usage_limit() && (makes_room || batch_may_have_refused()) => {
+                    let _alone = self
+                        .gate
+                        .write()
+                        .unwrap_or_else(|poison| poison.into_inner());
+                    break loop {
+                        let written = self.write_bucket(ns, bucket, deadline, |space, entries| {
+                            write(space, entries, true)
+                        });
+                        match written {
+                            Err(err) if err.is_usage_limit() && makes_room => {
+                                if let Err(refused) = self.make_room(ns, &err, true) {
+                                    break Err(refused);
+                                }
+                            }
+                            done => break done,
+                        }
+                    };
+                }
+                done => break done,
             }
-        }
-    }
-
-    fn limited_write_once<R>(
-        &self,
-        ns: &str,
-        bucket: &str,
-        batch: bool,
-        deadline: u32,
-        write: &impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
-    ) -> Result<R, EngineError> {
-        let batches_before = self.batches_begun.load(Ordering::SeqCst);
-        let pending_before = self.batches_pending.load(Ordering::SeqCst);
-        let shared = {
-            let _shared = self
-                .gate
-                .read()
-                .unwrap_or_else(|poison| poison.into_inner());
-            if batch {
-                self.batches_begun.fetch_add(1, Ordering::SeqCst);
-                self.batches_pending.fetch_add(1, Ordering::SeqCst);
-            }
-            let written = self.write_bucket(ns, bucket, deadline, |space, entries| {
-                write(space, entries, false)
-            });
-            if batch {
-                self.batches_pending.fetch_sub(1, Ordering::SeqCst);
-            }
-            written
-        };
-        let batch_may_have_refused = || {
-            batch
-                || pending_before > 0
-                || self.batches_pending.load(Ordering::SeqCst) > 0
-                || self.batches_begun.load(Ordering::SeqCst) != batches_before
-        };
-        let result = match shared {
-            Err(err) if err.is_usage_limit() && batch_may_have_refused() => {
-                let _alone = self
-                    .gate
-                    .write()
-                    .unwrap_or_else(|poison| poison.into_inner());
-                self.write_bucket(ns, bucket, deadline, |space, entries| {
-                    write(space, entries, true)
-                })
-            }
-            done => done,
         };
         match result {
             Ok(_) => {
@@ -587,6 +585,32 @@ impl Engine {
             Err(_) => self.drop_bucket_if_empty(ns, bucket),
         }
         result
+    }
+
+    /// One try of a write under the shared gate, counted as a batch under way if it is one.
+    fn write_shared<R>(
+        &self,
+        ns: &str,
+        bucket: &str,
+        batch: bool,
+        deadline: u32,
+        write: &impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        let _shared = self
+            .gate
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if batch {
+            self.batches_begun.fetch_add(1, Ordering::SeqCst);
+            self.batches_pending.fetch_add(1, Ordering::SeqCst);
+        }
+        let written = self.write_bucket(ns, bucket, deadline, |space, entries| {
+            write(space, entries, false)
+        });
+        if batch {
+            self.batches_pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        written
     }
 
     /// How many writes and removals the store has seen: equal values mean an unchanged store.

@@ -3,8 +3,12 @@
 //!
 //! Exact LRU would need a list threaded through every entry (16 more bytes a key, and a lock
 //! every read would take). Instead each eviction looks at [`SAMPLES`] entries of the namespace
-//! picked at random (each from a random bucket, then a random slot) and evicts the one used
-//! longest ago; an expired entry found on the way goes first. The bench (`cargo xtask bench`,
+//! picked at random and evicts the one used longest ago; an expired entry found on the way
+//! goes first. A namespace of up to 32 buckets is sampled in proportion to each bucket's keys;
+//! in one with more, each sample first picks a bucket at random, so the entries of small
+//! buckets are looked at more often than those of large ones. A batch refused under the
+//! shared gate (which reserves as if every pair were new) makes room for all its pairs: a
+//! `set-many` overwriting keys of a full cache may evict a few more than it needed. The bench (`cargo xtask bench`,
 //! "Cache") prints the hit ratio this gives beside exact LRU's on the same trace.
 //!
 //! A namespace without eviction but with expiring entries takes the same path with expired
@@ -21,11 +25,21 @@ use std::sync::atomic::Ordering;
 
 use crate::engine::drop_empty;
 use crate::error::EngineError;
+use crate::item::Entries;
 use crate::raw::sample;
 use crate::Engine;
 
 /// Entries looked at per eviction.
 pub const SAMPLES: usize = 16;
+
+/// Namespaces with at most this many buckets are sampled in proportion to each bucket's keys;
+/// with more, each sample picks a bucket at random first.
+const WEIGHED_BUCKETS: usize = 32;
+
+/// Most entries one write evicts. A write needing more (a limit lowered far below what the
+/// namespace holds) is refused with the limit's error after evicting these; the next writes go
+/// on from there. About 100 ms of work at most.
+const MAX_EVICTIONS_PER_WRITE: u32 = 65_536;
 
 /// Evictions in a row that may find nothing to evict before a write gives up (they only
 /// happen while other writers empty the namespace's buckets at the same time).
@@ -43,8 +57,9 @@ enum Evicted {
     NoneExpired,
 }
 
-/// The oldest entry seen so far: its age in ms, bucket, key and last use.
+/// The oldest entry seen so far: whether it expired, its age in ms, bucket, key and last use.
 struct Candidate {
+    expired: bool,
     age: u32,
     bucket: Box<str>,
     key: Box<str>,
@@ -53,10 +68,16 @@ struct Candidate {
 
 impl Engine {
     /// Evicts entries of `ns` (only expired ones, if `ns` does not evict) until the write that
-    /// `refused` reports fits, or says why it cannot.
-    pub(crate) fn make_room(&self, ns: &str, refused: &EngineError) -> Result<(), EngineError> {
+    /// `refused` reports fits, or says why it cannot. `alone`: the caller holds the gate
+    /// exclusively (removals then do not take it).
+    pub(crate) fn make_room(
+        &self,
+        ns: &str,
+        refused: &EngineError,
+        alone: bool,
+    ) -> Result<(), EngineError> {
         if !self.evicts(ns) {
-            return self.reclaim_expired(ns, refused);
+            return self.reclaim_expired(ns, refused, alone);
         }
         let (held_keys, held_bytes) = self.namespace_usage(ns);
         let (mut need_keys, mut need_bytes) = (0u64, 0u64);
@@ -99,13 +120,18 @@ impl Engine {
         }
         // Races (a chosen entry used or removed meanwhile, samples that found only buckets
         // being emptied) are retried, a bounded number of times in a row.
-        let mut races = 0;
+        let (mut races, mut evicted) = (0, 0);
         while need_keys > 0 || need_bytes > 0 {
-            match self.evict_one(ns, false) {
+            if evicted == MAX_EVICTIONS_PER_WRITE {
+                // A limit lowered far below what the namespace holds: later writes evict more.
+                return Err(refused.clone());
+            }
+            match self.evict_one(ns, false, alone) {
                 Evicted::Freed(bytes) => {
                     need_keys = need_keys.saturating_sub(1);
                     need_bytes = need_bytes.saturating_sub(bytes);
                     races = 0;
+                    evicted += 1;
                 }
                 Evicted::Raced if races < MAX_RACES => races += 1,
                 Evicted::Raced | Evicted::NoneExpired => return Err(refused.clone()),
@@ -131,7 +157,12 @@ impl Engine {
 
     /// Removes expired entries of `ns` until the write that `refused` reports fits; `refused`
     /// itself when the samples find no expired entry.
-    fn reclaim_expired(&self, ns: &str, refused: &EngineError) -> Result<(), EngineError> {
+    fn reclaim_expired(
+        &self,
+        ns: &str,
+        refused: &EngineError,
+        alone: bool,
+    ) -> Result<(), EngineError> {
         let (mut need_keys, mut need_bytes) = match *refused {
             EngineError::TooManyKeys {
                 held,
@@ -148,12 +179,16 @@ impl Engine {
             ),
             _ => return Err(refused.clone()),
         };
-        let mut races = 0;
+        let (mut races, mut reclaimed) = (0, 0);
         while need_keys > 0 || need_bytes > 0 {
-            match self.evict_one(ns, true) {
+            if reclaimed == MAX_EVICTIONS_PER_WRITE {
+                return Err(refused.clone());
+            }
+            match self.evict_one(ns, true, alone) {
                 Evicted::Freed(bytes) => {
                     need_keys = need_keys.saturating_sub(1);
                     need_bytes = need_bytes.saturating_sub(bytes);
+                    reclaimed += 1;
                 }
                 Evicted::Raced if races < MAX_RACES => races += 1,
                 _ => return Err(refused.clone()),
@@ -164,43 +199,83 @@ impl Engine {
 
     /// Evicts the oldest of [`SAMPLES`] random entries of `ns`; with `only_expired`, only if
     /// it has expired.
-    fn evict_one(&self, ns: &str, only_expired: bool) -> Evicted {
+    fn evict_one(&self, ns: &str, only_expired: bool, alone: bool) -> Evicted {
         let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
         let mut oldest: Option<Candidate> = None;
+        // Looks at one random entry of `entries` (bucket `bucket`), keeping it if it is the
+        // oldest so far; `false` if the bucket is empty.
+        let mut consider = |bucket: &str, entries: &Entries, seed: u64| {
+            let seen = sample(entries, seed, |item, stamp| {
+                // Used after `now_ms` was read (the age wraps): just now.
+                let age = match now_ms.wrapping_sub(stamp.used()) {
+                    age if age > u32::MAX / 2 => 0,
+                    age => age,
+                };
+                // Expired entries go before any live one.
+                let expired = stamp.expired(now);
+                match &oldest {
+                    Some(best) if (best.expired, best.age) >= (expired, age) => None,
+                    _ => Some(Candidate {
+                        expired,
+                        age,
+                        bucket: bucket.into(),
+                        key: item.key().into(),
+                        used: stamp.used(),
+                    }),
+                }
+            });
+            let found = seen.is_some();
+            if let Some(Some(better)) = seen {
+                oldest = Some(better);
+            }
+            found
+        };
         {
             let Some(ns_ref) = self.namespaces.get(ns) else {
                 return Evicted::Empty;
             };
-            for _ in 0..SAMPLES {
-                let seed = self.next_seed();
-                let seen = sample(&ns_ref.buckets, seed, |bucket, entries| {
-                    sample(entries, seed.rotate_left(29), |item, stamp| {
-                        // Expired entries are the oldest of all.
-                        let age = match stamp.expired(now) {
-                            true => u32::MAX,
-                            false => now_ms.wrapping_sub(stamp.used()),
-                        };
-                        match &oldest {
-                            Some(best) if best.age >= age => None,
-                            _ => Some(Candidate {
-                                age,
-                                bucket: bucket.clone(),
-                                key: item.key().into(),
-                                used: stamp.used(),
-                            }),
-                        }
+            let buckets = &ns_ref.buckets;
+            if buckets.is_empty() {
+                return Evicted::Empty;
+            }
+            if buckets.len() <= WEIGHED_BUCKETS {
+                // Each bucket gets samples in proportion to its keys: SAMPLES points drawn
+                // over all the namespace's keys, then found bucket by bucket.
+                let total: u64 = buckets.iter().map(|b| b.len() as u64).sum();
+                if total == 0 {
+                    return Evicted::Raced;
+                }
+                let mut points: Vec<(u64, u64)> = (0..SAMPLES)
+                    .map(|_| {
+                        let seed = self.next_seed();
+                        (seed % total, seed.rotate_left(29))
                     })
-                });
-                match seen {
-                    None => return Evicted::Empty,
-                    Some(Some(Some(better))) => oldest = Some(better),
-                    Some(_) => {}
+                    .collect();
+                points.sort_unstable();
+                let (mut start, mut next) = (0u64, 0);
+                for bucket in buckets.iter() {
+                    let end = start + bucket.len() as u64;
+                    while next < points.len() && points[next].0 < end {
+                        consider(bucket.key(), bucket.value(), points[next].1);
+                        next += 1;
+                    }
+                    start = end;
+                }
+            } else {
+                // Many buckets: a random bucket for each sample (each bucket equally likely,
+                // whatever its size: an approximation, see the module docs).
+                for _ in 0..SAMPLES {
+                    let seed = self.next_seed();
+                    let bucket_seed = seed.rotate_left(29);
+                    sample(buckets, seed, |bucket, entries| {
+                        consider(bucket, entries, bucket_seed)
+                    });
                 }
             }
         }
         match oldest {
-            Some(victim) if only_expired && victim.age != u32::MAX => Evicted::NoneExpired,
-            Some(victim) => self.evict_entry(ns, &victim),
+            Some(victim) if only_expired && !victim.expired => Evicted::NoneExpired,
+            Some(victim) => self.evict_entry(ns, &victim, alone),
             // Only buckets being emptied were sampled.
             None => Evicted::Raced,
         }
@@ -208,8 +283,10 @@ impl Engine {
 
     /// Removes the chosen entry if it was not used since it was chosen; counts it as expired
     /// if it had expired, else as evicted.
-    fn evict_entry(&self, ns: &str, victim: &Candidate) -> Evicted {
-        let _shared = self.gate.read().unwrap_or_else(|p| p.into_inner());
+    fn evict_entry(&self, ns: &str, victim: &Candidate, alone: bool) -> Evicted {
+        // Shared, as a delete takes it; not again when the caller holds it alone (a std lock
+        // is not re-entrant).
+        let _shared = (!alone).then(|| self.gate.read().unwrap_or_else(|p| p.into_inner()));
         let Some(ns_ref) = self.namespaces.get(ns) else {
             return Evicted::Empty;
         };
@@ -234,9 +311,9 @@ impl Engine {
         }
         match freed {
             Some(bytes) => {
-                let counter = match victim.age {
-                    u32::MAX => &ns_ref.expired,
-                    _ => &ns_ref.evicted,
+                let counter = match victim.expired {
+                    true => &ns_ref.expired,
+                    false => &ns_ref.evicted,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 self.removals.fetch_add(1, Ordering::SeqCst);
@@ -314,6 +391,26 @@ mod tests {
             assert!(e.exists("n", "b", &format!("k{i}")), "new k{i} evicted");
         }
         assert_eq!(e.namespace_usage("n"), recount(&e, "n"));
+    }
+
+    #[test]
+    fn a_big_bucket_of_old_keys_is_evicted_before_many_small_buckets_of_new_ones() {
+        let e = evicting(limits(), "n");
+        for i in 0..80 {
+            e.set("n", "big", &format!("k{i}"), b"v").unwrap();
+        }
+        e.skip_time(Duration::from_millis(50));
+        for b in 0..20 {
+            e.set("n", &format!("small{b}"), "k", b"v").unwrap();
+        }
+        e.skip_time(Duration::from_millis(50));
+        for i in 80..100 {
+            e.set("n", "big", &format!("k{i}"), b"v").unwrap();
+        }
+        for b in 0..20 {
+            assert!(e.exists("n", &format!("small{b}"), "k"), "small{b} evicted");
+        }
+        assert_eq!(e.namespace_churn("n"), (0, 20));
     }
 
     #[test]

@@ -46,6 +46,10 @@ where
     None
 }
 
+/// Most entries a table may hold to be shrunk by the sweep (a rehash of them under the lock
+/// costs about what a run of the sweep does).
+const SHRINK_AT_MOST: usize = 4096;
+
 /// What one [`sweep_slots`] did.
 pub(crate) struct Walked<K> {
     /// Slots looked at.
@@ -58,8 +62,8 @@ pub(crate) struct Walked<K> {
 
 /// Looks at slots `from..from + count` of shard `shard` under its write lock and removes the
 /// entries `remove` says to (it sees each entry before it goes). When the walk ends the shard,
-/// a table that became mostly empty is shrunk to fit, so memory comes back without waiting for
-/// the bucket to empty.
+/// a table that became mostly empty, with at most [`SHRINK_AT_MOST`] entries left, is shrunk
+/// to fit, so memory comes back without waiting for the bucket to empty.
 pub(crate) fn sweep_slots<K, V>(
     map: &DashMap<K, V>,
     shard: usize,
@@ -97,7 +101,8 @@ where
         }
     }
     let shard_done = end == slots;
-    if shard_done && slots > 64 && table.len() * 8 < slots {
+    // Rehashing holds the lock for as long as the entries left take: only for a few.
+    if shard_done && slots > 64 && table.len() * 8 < slots && table.len() <= SHRINK_AT_MOST {
         let hasher = map.hasher();
         // The hash DashMap itself uses for the entry's slot: the key through the map's hasher.
         let len = table.len();

@@ -22,7 +22,20 @@ const CAPACITY: u64 = 500_000;
 /// The Zipf exponent (web caches see 0.6–1.0).
 const ZIPF_S: f64 = 0.99;
 
+/// Threads of the concurrent phase (the machine's cores).
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Sets of new keys each thread makes in the concurrent phase.
+const CONCURRENT_SETS: u64 = 1_000_000;
+
 pub struct CacheRun {
+    /// Concurrent phase: sets of new keys a second, from every core at once, into the full
+    /// namespace (each one evicts) and into one with no limit in reach (none does).
+    pub evicting_sets_per_sec: f64,
+    pub plain_sets_per_sec: f64,
+    pub evicting_refused: u64,
     pub sets: u64,
     pub gets: u64,
     pub hits: u64,
@@ -62,6 +75,9 @@ pub fn run(sets: u64) -> CacheRun {
     let value = [b'v'; 100];
     let mut key = String::with_capacity(16);
     let mut run = CacheRun {
+        evicting_sets_per_sec: 0.0,
+        plain_sets_per_sec: 0.0,
+        evicting_refused: 0,
         sets: 0,
         gets: 0,
         hits: 0,
@@ -92,7 +108,48 @@ pub fn run(sets: u64) -> CacheRun {
     }
     run.seconds = started.elapsed().as_secs_f64();
     run.keys_at_end = engine.namespace_usage(NAMESPACE).0;
+    eprintln!(
+        "cache workload: sets of new keys from {} threads…",
+        threads()
+    );
+    let (rate, refused) = concurrent_sets(&engine, NAMESPACE);
+    (run.evicting_sets_per_sec, run.evicting_refused) = (rate, refused);
+    drop(engine);
+    let plain = Engine::new(Limits {
+        max_key_bytes: 4096,
+        max_value_bytes: 1 << 20,
+        ..Limits::UNLIMITED
+    });
+    (run.plain_sets_per_sec, _) = concurrent_sets(&plain, "plain");
     run
+}
+
+/// Every thread sets [`CONCURRENT_SETS`] keys never written before; answers sets a second
+/// and how many were refused.
+fn concurrent_sets(engine: &Engine, namespace: &str) -> (f64, u64) {
+    let refused = std::sync::atomic::AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads() {
+            let refused = &refused;
+            s.spawn(move || {
+                let value = [b'v'; 100];
+                let mut key = String::with_capacity(16);
+                for i in 0..CONCURRENT_SETS {
+                    key.clear();
+                    let _ = write!(key, "new-{t:02}-{i:09}");
+                    if engine.set(namespace, BUCKET, &key, &value).is_err() {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let sets = CONCURRENT_SETS * threads() as u64;
+    (
+        sets as f64 / started.elapsed().as_secs_f64(),
+        refused.into_inner(),
+    )
 }
 
 /// Resident memory of this process, in bytes.
