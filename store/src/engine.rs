@@ -234,8 +234,9 @@ impl Engine {
     }
 
     /// Whether `key` exists.
+    /// Whether `key` exists. Not a use of it, for eviction (as Redis's `EXISTS`).
     pub fn exists(&self, ns: &str, bucket: &str, key: &str) -> bool {
-        self.read_entry(ns, bucket, key, true, |_, _| ()).is_some()
+        self.read_entry(ns, bucket, key, false, |_, _| ()).is_some()
     }
 
     /// Stores `value` under `key`, with no deadline.
@@ -267,27 +268,28 @@ impl Engine {
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
         check_value(&limits, value)?;
-        let expired = self.limited_write(ns, bucket, false, deadline, |space, entries, _| {
-            let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
-            // Exact: the old entry cannot change while its shard lock is held.
-            match entries.entry(Item::new(key, value)) {
-                Entry::Occupied(old) => {
-                    let old_len = old.key().value().len();
-                    let grow = value.len().saturating_sub(old_len) as u64;
-                    let reservation = space.reserve(&limits, 0, grow)?;
-                    let (_, stamp) = old.replace_entry(Stamp::new(deadline, now_ms));
-                    space.settle(reservation, 0, value.len() as i64 - old_len as i64);
-                    Ok(u64::from(stamp.expired(now)))
+        let expired =
+            self.limited_write(ns, bucket, false, deadline, None, |space, entries, _| {
+                let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+                // Exact: the old entry cannot change while its shard lock is held.
+                match entries.entry(Item::new(key, value)) {
+                    Entry::Occupied(old) => {
+                        let old_len = old.key().value().len();
+                        let grow = value.len().saturating_sub(old_len) as u64;
+                        let reservation = space.reserve(&limits, 0, grow)?;
+                        let (_, stamp) = old.replace_entry(Stamp::new(deadline, now_ms));
+                        space.settle(reservation, 0, value.len() as i64 - old_len as i64);
+                        Ok(u64::from(stamp.expired(now)))
+                    }
+                    Entry::Vacant(vacant) => {
+                        let size = (key.len() + value.len()) as u64;
+                        let reservation = space.reserve(&limits, 1, size)?;
+                        vacant.insert(Stamp::new(deadline, now_ms));
+                        space.settle(reservation, 1, size as i64);
+                        Ok(0)
+                    }
                 }
-                Entry::Vacant(vacant) => {
-                    let size = (key.len() + value.len()) as u64;
-                    let reservation = space.reserve(&limits, 1, size)?;
-                    vacant.insert(Stamp::new(deadline, now_ms));
-                    space.settle(reservation, 1, size as i64);
-                    Ok(0)
-                }
-            }
-        })?;
+            })?;
         self.count_expired(ns, expired);
         Ok(())
     }
@@ -338,8 +340,13 @@ impl Engine {
             return Ok(());
         }
         let deadline = self.clock.deadline(ttl);
-        let expired =
-            self.limited_write(ns, bucket, true, deadline, |space, entries, exclusive| {
+        let expired = self.limited_write(
+            ns,
+            bucket,
+            true,
+            deadline,
+            None,
+            |space, entries, exclusive| {
                 let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
                 let (mut new_keys, mut change) = (0u64, 0i64);
                 for (key, value) in &latest {
@@ -365,7 +372,8 @@ impl Engine {
                 }
                 space.settle(reservation, added, delta);
                 Ok(expired)
-            })?;
+            },
+        )?;
         self.count_expired(ns, expired);
         Ok(())
     }
@@ -461,8 +469,13 @@ impl Engine {
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
         let deadline = self.clock.deadline(ttl);
-        let (next, expired) =
-            self.limited_write(ns, bucket, false, deadline, |space, entries, _| loop {
+        let (next, expired) = self.limited_write(
+            ns,
+            bucket,
+            false,
+            deadline,
+            Some(key),
+            |space, entries, _| loop {
                 let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
                 // Read, compute, then write only if the value is still the one read: a
                 // compare-and-swap under the key's shard lock (an item is replaced whole, so the
@@ -510,7 +523,8 @@ impl Engine {
                     // Another writer got there between the read and the write: read again.
                     _ => continue,
                 }
-            })?;
+            },
+        )?;
         self.count_expired(ns, expired);
         Ok(next)
     }
@@ -526,15 +540,20 @@ impl Engine {
     ///
     /// In a namespace that may make room (eviction on, or expiring entries), a usage refusal
     /// evicts what the write needs (`evict.rs`) and tries again under the shared gate: a full
-    /// cache, whose every new key needs an eviction, takes no store-wide lock. After
-    /// [`SHARED_ROOM_ROUNDS`] rounds whose room other writers took first, the write makes its
-    /// room and writes alone in the store, where no one can take it: it always ends.
+    /// cache, whose every new key needs an eviction, takes no store-wide lock. The write goes
+    /// alone in the store, making its room there, where counts are exact and no one can take
+    /// the room it made (so it always ends): after [`SHARED_ROOM_ROUNDS`] rounds whose room
+    /// other writers took first; when making room failed on counts a batch may have inflated;
+    /// and, in an evicting namespace, whenever making room failed among other writers (a
+    /// namespace emptied by racing evictions, say). Only a refusal found alone is final there.
+    /// `spare`: a key of `bucket` that eviction must leave (an increment's own counter).
     fn limited_write<R>(
         &self,
         ns: &str,
         bucket: &str,
         batch: bool,
         deadline: u32,
+        spare: Option<&str>,
         write: impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         let makes_room = self.may_make_room(ns);
@@ -549,34 +568,37 @@ impl Engine {
                     || self.batches_pending.load(Ordering::SeqCst) > 0
                     || self.batches_begun.load(Ordering::SeqCst) != batches_before
             };
-            match shared {
-                Err(err) if err.is_usage_limit() && makes_room && rounds < SHARED_ROOM_ROUNDS => {
-                    rounds += 1;
-                    if let Err(refused) = self.make_room(ns, &err, false) {
-                        break Err(refused);
-                    }
-                }
-                Err(err) if err.is_usage_limit() && (makes_room || batch_may_have_refused()) => {
-                    let _alone = self
-                        .gate
-                        .write()
-                        .unwrap_or_else(|poison| poison.into_inner());
-                    break loop {
-                        let written = self.write_bucket(ns, bucket, deadline, |space, entries| {
-                            write(space, entries, true)
-                        });
-                        match written {
-                            Err(err) if err.is_usage_limit() && makes_room => {
-                                if let Err(refused) = self.make_room(ns, &err, true) {
-                                    break Err(refused);
-                                }
-                            }
-                            done => break done,
-                        }
-                    };
-                }
+            let err = match shared {
+                Err(err) if err.is_usage_limit() => err,
                 done => break done,
+            };
+            if makes_room && rounds < SHARED_ROOM_ROUNDS {
+                rounds += 1;
+                match self.make_room(ns, &err, (bucket, spare), false) {
+                    Ok(()) => continue,
+                    Err(_) if self.evicts(ns) || batch_may_have_refused() => {}
+                    Err(refused) => break Err(refused),
+                }
+            } else if !(makes_room || batch_may_have_refused()) {
+                break Err(err);
             }
+            let _alone = self
+                .gate
+                .write()
+                .unwrap_or_else(|poison| poison.into_inner());
+            break loop {
+                let written = self.write_bucket(ns, bucket, deadline, |space, entries| {
+                    write(space, entries, true)
+                });
+                match written {
+                    Err(err) if err.is_usage_limit() && makes_room => {
+                        if let Err(refused) = self.make_room(ns, &err, (bucket, spare), true) {
+                            break Err(refused);
+                        }
+                    }
+                    done => break done,
+                }
+            };
         };
         match result {
             Ok(_) => {

@@ -32,6 +32,15 @@ use crate::Engine;
 /// Entries looked at per eviction.
 pub const SAMPLES: usize = 16;
 
+/// A key eviction must leave, in a bucket: `(bucket, Some(key))` (an increment's own counter,
+/// which the write would otherwise recreate from zero), or `(_, None)`.
+pub(crate) type Spare<'a> = (&'a str, Option<&'a str>);
+
+/// Milliseconds after the eviction read its clock within which an entry's last use is taken as
+/// "just now" (it was used meanwhile); an older `used` is an age, up to the clock's 49.7-day
+/// wrap.
+const FUTURE_MS: u32 = 60_000;
+
 /// Namespaces with at most this many buckets are sampled in proportion to each bucket's keys;
 /// with more, each sample picks a bucket at random first.
 const WEIGHED_BUCKETS: usize = 32;
@@ -74,10 +83,11 @@ impl Engine {
         &self,
         ns: &str,
         refused: &EngineError,
+        spare: Spare<'_>,
         alone: bool,
     ) -> Result<(), EngineError> {
         if !self.evicts(ns) {
-            return self.reclaim_expired(ns, refused, alone);
+            return self.reclaim_expired(ns, refused, spare, alone);
         }
         let (held_keys, held_bytes) = self.namespace_usage(ns);
         let (mut need_keys, mut need_bytes) = (0u64, 0u64);
@@ -126,7 +136,7 @@ impl Engine {
                 // A limit lowered far below what the namespace holds: later writes evict more.
                 return Err(refused.clone());
             }
-            match self.evict_one(ns, false, alone) {
+            match self.evict_one(ns, false, spare, alone) {
                 Evicted::Freed(bytes) => {
                     need_keys = need_keys.saturating_sub(1);
                     need_bytes = need_bytes.saturating_sub(bytes);
@@ -161,6 +171,7 @@ impl Engine {
         &self,
         ns: &str,
         refused: &EngineError,
+        spare: Spare<'_>,
         alone: bool,
     ) -> Result<(), EngineError> {
         let (mut need_keys, mut need_bytes) = match *refused {
@@ -184,7 +195,7 @@ impl Engine {
             if reclaimed == MAX_EVICTIONS_PER_WRITE {
                 return Err(refused.clone());
             }
-            match self.evict_one(ns, true, alone) {
+            match self.evict_one(ns, true, spare, alone) {
                 Evicted::Freed(bytes) => {
                     need_keys = need_keys.saturating_sub(1);
                     need_bytes = need_bytes.saturating_sub(bytes);
@@ -199,16 +210,21 @@ impl Engine {
 
     /// Evicts the oldest of [`SAMPLES`] random entries of `ns`; with `only_expired`, only if
     /// it has expired.
-    fn evict_one(&self, ns: &str, only_expired: bool, alone: bool) -> Evicted {
+    fn evict_one(&self, ns: &str, only_expired: bool, spare: Spare<'_>, alone: bool) -> Evicted {
         let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
         let mut oldest: Option<Candidate> = None;
+        let mut spared = false;
         // Looks at one random entry of `entries` (bucket `bucket`), keeping it if it is the
         // oldest so far; `false` if the bucket is empty.
         let mut consider = |bucket: &str, entries: &Entries, seed: u64| {
             let seen = sample(entries, seed, |item, stamp| {
-                // Used after `now_ms` was read (the age wraps): just now.
+                if spare == (bucket, Some(item.key())) {
+                    spared = true;
+                    return None;
+                }
+                // Used after `now_ms` was read (the age wraps to just under 2^32): just now.
                 let age = match now_ms.wrapping_sub(stamp.used()) {
-                    age if age > u32::MAX / 2 => 0,
+                    age if age > u32::MAX - FUTURE_MS => 0,
                     age => age,
                 };
                 // Expired entries go before any live one.
@@ -235,10 +251,17 @@ impl Engine {
                 return Evicted::Empty;
             };
             let buckets = &ns_ref.buckets;
-            if buckets.is_empty() {
+            let count = buckets.len();
+            if count == 0 {
                 return Evicted::Empty;
             }
-            if buckets.len() <= WEIGHED_BUCKETS {
+            if count == 1 {
+                if let Some(only) = buckets.iter().next() {
+                    for _ in 0..SAMPLES {
+                        consider(only.key(), only.value(), self.next_seed());
+                    }
+                }
+            } else if count <= WEIGHED_BUCKETS {
                 // Each bucket gets samples in proportion to its keys: SAMPLES points drawn
                 // over all the namespace's keys, then found bucket by bucket.
                 let total: u64 = buckets.iter().map(|b| b.len() as u64).sum();
@@ -276,6 +299,8 @@ impl Engine {
         match oldest {
             Some(victim) if only_expired && !victim.expired => Evicted::NoneExpired,
             Some(victim) => self.evict_entry(ns, &victim, alone),
+            // Nothing but the key being written was found.
+            None if spared => Evicted::Empty,
             // Only buckets being emptied were sampled.
             None => Evicted::Raced,
         }
@@ -514,6 +539,69 @@ mod tests {
             });
         }
         bytes
+    }
+
+    #[test]
+    fn an_increment_never_evicts_its_own_counter() {
+        let e = evicting(
+            Limits {
+                max_total_bytes: 100,
+                ..limits()
+            },
+            "n",
+        );
+        e.set("other", "b", "k", &[0; 96]).unwrap(); // 97 bytes no eviction may free
+        e.set("n", "b", "c", b"99").unwrap(); // 3 bytes: the store is full
+        let err = e.increment("n", "b", "c", 1).unwrap_err();
+        assert!(matches!(err, EngineError::WontFit { .. }), "{err}");
+        assert_eq!(
+            e.get("n", "b", "c").as_deref(),
+            Some(&b"99"[..]),
+            "not reset"
+        );
+    }
+
+    #[test]
+    fn a_batch_overwriting_a_full_namespace_with_deadlines_is_not_refused() {
+        // Under the shared gate a batch reserves as if every pair were new; with no expired
+        // entry to reclaim, it must still be tried alone with exact counts.
+        let e = Engine::new(limits());
+        let hour = Some(Duration::from_secs(3600));
+        for i in 0..100 {
+            e.set_expiring("n", "b", &format!("k{i}"), b"v", hour)
+                .unwrap();
+        }
+        e.set_many_expiring("n", "b", [("k1", &b"w"[..]), ("k2", b"w")], hour)
+            .unwrap();
+        assert_eq!(e.get("n", "b", "k2").as_deref(), Some(&b"w"[..]));
+        let err = e.set("n", "b", "new", b"v").unwrap_err();
+        assert!(err.to_string().contains("max_keys"), "{err}");
+    }
+
+    #[test]
+    fn racing_evictions_of_a_tiny_namespace_never_refuse() {
+        let e = evicting(
+            Limits {
+                max_keys: 1,
+                ..limits()
+            },
+            "n",
+        );
+        let refused = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (e, refused) = (&e, &refused);
+                s.spawn(move || {
+                    for i in 0..2000 {
+                        if e.set("n", &format!("b{t}"), &format!("{i}"), b"v").is_err() {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(refused.into_inner(), 0);
+        assert_eq!(e.namespace_usage("n").0, 1);
     }
 
     #[test]

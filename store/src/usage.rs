@@ -19,7 +19,11 @@
 //! reserves exactly what it changes. A refusal therefore always means
 //! that the store, as it stood at one instant between other writes, had no room: every
 //! accepted history has a serial order that explains it. The exclusive path is only taken at
-//! a limit, and holds the gate for one write (`Engine::limited_write` in `engine.rs`).
+//! a limit, and holds the gate for one write (`Engine::limited_write` in `engine.rs`), and in
+//! a namespace that makes room (eviction, or expired entries) for the evictions that write
+//! needs, up to `MAX_EVICTIONS_PER_WRITE` (`evict.rs`). A full evicting namespace normally
+//! makes room under the shared gate; it goes alone only when other writers keep taking the
+//! room it made, or making room failed on counts they may have inflated.
 
 use crate::error::EngineError;
 use crate::limits::Limits;
