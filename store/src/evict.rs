@@ -217,11 +217,9 @@ impl Engine {
         // Looks at one random entry of `entries` (bucket `bucket`), keeping it if it is the
         // oldest so far; `false` if the bucket is empty.
         let mut consider = |bucket: &str, entries: &Entries, seed: u64| {
+            // Only the stamp (in the map's slot) is read for each sample; the entry itself (a
+            // cache miss away) only for one older than the oldest so far.
             let seen = sample(entries, seed, |item, stamp| {
-                if spare == (bucket, Some(item.key())) {
-                    spared = true;
-                    return None;
-                }
                 // Used after `now_ms` was read (the age wraps to just under 2^32): just now.
                 let age = match now_ms.wrapping_sub(stamp.used()) {
                     age if age > u32::MAX - FUTURE_MS => 0,
@@ -229,16 +227,20 @@ impl Engine {
                 };
                 // Expired entries go before any live one.
                 let expired = stamp.expired(now);
-                match &oldest {
-                    Some(best) if (best.expired, best.age) >= (expired, age) => None,
-                    _ => Some(Candidate {
-                        expired,
-                        age,
-                        bucket: bucket.into(),
-                        key: item.key().into(),
-                        used: stamp.used(),
-                    }),
+                if matches!(&oldest, Some(best) if (best.expired, best.age) >= (expired, age)) {
+                    return None;
                 }
+                if spare.1.is_some() && spare == (bucket, Some(item.key())) {
+                    spared = true;
+                    return None;
+                }
+                Some(Candidate {
+                    expired,
+                    age,
+                    bucket: bucket.into(),
+                    key: item.key().into(),
+                    used: stamp.used(),
+                })
             });
             let found = seen.is_some();
             if let Some(Some(better)) = seen {
