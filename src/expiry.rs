@@ -4,7 +4,8 @@
 //! A store's tables have about two slots per key, so a pass over N keys takes about
 //! N / 1.3M seconds: expired memory comes back within about a second per million keys after
 //! the deadline, whether or not anything reads those keys. Each run of the sweep holds one
-//! shard's lock for at most `SWEEP_RUN` (4096) slots, so no call waits longer than that.
+//! shard's lock for at most `SWEEP_RUN` (4096) slots, or for the rehash of a table shrunk to
+//! its last 4096 entries or fewer, so no call waits longer than that.
 //!
 //! The memory of reclaimed entries goes back to the allocator at once, for new writes to use.
 //! glibc's allocator keeps freed memory in its arenas rather than returning it to the system,

@@ -233,7 +233,6 @@ impl Engine {
         check_key(&limits, "key", key)
     }
 
-    /// Whether `key` exists.
     /// Whether `key` exists. Not a use of it, for eviction (as Redis's `EXISTS`).
     pub fn exists(&self, ns: &str, bucket: &str, key: &str) -> bool {
         self.read_entry(ns, bucket, key, false, |_, _| ()).is_some()
