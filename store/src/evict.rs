@@ -77,8 +77,9 @@ struct Candidate {
 
 impl Engine {
     /// Evicts entries of `ns` (only expired ones, if `ns` does not evict) until the write that
-    /// `refused` reports fits, or says why it cannot. `alone`: the caller holds the gate
-    /// exclusively (removals then do not take it).
+    /// `refused` reports fits, or says why it cannot: [`EngineError::WontFit`] in an evicting
+    /// namespace, else `refused` itself. `alone`: the caller holds the gate exclusively
+    /// (removals then do not take it).
     pub(crate) fn make_room(
         &self,
         ns: &str,
@@ -86,57 +87,76 @@ impl Engine {
         spare: Spare<'_>,
         alone: bool,
     ) -> Result<(), EngineError> {
-        if !self.evicts(ns) {
-            return self.reclaim_expired(ns, refused, spare, alone);
-        }
+        let evicting = self.evicts(ns);
         let (held_keys, held_bytes) = self.namespace_usage(ns);
-        let (mut need_keys, mut need_bytes) = (0u64, 0u64);
-        match *refused {
+        let (keys, adding, limit, need) = match *refused {
             EngineError::TooManyKeys {
                 held,
                 adding,
                 limit,
-            } => {
-                if adding > limit {
-                    return Err(EngineError::WontFit {
-                        limit_key: "max_keys",
-                        unit: "keys",
-                        adding,
-                        evictable: held_keys,
-                        limit,
-                    });
-                }
-                need_keys = (held + adding).saturating_sub(limit).max(1);
-            }
+            } => (true, adding, limit, (held + adding).saturating_sub(limit)),
             EngineError::OutOfSpace {
                 held,
                 adding,
                 limit,
-            } => {
-                // What other namespaces hold, which this one may not evict.
-                let others = self.usage_bytes().saturating_sub(held_bytes);
-                if adding.saturating_add(others) > limit {
-                    return Err(EngineError::WontFit {
-                        limit_key: "max_total_bytes",
-                        unit: "bytes",
-                        adding,
-                        evictable: held_bytes,
-                        limit,
-                    });
-                }
-                need_bytes = (held.saturating_add(adding)).saturating_sub(limit).max(1);
-            }
+            } => (
+                false,
+                adding,
+                limit,
+                held.saturating_add(adding).saturating_sub(limit),
+            ),
             _ => return Err(refused.clone()),
+        };
+        let wont_fit = || match evicting {
+            true => EngineError::WontFit {
+                limit_key: if keys { "max_keys" } else { "max_total_bytes" },
+                unit: if keys { "keys" } else { "bytes" },
+                adding,
+                evictable: if keys { held_keys } else { held_bytes },
+                limit,
+            },
+            false => refused.clone(),
+        };
+        // What other namespaces hold, which this one may not evict, counts against bytes.
+        let others = match keys {
+            true => 0,
+            false => self.usage_bytes().saturating_sub(held_bytes),
+        };
+        if adding.saturating_add(others) > limit {
+            return Err(wont_fit());
         }
-        // Races (a chosen entry used or removed meanwhile, samples that found only buckets
-        // being emptied) are retried, a bounded number of times in a row.
+        let (need_keys, need_bytes) = match keys {
+            true => (need.max(1), 0),
+            false => (0, need.max(1)),
+        };
+        match self.evict_until(ns, need_keys, need_bytes, !evicting, spare, alone) {
+            Ok(()) => Ok(()),
+            Err(Evicted::Empty) => Err(wont_fit()),
+            // Races that kept going, no expired entry found, or the per-write cap (a limit
+            // lowered far below what the namespace holds: later writes evict more).
+            Err(_) => Err(refused.clone()),
+        }
+    }
+
+    /// Evicts (with `only_expired`, removes expired) entries of `ns` until `need_keys` keys
+    /// and `need_bytes` bytes are free; answers what stopped it short. Races (a chosen entry
+    /// used or removed meanwhile, samples that found only buckets being emptied) are retried,
+    /// a bounded number of times in a row.
+    fn evict_until(
+        &self,
+        ns: &str,
+        mut need_keys: u64,
+        mut need_bytes: u64,
+        only_expired: bool,
+        spare: Spare<'_>,
+        alone: bool,
+    ) -> Result<(), Evicted> {
         let (mut races, mut evicted) = (0, 0);
         while need_keys > 0 || need_bytes > 0 {
             if evicted == MAX_EVICTIONS_PER_WRITE {
-                // A limit lowered far below what the namespace holds: later writes evict more.
-                return Err(refused.clone());
+                return Err(Evicted::Raced);
             }
-            match self.evict_one(ns, false, spare, alone) {
+            match self.evict_one(ns, only_expired, spare, alone) {
                 Evicted::Freed(bytes) => {
                     need_keys = need_keys.saturating_sub(1);
                     need_bytes = need_bytes.saturating_sub(bytes);
@@ -144,65 +164,7 @@ impl Engine {
                     evicted += 1;
                 }
                 Evicted::Raced if races < MAX_RACES => races += 1,
-                Evicted::Raced | Evicted::NoneExpired => return Err(refused.clone()),
-                Evicted::Empty => {
-                    let (adding, limit) = match *refused {
-                        EngineError::TooManyKeys { adding, limit, .. }
-                        | EngineError::OutOfSpace { adding, limit, .. } => (adding, limit),
-                        _ => (0, 0),
-                    };
-                    let keys = matches!(refused, EngineError::TooManyKeys { .. });
-                    return Err(EngineError::WontFit {
-                        limit_key: if keys { "max_keys" } else { "max_total_bytes" },
-                        unit: if keys { "keys" } else { "bytes" },
-                        adding,
-                        evictable: if keys { held_keys } else { held_bytes },
-                        limit,
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes expired entries of `ns` until the write that `refused` reports fits; `refused`
-    /// itself when the samples find no expired entry.
-    fn reclaim_expired(
-        &self,
-        ns: &str,
-        refused: &EngineError,
-        spare: Spare<'_>,
-        alone: bool,
-    ) -> Result<(), EngineError> {
-        let (mut need_keys, mut need_bytes) = match *refused {
-            EngineError::TooManyKeys {
-                held,
-                adding,
-                limit,
-            } if adding <= limit => ((held + adding).saturating_sub(limit).max(1), 0),
-            EngineError::OutOfSpace {
-                held,
-                adding,
-                limit,
-            } => (
-                0,
-                (held.saturating_add(adding)).saturating_sub(limit).max(1),
-            ),
-            _ => return Err(refused.clone()),
-        };
-        let (mut races, mut reclaimed) = (0, 0);
-        while need_keys > 0 || need_bytes > 0 {
-            if reclaimed == MAX_EVICTIONS_PER_WRITE {
-                return Err(refused.clone());
-            }
-            match self.evict_one(ns, true, spare, alone) {
-                Evicted::Freed(bytes) => {
-                    need_keys = need_keys.saturating_sub(1);
-                    need_bytes = need_bytes.saturating_sub(bytes);
-                    reclaimed += 1;
-                }
-                Evicted::Raced if races < MAX_RACES => races += 1,
-                _ => return Err(refused.clone()),
+                stop => return Err(stop),
             }
         }
         Ok(())
@@ -367,27 +329,13 @@ impl Engine {
 mod tests {
     use std::time::Duration;
 
-    use crate::testing::limits;
+    use crate::testing::{limits, recount};
     use crate::{Engine, EngineError, Limits};
 
     fn evicting(limits: Limits, ns: &str) -> Engine {
         let e = Engine::new(limits);
         e.set_eviction(ns, true);
         e
-    }
-
-    /// Keys and bytes recounted from the entries, to check the counters against.
-    fn recount(e: &Engine, ns: &str) -> (u64, u64) {
-        let (mut keys, mut bytes) = (0, 0);
-        for bucket in e.bucket_names(ns) {
-            for key in e.bucket_keys(ns, &bucket) {
-                if let Some(v) = e.get(ns, &bucket, &key) {
-                    keys += 1;
-                    bytes += (key.len() + v.len()) as u64;
-                }
-            }
-        }
-        (keys, bytes)
     }
 
     #[test]

@@ -32,3 +32,18 @@ pub fn list_all(e: &Engine, ns: &str, bucket: &str) -> Vec<String> {
         }
     }
 }
+
+/// Keys and bytes of namespace `ns` recounted from its live entries, to check the counters
+/// against.
+pub fn recount(e: &Engine, ns: &str) -> (u64, u64) {
+    let (mut keys, mut bytes) = (0, 0);
+    for bucket in e.bucket_names(ns) {
+        for key in e.bucket_keys(ns, &bucket) {
+            if let Some(v) = e.get(ns, &bucket, &key) {
+                keys += 1;
+                bytes += (key.len() + v.len()) as u64;
+            }
+        }
+    }
+    (keys, bytes)
+}

@@ -128,7 +128,7 @@ fn adjust(counter: &AtomicU64, change: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::limits;
+    use crate::testing::{limits, recount};
     use crate::Engine;
 
     /// Runs `threads` closures at once, `rounds` times, each round started together; answers
@@ -151,20 +151,6 @@ mod tests {
             }
         });
         failed.into_inner()
-    }
-
-    fn recount(e: &Engine, ns: &str) -> (u64, u64) {
-        let mut keys = 0;
-        let mut bytes = 0;
-        for bucket in e.bucket_names(ns) {
-            for key in e.bucket_keys(ns, &bucket) {
-                if let Some(v) = e.get(ns, &bucket, &key) {
-                    keys += 1;
-                    bytes += (key.len() + v.len()) as u64;
-                }
-            }
-        }
-        (keys, bytes)
     }
 
     #[test]
