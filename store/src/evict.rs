@@ -8,8 +8,9 @@
 //! in one with more, each sample first picks a bucket at random, so the entries of small
 //! buckets are looked at more often than those of large ones. A batch refused under the
 //! shared gate (which reserves as if every pair were new) makes room for all its pairs: a
-//! `set-many` overwriting keys of a full cache may evict a few more than it needed. The bench (`cargo xtask bench`,
-//! "Cache") prints the hit ratio this gives beside exact LRU's on the same trace.
+//! `set-many` overwriting keys of a full cache may evict a few more than it needed. The bench
+//! (`cargo xtask bench`, "Cache workload") prints the hit ratio this gives beside exact LRU's
+//! on the same trace.
 //!
 //! A namespace without eviction but with expiring entries takes the same path with expired
 //! entries only: a write refused at a limit first removes expired entries the sweep has not
@@ -18,8 +19,9 @@
 //!
 //! Only the writing namespace is ever evicted: at `max_total_bytes`, which is store-wide, a
 //! namespace evicts its own entries, never another tenant's. A write that cannot fit even
-//! when its namespace is empty is refused with [`EngineError::WontFit`], and nothing is
-//! evicted for it.
+//! when its namespace is empty is refused with [`EngineError::WontFit`]; when that is clear
+//! from the counts (the write alone passes the limit, or what other namespaces hold leaves it
+//! too little), before anything is evicted for it.
 
 use std::sync::atomic::Ordering;
 
