@@ -41,12 +41,14 @@ impl Clock {
 
     /// The current tick (never 0: tick 0 means "no deadline", and nothing expires at it).
     pub(crate) fn now_tick(&self) -> u32 {
-        (self.elapsed_ms() / TICK_MS + 1).min(u32::MAX as u64) as u32
+        self.now().0
     }
 
-    /// The current millisecond, wrapping.
-    pub(crate) fn now_ms(&self) -> u32 {
-        self.elapsed_ms() as u32
+    /// The current tick and millisecond (wrapping), from one reading of the clock: what a
+    /// call needs to check deadlines and mark entries used.
+    pub(crate) fn now(&self) -> (u32, u32) {
+        let ms = self.elapsed_ms();
+        ((ms / TICK_MS + 1).min(u32::MAX as u64) as u32, ms as u32)
     }
 
     /// The deadline of an entry written now that lives `ttl`: 0 (none) for `None`.

@@ -177,7 +177,7 @@ impl Engine {
         touch: bool,
         f: impl FnOnce(&Item, &Stamp) -> T,
     ) -> Option<T> {
-        let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+        let (now, now_ms) = self.clock.now();
         let mut expired = false;
         let found = self
             .read_bucket(ns, bucket, |entries| {
@@ -269,7 +269,7 @@ impl Engine {
         check_value(&limits, value)?;
         let expired =
             self.limited_write(ns, bucket, false, deadline, None, |space, entries, _| {
-                let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+                let (now, now_ms) = self.clock.now();
                 // Exact: the old entry cannot change while its shard lock is held.
                 match entries.entry(Item::new(key, value)) {
                     Entry::Occupied(old) => {
@@ -346,7 +346,7 @@ impl Engine {
             deadline,
             None,
             |space, entries, exclusive| {
-                let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+                let (now, now_ms) = self.clock.now();
                 let (mut new_keys, mut change) = (0u64, 0i64);
                 for (key, value) in &latest {
                     match entries.get(*key).filter(|_| exclusive) {
@@ -475,7 +475,7 @@ impl Engine {
             deadline,
             Some(key),
             |space, entries, _| loop {
-                let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+                let (now, now_ms) = self.clock.now();
                 // Read, compute, then write only if the value is still the one read: a
                 // compare-and-swap under the key's shard lock (an item is replaced whole, so the
                 // read cannot keep the lock across the new allocation). An expired value counts
@@ -667,7 +667,7 @@ impl Engine {
         mut room: impl FnMut(usize) -> bool,
     ) -> Result<Vec<Option<(String, Bytes)>>, AnswerRefused> {
         let asked = keys.len();
-        let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+        let (now, now_ms) = self.clock.now();
         let mut expired: Vec<String> = Vec::new();
         let found = self.read_bucket(ns, bucket, |entries| {
             let mut buffer = bytes::BytesMut::new();

@@ -175,7 +175,7 @@ impl Engine {
     /// Evicts the oldest of [`SAMPLES`] random entries of `ns`; with `only_expired`, only if
     /// it has expired.
     fn evict_one(&self, ns: &str, only_expired: bool, spare: Spare<'_>, alone: bool) -> Evicted {
-        let (now, now_ms) = (self.clock.now_tick(), self.clock.now_ms());
+        let (now, now_ms) = self.clock.now();
         let mut oldest: Option<Candidate> = None;
         let mut spared = false;
         // Looks at one random entry of `entries` (bucket `bucket`), keeping it if it is the

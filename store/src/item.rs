@@ -135,7 +135,7 @@ impl Eq for Item {}
 pub(crate) struct Stamp {
     /// Deadline in ticks ([`crate::clock::TICK`]); 0 for none.
     deadline: AtomicU32,
-    /// Milliseconds, wrapping (see `Clock::now_ms`).
+    /// Milliseconds, wrapping (see `Clock::now`).
     used: AtomicU32,
 }
 
