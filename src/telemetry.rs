@@ -22,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::metrics::{AsyncInstrument, Counter, Histogram, Meter};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
@@ -35,7 +35,7 @@ use wasmcloud_provider_sdk::core::logging::Level;
 use wasmcloud_provider_sdk::core::{OtelConfig, OtelProtocol};
 use wasmcloud_provider_sdk::HostData;
 
-use keyvalue_store::Engine;
+use keyvalue_store::{Engine, Usage};
 
 /// The name telemetry reports the provider by (its package name).
 const SERVICE: &str = env!("CARGO_PKG_NAME");
@@ -378,60 +378,58 @@ const NAMESPACE_GAUGE_LIMIT: usize = 64;
 /// expired and were evicted: in all, and per namespace.
 pub fn register_usage_gauges(engine: Arc<Engine>) {
     let meter = meter();
-    let (keys, bytes) = (Arc::clone(&engine), Arc::clone(&engine));
-    let (expired, evicted) = (Arc::clone(&engine), engine);
     meter
         .u64_observable_counter("keyvalue.expired")
         .with_description("Keys removed because their TTL passed, in all and per namespace")
-        .with_callback(move |counter| {
-            counter.observe(expired.usage().expired, &[]);
-            for ns in expired.namespaces(NAMESPACE_GAUGE_LIMIT) {
-                let (n, _) = expired.namespace_churn(&ns);
-                counter.observe(n, &[KeyValue::new("namespace", ns)]);
-            }
-        })
+        .with_callback(in_all_and_per_namespace(
+            &engine,
+            |all| all.expired,
+            |e, ns| e.namespace_churn(ns).0,
+        ))
         .build();
     meter
         .u64_observable_counter("keyvalue.evicted")
         .with_description("Keys evicted to make room (eviction=lru), in all and per namespace")
-        .with_callback(move |counter| {
-            counter.observe(evicted.usage().evicted, &[]);
-            for ns in evicted.namespaces(NAMESPACE_GAUGE_LIMIT) {
-                let (_, n) = evicted.namespace_churn(&ns);
-                counter.observe(n, &[KeyValue::new("namespace", ns)]);
-            }
-        })
+        .with_callback(in_all_and_per_namespace(
+            &engine,
+            |all| all.evicted,
+            |e, ns| e.namespace_churn(ns).1,
+        ))
         .build();
     meter
         .u64_observable_gauge("keyvalue.keys")
         .with_description("Live keys, in all and per namespace")
-        .with_callback(move |gauge| {
-            gauge.observe(keys.usage().keys, &[]);
-            for (ns, (k, _)) in per_namespace(&keys) {
-                gauge.observe(k, &[KeyValue::new("namespace", ns)]);
-            }
-        })
+        .with_callback(in_all_and_per_namespace(
+            &engine,
+            |all| all.keys,
+            |e, ns| e.namespace_usage(ns).0,
+        ))
         .build();
     meter
         .u64_observable_gauge("keyvalue.bytes")
         .with_unit("By")
         .with_description("Key plus value bytes, in all and per namespace")
-        .with_callback(move |gauge| {
-            gauge.observe(bytes.usage().bytes, &[]);
-            for (ns, (_, b)) in per_namespace(&bytes) {
-                gauge.observe(b, &[KeyValue::new("namespace", ns)]);
-            }
-        })
+        .with_callback(in_all_and_per_namespace(
+            &engine,
+            |all| all.bytes,
+            |e, ns| e.namespace_usage(ns).1,
+        ))
         .build();
 }
 
-fn per_namespace(engine: &Engine) -> Vec<(String, (u64, u64))> {
-    engine
-        .namespaces(NAMESPACE_GAUGE_LIMIT)
-        .into_iter()
-        .map(|ns| {
-            let usage = engine.namespace_usage(&ns);
-            (ns, usage)
-        })
-        .collect()
+/// The callback of an instrument reporting one figure of the store: `all` of its usage, with
+/// no attribute, then `per` namespace for up to [`NAMESPACE_GAUGE_LIMIT`] namespaces.
+fn in_all_and_per_namespace(
+    engine: &Arc<Engine>,
+    all: fn(&Usage) -> u64,
+    per: fn(&Engine, &str) -> u64,
+) -> impl Fn(&dyn AsyncInstrument<u64>) + Send + Sync + 'static {
+    let engine = Arc::clone(engine);
+    move |instrument| {
+        instrument.observe(all(&engine.usage()), &[]);
+        for ns in engine.namespaces(NAMESPACE_GAUGE_LIMIT) {
+            let figure = per(&engine, &ns);
+            instrument.observe(figure, &[KeyValue::new("namespace", ns)]);
+        }
+    }
 }
