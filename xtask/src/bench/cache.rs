@@ -152,17 +152,9 @@ fn concurrent_sets(engine: &Engine, namespace: &str) -> (f64, u64) {
     )
 }
 
-/// Resident memory of this process, in bytes.
+/// Resident memory of this process, in bytes (0 if unreadable).
 fn rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
+    super::memory::rss(std::process::id()).unwrap_or(0)
 }
 
 /// Zipf-distributed ranks `0..n` by inverse transform over the cumulative weights.
