@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -40,6 +40,7 @@ use crate::listing::{
     page_end, KeyPage, Listing, Listings, SortedKeys, UnsortedKeys, LISTING_OVERHEAD,
 };
 use crate::usage::{Space, Usage};
+use crate::watch::{Notifier, Observer, What};
 
 /// Bytes of values get-many copies into one shared allocation before starting another.
 const GET_MANY_BUFFER: usize = 64 * 1024;
@@ -61,6 +62,8 @@ pub(crate) struct Namespace {
     pub(crate) expires: AtomicBool,
     pub(crate) expired: AtomicU64,
     pub(crate) evicted: AtomicU64,
+    /// Its changes go to the store's observer (`watch.rs`).
+    pub(crate) watched: AtomicBool,
 }
 
 impl Namespace {
@@ -104,6 +107,8 @@ pub struct Engine {
     /// Writes hold it shared; a write refused at a usage limit retries holding it alone (see
     /// `usage.rs`). A std lock: never held across an await.
     pub(crate) gate: RwLock<()>,
+    /// Told of the changes in watched namespaces (`watch.rs`).
+    pub(crate) observer: OnceLock<Arc<dyn Observer>>,
 }
 
 impl Engine {
@@ -122,6 +127,7 @@ impl Engine {
             batches_begun: AtomicU64::new(0),
             batches_pending: AtomicU64::new(0),
             gate: RwLock::new(()),
+            observer: OnceLock::new(),
         }
     }
 
@@ -268,7 +274,7 @@ impl Engine {
         check_key(&limits, "key", key)?;
         check_value(&limits, value)?;
         let expired =
-            self.limited_write(ns, bucket, false, deadline, None, |space, entries, _| {
+            self.limited_write(ns, bucket, false, deadline, None, |space, entries, notify, _| {
                 let (now, now_ms) = self.clock.now();
                 // Exact: the old entry cannot change while its shard lock is held.
                 match entries.entry(Item::new(key, value)) {
@@ -276,13 +282,19 @@ impl Engine {
                         let old_len = old.key().value().len();
                         let grow = value.len().saturating_sub(old_len) as u64;
                         let reservation = space.reserve(&limits, 0, grow)?;
-                        let (_, stamp) = old.replace_entry(Stamp::new(deadline, now_ms));
+                        let was_expired = old.get().expired(now);
+                        if was_expired {
+                            notify.report(key, What::Expired);
+                        }
+                        notify.set(key, value);
+                        old.replace_entry(Stamp::new(deadline, now_ms));
                         space.settle(reservation, 0, value.len() as i64 - old_len as i64);
-                        Ok(u64::from(stamp.expired(now)))
+                        Ok(u64::from(was_expired))
                     }
                     Entry::Vacant(vacant) => {
                         let size = (key.len() + value.len()) as u64;
                         let reservation = space.reserve(&limits, 1, size)?;
+                        notify.set(key, value);
                         vacant.insert(Stamp::new(deadline, now_ms));
                         space.settle(reservation, 1, size as i64);
                         Ok(0)
@@ -345,7 +357,7 @@ impl Engine {
             true,
             deadline,
             None,
-            |space, entries, exclusive| {
+            |space, entries, notify, exclusive| {
                 let (now, now_ms) = self.clock.now();
                 let (mut new_keys, mut change) = (0u64, 0i64);
                 for (key, value) in &latest {
@@ -364,7 +376,8 @@ impl Engine {
                 let (mut added, mut delta, mut expired) = (0u64, 0i64, 0u64);
                 let stamp = || Stamp::new(deadline, now_ms);
                 for (key, value) in &latest {
-                    let (was_new, change, was_expired) = put(entries, key, value, stamp, now);
+                    let (was_new, change, was_expired) =
+                        put(entries, notify, key, value, stamp, now);
                     added += u64::from(was_new);
                     delta += change;
                     expired += u64::from(was_expired);
@@ -408,6 +421,7 @@ impl Engine {
                 return 0;
             };
             let space = ns_ref.space(&self.total_bytes);
+            let notify = self.notifier(&ns_ref, ns, bucket);
             let (mut removed, mut expired) = (0u64, 0u64);
             for key in keys {
                 // The counters go down under the entry's shard lock, as the entry goes: a
@@ -420,6 +434,13 @@ impl Engine {
                     };
                     if goes {
                         space.release(1, item.size());
+                        notify.report(
+                            key,
+                            match why {
+                                Removal::Deleted => What::Deleted,
+                                Removal::Expired(_) => What::Expired,
+                            },
+                        );
                     }
                     goes
                 });
@@ -474,7 +495,7 @@ impl Engine {
             false,
             deadline,
             Some(key),
-            |space, entries, _| loop {
+            |space, entries, notify, _| loop {
                 let (now, now_ms) = self.clock.now();
                 // Read, compute, then write only if the value is still the one read: a
                 // compare-and-swap under the key's shard lock (an item is replaced whole, so the
@@ -508,6 +529,10 @@ impl Engine {
                     {
                         let grow = (text.len() as u64).saturating_sub(old.len() as u64);
                         let reservation = space.reserve(&limits, 0, grow)?;
+                        if *was_expired {
+                            notify.report(key, What::Expired);
+                        }
+                        notify.set(key, text.as_bytes());
                         found.replace_entry(Stamp::new(deadline, now_ms));
                         space.settle(reservation, 0, text.len() as i64 - old.len() as i64);
                         return Ok((next, u64::from(*was_expired)));
@@ -515,6 +540,7 @@ impl Engine {
                     (Entry::Vacant(vacant), None) => {
                         let size = (key.len() + text.len()) as u64;
                         let reservation = space.reserve(&limits, 1, size)?;
+                        notify.set(key, text.as_bytes());
                         vacant.insert(Stamp::new(deadline, now_ms));
                         space.settle(reservation, 1, size as i64);
                         return Ok((delta, 0));
@@ -553,7 +579,7 @@ impl Engine {
         batch: bool,
         deadline: u32,
         spare: Option<&str>,
-        write: impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
+        write: impl Fn(&Space<'_>, &Entries, &Notifier<'_>, bool) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         let makes_room = self.may_make_room(ns);
         let mut rounds = 0;
@@ -586,8 +612,8 @@ impl Engine {
                 .write()
                 .unwrap_or_else(|poison| poison.into_inner());
             break loop {
-                let written = self.write_bucket(ns, bucket, deadline, |space, entries| {
-                    write(space, entries, true)
+                let written = self.write_bucket(ns, bucket, deadline, |space, entries, notify| {
+                    write(space, entries, notify, true)
                 });
                 match written {
                     Err(err) if err.is_usage_limit() && makes_room => {
@@ -615,7 +641,7 @@ impl Engine {
         bucket: &str,
         batch: bool,
         deadline: u32,
-        write: &impl Fn(&Space<'_>, &Entries, bool) -> Result<R, EngineError>,
+        write: &impl Fn(&Space<'_>, &Entries, &Notifier<'_>, bool) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         let _shared = self
             .gate
@@ -625,8 +651,8 @@ impl Engine {
             self.batches_begun.fetch_add(1, Ordering::SeqCst);
             self.batches_pending.fetch_add(1, Ordering::SeqCst);
         }
-        let written = self.write_bucket(ns, bucket, deadline, |space, entries| {
-            write(space, entries, false)
+        let written = self.write_bucket(ns, bucket, deadline, |space, entries, notify| {
+            write(space, entries, notify, false)
         });
         if batch {
             self.batches_pending.fetch_sub(1, Ordering::SeqCst);
@@ -966,7 +992,7 @@ impl Engine {
         ns: &str,
         bucket: &str,
         deadline: u32,
-        f: impl FnOnce(&Space<'_>, &Entries) -> R,
+        f: impl FnOnce(&Space<'_>, &Entries, &Notifier<'_>) -> R,
     ) -> R {
         let ns_ref = match self.namespaces.get(ns) {
             Some(found) => found,
@@ -979,7 +1005,8 @@ impl Engine {
             Some(found) => found,
             None => ns_ref.buckets.entry(bucket.into()).or_default().downgrade(),
         };
-        f(&ns_ref.space(&self.total_bytes), &entries)
+        let notify = self.notifier(&ns_ref, ns, bucket);
+        f(&ns_ref.space(&self.total_bytes), &entries, &notify)
     }
 
     fn drop_bucket_if_empty(&self, ns: &str, bucket: &str) {
@@ -995,10 +1022,11 @@ pub(crate) fn drop_empty(buckets: &DashMap<Box<str>, Entries>, bucket: &str) {
     buckets.remove_if(bucket, |_, entries| entries.is_empty());
 }
 
-/// Writes one entry; answers whether the key is new, by how many bytes the store changed and
-/// whether it replaced an entry expired at tick `now`.
+/// Writes one entry and reports it; answers whether the key is new, by how many bytes the store
+/// changed and whether it replaced an entry expired at tick `now`.
 fn put(
     entries: &Entries,
+    notify: &Notifier<'_>,
     key: &str,
     value: &[u8],
     stamp: impl FnOnce() -> Stamp,
@@ -1007,10 +1035,16 @@ fn put(
     match entries.entry(Item::new(key, value)) {
         Entry::Occupied(old) => {
             let change = value.len() as i64 - old.key().value().len() as i64;
-            let (_, old) = old.replace_entry(stamp());
-            (false, change, old.expired(now))
+            let was_expired = old.get().expired(now);
+            if was_expired {
+                notify.report(key, What::Expired);
+            }
+            notify.set(key, value);
+            old.replace_entry(stamp());
+            (false, change, was_expired)
         }
         Entry::Vacant(vacant) => {
+            notify.set(key, value);
             vacant.insert(stamp());
             (true, (key.len() + value.len()) as i64, false)
         }

@@ -29,6 +29,7 @@ use crate::engine::drop_empty;
 use crate::error::EngineError;
 use crate::item::Entries;
 use crate::raw::sample;
+use crate::watch::What;
 use crate::Engine;
 
 /// Entries looked at per eviction.
@@ -286,12 +287,18 @@ impl Engine {
                 return Evicted::Raced;
             };
             let space = ns_ref.space(&self.total_bytes);
+            let notify = self.notifier(&ns_ref, ns, &victim.bucket);
             let mut freed = None;
             entries.remove_if(&*victim.key, |item, stamp| {
                 let unused = stamp.used() == victim.used;
                 if unused {
                     space.release(1, item.size());
                     freed = Some(item.size());
+                    let what = match victim.expired {
+                        true => What::Expired,
+                        false => What::Evicted,
+                    };
+                    notify.report(&victim.key, what);
                 }
                 unused
             });

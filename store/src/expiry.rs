@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 
 use crate::engine::drop_empty;
 use crate::raw::sweep_slots;
+use crate::watch::What;
 use crate::Engine;
 
 /// Slots looked at under one shard lock.
@@ -68,11 +69,13 @@ impl Engine {
                 let found = match (&ns_ref, entries) {
                     (Some(ns_ref), Some(entries)) => {
                         let space = ns_ref.space(&self.total_bytes);
+                        let notify = self.notifier(ns_ref, ns, bucket);
                         let walked =
                             sweep_slots(&entries, state.shard, state.slot, run, |item, stamp| {
                                 let goes = stamp.expired(now);
                                 if goes {
                                     space.release(1, item.size());
+                                    notify.report(item.key(), What::Expired);
                                 }
                                 goes
                             });

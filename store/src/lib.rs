@@ -19,6 +19,8 @@
 //! - `answer.rs`: [`AnswerRefused`], bounding what a read copies into an answer.
 //! - `listing.rs`: paged, sorted key listings; `cursor.rs`: the [`Cursor`] of their pages.
 //! - [`snapshot`]: the snapshot file format, its writer and its verifying reader.
+//! - `watch.rs`: the [`Observer`] told of every change in a watched namespace, in order per
+//!   key.
 
 mod answer;
 mod clock;
@@ -33,6 +35,7 @@ mod listing;
 mod raw;
 pub mod snapshot;
 mod usage;
+mod watch;
 
 #[cfg(test)]
 mod testing;
@@ -47,3 +50,4 @@ pub use expiry::{Swept, SWEEP_RUN};
 pub use limits::Limits;
 pub use listing::{KeyPage, CURSOR_IDLE_TTL, MAX_LISTINGS_PER_NAMESPACE};
 pub use usage::Usage;
+pub use watch::{Change, Observer, What};
