@@ -30,6 +30,8 @@ use keyvalue_store::Limits;
 use wasmcloud_provider_sdk::core::OtelConfig;
 
 use crate::links;
+use crate::watch::delivery::Bounds;
+use crate::watch::rules::Rules;
 
 /// Largest key (and bucket name) in bytes.
 pub const MAX_KEY_BYTES: &str = "max_key_bytes";
@@ -76,6 +78,17 @@ pub const LINK_TTL_SECS: &str = "ttl_secs";
 /// Link `target_config` key: `lru` to evict the namespace's least recently used keys at
 /// `max_keys` or `max_total_bytes` instead of refusing writes; `none` (the default) refuses.
 pub const LINK_EVICTION: &str = "eviction";
+
+/// Watch link `source_config` key (our link to a component exporting `wasi:keyvalue/watcher`):
+/// the changes to tell it of, `SET@key,DEL@prefix*,SET:bucket@key,…` (see `watch/rules.rs`).
+pub const LINK_WATCH: &str = "watch";
+/// Watch link key: events that may wait for the watcher, at most; more are dropped and counted.
+pub const LINK_WATCH_QUEUE: &str = "watch_queue";
+/// Watch link key: bytes (keys, values and 128 a event) that may wait for the watcher.
+pub const LINK_WATCH_QUEUE_BYTES: &str = "watch_queue_bytes";
+/// Watch link key: milliseconds one `on-set`/`on-delete` call may take before it counts as
+/// failed and the next event of its lane goes.
+pub const LINK_WATCH_TIMEOUT_MS: &str = "watch_timeout_ms";
 
 /// The live provider settings: what the engine enforces and what serving is bounded by.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -377,6 +390,55 @@ impl LinkPolicy {
     }
 }
 
+/// What a watch link's config asks: the changes to tell of, and how much may wait.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchSettings {
+    /// [`LINK_WATCH`]; empty: nothing is told.
+    pub rules: Rules,
+    /// [`LINK_WATCH_QUEUE`], [`LINK_WATCH_QUEUE_BYTES`], [`LINK_WATCH_TIMEOUT_MS`].
+    pub bounds: Bounds,
+}
+
+impl WatchSettings {
+    /// Defaults: 10,000 events, 16 MiB, 10 s (the host's own invocation timeout).
+    pub const DEFAULT_BOUNDS: Bounds = Bounds {
+        max_events: 10_000,
+        max_bytes: 16 << 20,
+        timeout: Duration::from_secs(10),
+    };
+
+    /// Reads a watch link's config; a value that cannot be used is reported and the default
+    /// applies (a rule that cannot be read is left out).
+    pub fn from_link_config(map: &HashMap<String, String>) -> (WatchSettings, Vec<Problem>) {
+        let (rules, mut problems) = Rules::parse(map.get(LINK_WATCH).map_or("", String::as_str));
+        let mut bounds = Self::DEFAULT_BOUNDS;
+        let mut number = |key: &'static str, most: u64, expected: &'static str| {
+            let value = map.get(key)?;
+            match value.trim().parse::<u64>() {
+                Ok(n) if (1..=most).contains(&n) => Some(n),
+                _ => {
+                    problems.push(Problem {
+                        key: Cow::Borrowed(key),
+                        value: value.clone(),
+                        expected,
+                    });
+                    None
+                }
+            }
+        };
+        if let Some(n) = number(LINK_WATCH_QUEUE, 1_000_000, "1 to 1000000 events") {
+            bounds.max_events = n as usize;
+        }
+        if let Some(n) = number(LINK_WATCH_QUEUE_BYTES, 1 << 30, "1 to 1073741824 bytes") {
+            bounds.max_bytes = n as usize;
+        }
+        if let Some(n) = number(LINK_WATCH_TIMEOUT_MS, 600_000, "1 to 600000 milliseconds") {
+            bounds.timeout = Duration::from_millis(n);
+        }
+        (WatchSettings { rules, bounds }, problems)
+    }
+}
+
 /// The namespace of a call no link admits, served with `allow_unlinked`: its component's own
 /// (from the `source-id` header), or one shared by every caller that names no component.
 pub fn unlinked_namespace(source: Option<&str>) -> Arc<str> {
@@ -659,6 +721,34 @@ mod tests {
         assert_eq!(
             &*link_namespace(&map(&[("namespace", " ")]), "c1"),
             &*links::component_namespace("c1")
+        );
+    }
+
+    #[test]
+    fn watch_link_settings_read_with_defaults_and_bounds() {
+        let map = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let (s, problems) = WatchSettings::from_link_config(&map(&[]));
+        assert!(problems.is_empty() && s.rules.is_empty());
+        assert_eq!(s.bounds, WatchSettings::DEFAULT_BOUNDS);
+        let (s, problems) = WatchSettings::from_link_config(&map(&[
+            (LINK_WATCH, "SET@a,BAD@b"),
+            (LINK_WATCH_QUEUE, "5"),
+            (LINK_WATCH_QUEUE_BYTES, "0"),
+            (LINK_WATCH_TIMEOUT_MS, "soon"),
+        ]));
+        assert_eq!(s.rules.len(), 1);
+        assert_eq!(s.bounds.max_events, 5);
+        assert_eq!(s.bounds.max_bytes, WatchSettings::DEFAULT_BOUNDS.max_bytes);
+        assert_eq!(s.bounds.timeout, WatchSettings::DEFAULT_BOUNDS.timeout);
+        let keys: Vec<&str> = problems.iter().map(|p| &*p.key).collect();
+        assert_eq!(
+            keys,
+            [LINK_WATCH, LINK_WATCH_QUEUE_BYTES, LINK_WATCH_TIMEOUT_MS]
         );
     }
 }

@@ -23,6 +23,8 @@
 //! - [`budget`]: what calls in flight may hold (bytes, calls), in all and per component.
 //! - [`snapshots`]: when snapshots are restored and written; [`expiry`]: when expired keys are
 //!   swept.
+//! - [`watch`]: components told of the changes in their namespace (`wasi:keyvalue/watcher`):
+//!   the `watch` rules, each watcher's bounded queue, delivery.
 //! - [`shutdown`]: stopping: the stop request, the drain, the final snapshot.
 //! - [`telemetry`]: logs, OTLP traces and metrics as the host configures them; a leaf, handed
 //!   what it observes.
@@ -40,6 +42,7 @@ pub mod shutdown;
 pub mod snapshots;
 pub mod telemetry;
 pub mod transport;
+pub mod watch;
 pub mod wire;
 
 /// Bindings generated from `wit/` (world `provider`).
@@ -110,6 +113,11 @@ async fn serve(
     let connection = wasmcloud_provider_sdk::get_connection();
     // Subscribe the data plane before the control loop first runs: the host (and our tests)
     // take the first health answer to mean calls can be sent.
+    provider.connect_watchers(watch::delivery::Outbound {
+        nats: (*connection.nats).clone(),
+        lattice: connection.lattice.to_string(),
+        provider_key: connection.provider_key().to_owned(),
+    });
     let prefix = format!("{}.{}", connection.lattice, connection.provider_key());
     let server =
         serve::Server::subscribe((*connection.nats).clone(), &prefix, provider.clone()).await?;

@@ -25,6 +25,8 @@ use crate::links::{Link, LinkTable};
 use crate::shutdown::Shutdown;
 use crate::snapshots::Snapshotter;
 use crate::telemetry;
+use crate::watch::delivery::Outbound;
+use crate::watch::Watchers;
 
 /// Buckets with more keys than this are copied and sorted for a listing on a blocking thread,
 /// not on an async worker.
@@ -47,9 +49,12 @@ struct Inner {
     /// Writes the snapshots, when they are on.
     snapshots: Option<Arc<Snapshotter>>,
     shutdown: Shutdown,
-    /// Held across a link change and the eviction setting it implies, so that two changes
-    /// to one namespace at once cannot leave eviction on that its links no longer all ask for.
+    /// Held across a link change and the eviction and watch settings it implies, so that two
+    /// changes to one namespace at once cannot leave eviction on that its links no longer all
+    /// ask for, or a namespace watched that no watcher observes.
     link_changes: std::sync::Mutex<()>,
+    /// Components told of the changes in their namespace.
+    watchers: Watchers,
 }
 
 impl Default for KvProvider {
@@ -62,6 +67,8 @@ impl KvProvider {
     /// A provider with an empty store and `config`, snapshotting as `snapshots` says.
     pub fn new(config: Config, snapshots: Option<Snapshots>) -> Self {
         let engine = Arc::new(Engine::new(config.limits));
+        let watchers = Watchers::default();
+        engine.set_observer(watchers.observer());
         let snapshots = snapshots.map(|settings| Snapshotter::new(Arc::clone(&engine), settings));
         let serving = config.serving;
         Self {
@@ -72,6 +79,7 @@ impl KvProvider {
                 serving: RwLock::new(serving),
                 shutdown: Shutdown::new(snapshots.clone()),
                 link_changes: std::sync::Mutex::new(()),
+                watchers,
                 snapshots,
             }),
         }
@@ -100,6 +108,36 @@ impl KvProvider {
     /// The active links.
     pub fn links(&self) -> &LinkTable {
         &self.inner.links
+    }
+
+    /// The watchers.
+    pub fn watchers(&self) -> &Watchers {
+        &self.inner.watchers
+    }
+
+    /// Where watch events go: called once the provider is connected to the lattice.
+    pub fn connect_watchers(&self, outbound: Outbound) {
+        self.inner.watchers.connect(outbound);
+    }
+
+    /// Works out again which namespace each watcher observes (after a change of links or of
+    /// `allow_unlinked`), and marks the namespaces watched in the store. Call with
+    /// `link_changes` held.
+    fn rewatch(&self) {
+        let allow_unlinked = self.serving().allow_unlinked;
+        let links = &self.inner.links;
+        let (now, gone) = self.inner.watchers.resolve(|component, link_name| {
+            match links.resolve(component, link_name) {
+                Some(link) => Some(link.namespace.clone()),
+                None => allow_unlinked.then(|| config::unlinked_namespace(Some(component))),
+            }
+        });
+        for ns in gone {
+            self.inner.engine.set_watched(&ns, false);
+        }
+        for ns in now {
+            self.inner.engine.set_watched(&ns, true);
+        }
     }
 
     /// The serving settings in force.
@@ -134,7 +172,15 @@ impl KvProvider {
         if current != next {
             info!(config = ?next, "config applied");
         }
+        let unlinked_changed = serving.allow_unlinked != next.serving.allow_unlinked;
         *serving = next.serving;
+        drop(serving);
+        if unlinked_changed {
+            // Watchers without a store link observe their component's own namespace only
+            // while unlinked calls are served.
+            let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
+            self.rewatch();
+        }
     }
 
     /// The health message: live figures a person can read in `wash get inventory`.
@@ -148,12 +194,19 @@ impl KvProvider {
             evicted,
         } = self.inner.engine.usage();
         let l = self.inner.engine.limits();
+        let watch = self.inner.watchers.totals();
         format!(
-            "{} links, {namespaces} namespaces, {buckets} buckets, {keys} keys, {bytes} bytes, \
-             {expired} expired, {evicted} evicted; \
+            "{} links, {} watchers, {namespaces} namespaces, {buckets} buckets, {keys} keys, \
+             {bytes} bytes, {expired} expired, {evicted} evicted; \
+             watch events: {} delivered, {} dropped, {} failed, {} queued; \
              limits: max_key_bytes={} max_value_bytes={} max_keys={} max_total_bytes={} \
              list_page_size={} allow_unlinked={}; transport: {}",
             self.inner.links.len(),
+            watch.watchers,
+            watch.delivered,
+            watch.dropped,
+            watch.failed,
+            watch.queued,
             l.max_key_bytes,
             l.max_value_bytes,
             l.max_keys,
@@ -556,6 +609,68 @@ impl Provider for KvProvider {
         if let Some(old) = replaced.filter(|old| old.namespace != namespace) {
             self.update_eviction(&old.namespace);
         }
+        self.rewatch();
+        Ok(())
+    }
+
+    /// A link from us to a component that exports `wasi:keyvalue/watcher`: tell it of the
+    /// changes its link config asks for, in the namespace its own store link of the same name
+    /// uses.
+    async fn receive_link_config_as_source(&self, link: LinkConfig<'_>) -> anyhow::Result<()> {
+        let (wit_namespace, wit_package, interfaces) = link.wit_metadata;
+        let watcher = (wit_namespace.is_empty() || wit_namespace == "wasi")
+            && (wit_package.is_empty() || wit_package == "keyvalue")
+            && (interfaces.is_empty() || interfaces.iter().any(|i| i == "watcher"));
+        anyhow::ensure!(
+            watcher,
+            "link to {} named {:?} is for {wit_namespace}:{wit_package}/{interfaces:?}, not \
+             wasi:keyvalue/watcher; ignored",
+            link.target_id,
+            link.link_name
+        );
+        let (settings, problems) = config::WatchSettings::from_link_config(link.config);
+        for problem in problems {
+            warn!(
+                target_component = link.target_id,
+                link_name = link.link_name,
+                "watch link {problem}"
+            );
+        }
+        if settings.rules.is_empty() {
+            warn!(
+                target_component = link.target_id,
+                link_name = link.link_name,
+                "watch link without rules: set {}=SET@key,DEL@key,SET@prefix* to be told of \
+                 changes",
+                config::LINK_WATCH
+            );
+        }
+        info!(
+            target_component = link.target_id,
+            link_name = link.link_name,
+            rules = settings.rules.len(),
+            max_events = settings.bounds.max_events,
+            max_bytes = settings.bounds.max_bytes,
+            timeout_ms = settings.bounds.timeout.as_millis() as u64,
+            "watch link added"
+        );
+        let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
+        (self.inner.watchers).put(link.target_id, link.link_name, settings);
+        self.rewatch();
+        Ok(())
+    }
+
+    async fn delete_link_as_source(&self, link: impl LinkDeleteInfo) -> anyhow::Result<()> {
+        let (target, name) = (link.get_target_id(), link.get_link_name());
+        let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
+        if self.inner.watchers.remove(target, name) {
+            self.rewatch();
+            info!(
+                target_component = target,
+                link_name = name,
+                "watch link removed"
+            );
+        }
         Ok(())
     }
 
@@ -564,6 +679,7 @@ impl Provider for KvProvider {
         let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
         if let Some(removed) = self.inner.links.remove(source, name) {
             self.update_eviction(&removed.namespace);
+            self.rewatch();
             info!(
                 source,
                 link_name = name,

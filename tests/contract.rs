@@ -334,7 +334,7 @@ async fn health_reports_live_figures() {
     let message = p.try_health().await.expect("health");
     assert!(
         message.starts_with(
-            "1 links, 1 namespaces, 2 buckets, 3 keys, 6 bytes, 0 expired, 0 evicted;"
+            "1 links, 0 watchers, 1 namespaces, 2 buckets, 3 keys, 6 bytes, 0 expired, 0 evicted;"
         ),
         "{message}"
     );

@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub use bindings::wrpc::keyvalue::{atomics, batch, store};
 
 pub mod drops;
+pub mod watcher;
 
 /// Client bindings of `wrpc:keyvalue/imports`, generated from `wit/`.
 pub mod bindings {

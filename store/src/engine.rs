@@ -273,8 +273,13 @@ impl Engine {
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
         check_value(&limits, value)?;
-        let expired =
-            self.limited_write(ns, bucket, false, deadline, None, |space, entries, notify, _| {
+        let expired = self.limited_write(
+            ns,
+            bucket,
+            false,
+            deadline,
+            None,
+            |space, entries, notify, _| {
                 let (now, now_ms) = self.clock.now();
                 // Exact: the old entry cannot change while its shard lock is held.
                 match entries.entry(Item::new(key, value)) {
@@ -300,7 +305,8 @@ impl Engine {
                         Ok(0)
                     }
                 }
-            })?;
+            },
+        )?;
         self.count_expired(ns, expired);
         Ok(())
     }

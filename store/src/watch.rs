@@ -121,9 +121,12 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    /// Records every change as (namespace, bucket, key, what, value).
+    /// (key, what, value) of one change.
+    type Seen = (String, &'static str, Vec<u8>);
+
+    /// Records the changes of bucket `b` of the namespaces `n` and `n2`; any other fails.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(String, String, String, &'static str, Vec<u8>)>>);
+    struct Recorder(Mutex<Vec<Seen>>);
 
     impl Observer for Recorder {
         fn changed(&self, c: Change<'_>) {
@@ -133,15 +136,17 @@ mod tests {
                 What::Expired => ("expired", Vec::new()),
                 What::Evicted => ("evicted", Vec::new()),
             };
-            let mut seen = self.0.lock().unwrap();
-            seen.push((c.namespace.into(), c.bucket.into(), c.key.into(), what, value));
+            assert!(
+                ["n", "n2"].contains(&c.namespace) && c.bucket == "b",
+                "{c:?}"
+            );
+            self.0.lock().unwrap().push((c.key.into(), what, value));
         }
     }
 
     impl Recorder {
-        fn take(&self) -> Vec<(String, &'static str, Vec<u8>)> {
-            let seen = std::mem::take(&mut *self.0.lock().unwrap());
-            seen.into_iter().map(|(_, _, k, w, v)| (k, w, v)).collect()
+        fn take(&self) -> Vec<Seen> {
+            std::mem::take(&mut *self.0.lock().unwrap())
         }
     }
 
@@ -154,7 +159,7 @@ mod tests {
         (e, seen)
     }
 
-    fn ev(key: &str, what: &'static str, value: &[u8]) -> (String, &'static str, Vec<u8>) {
+    fn ev(key: &str, what: &'static str, value: &[u8]) -> Seen {
         (key.into(), what, value.to_vec())
     }
 
@@ -223,8 +228,8 @@ mod tests {
         assert_eq!(seen.take(), [ev("k", "set", b"v")]);
         assert!(e.watched("other") == e.watched("n") && !e.watched("n"));
         // Watching a namespace before its first write works too.
-        e.set_watched("later", true);
-        e.set("later", "b", "k", b"v").unwrap();
+        e.set_watched("n2", true);
+        e.set("n2", "b", "k", b"v").unwrap();
         assert_eq!(seen.take(), [ev("k", "set", b"v")]);
     }
 

@@ -59,6 +59,21 @@ pub fn link(source: &str, target: &str, name: &str, target_config: Value) -> Val
     })
 }
 
+/// A `wasi:keyvalue/watcher` link named `name` from provider `source` to component `target`,
+/// with its `watch` settings as `source_config`.
+pub fn watch_link(source: &str, target: &str, name: &str, source_config: Value) -> Value {
+    json!({
+        "source_id": source,
+        "target": target,
+        "name": name,
+        "wit_namespace": "wasi",
+        "wit_package": "keyvalue",
+        "interfaces": ["watcher"],
+        "source_config": source_config,
+        "target_config": {},
+    })
+}
+
 /// Spawns `command` (the provider binary, its environment and outputs set by the caller) with
 /// `host_data` (JSON) written to its stdin as the host writes it, then closes stdin.
 pub fn spawn_provider(mut command: Command, host_data: &str) -> anyhow::Result<Child> {

@@ -192,6 +192,37 @@ impl Provider {
             .await;
     }
 
+    /// Links the provider to component `target` as a watcher (link `name`, `source_config`
+    /// `config`) and waits until the provider counts `expect_watchers` watchers.
+    pub async fn put_watch_link(
+        &self,
+        target: &str,
+        name: &str,
+        config: &[(&str, &str)],
+        expect_watchers: usize,
+    ) {
+        let config: HashMap<&str, &str> = config.iter().copied().collect();
+        let body = test_support::host::watch_link(&self.key, target, name, json!(config));
+        self.nats
+            .publish(self.subject("linkdefs.put"), body.to_string().into())
+            .await
+            .unwrap();
+        self.wait_for_health(|m| m.contains(&format!(" {expect_watchers} watchers,")))
+            .await;
+    }
+
+    /// Deletes the watch link to `target` named `name` and waits until the provider counts
+    /// `expect_watchers` watchers.
+    pub async fn delete_watch_link(&self, target: &str, name: &str, expect_watchers: usize) {
+        let body = test_support::host::watch_link(&self.key, target, name, json!({}));
+        self.nats
+            .publish(self.subject("linkdefs.del"), body.to_string().into())
+            .await
+            .unwrap();
+        self.wait_for_health(|m| m.contains(&format!(" {expect_watchers} watchers,")))
+            .await;
+    }
+
     /// Sends the full provider config and waits until health shows `expect` in force.
     pub async fn update_config(&self, config: &[(&str, &str)], expect: &str) {
         let map: HashMap<&str, &str> = config.iter().copied().collect();

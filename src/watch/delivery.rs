@@ -1,0 +1,304 @@
+//! Delivering one watcher's events: a bounded queue in [`LANES`] lanes, each drained in order
+//! by a task of its own that invokes the component's `on-set` / `on-delete`.
+//!
+//! An event goes to the lane its bucket and key hash to, so the changes of one key are
+//! delivered one after another, in the order they happened, while up to [`LANES`] calls of
+//! different keys are in flight at once. The queue is bounded in events and in bytes across
+//! all lanes; an event that does not fit is dropped and counted ([`Stats`]): the write that
+//! caused it never waits for a watcher. A call that fails or times out is counted as failed
+//! and not sent again (a timed-out call may have been delivered).
+
+use std::hash::BuildHasher as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::bindings::wrpc::keyvalue::watcher;
+use crate::client::Transport;
+
+/// Calls in flight per watcher, at most (one per lane).
+pub const LANES: usize = 16;
+
+/// What the host parses as the watcher's `bucket` argument: a number, turned into a resource
+/// handle the component receives (see the README's "Watching keys").
+pub const BUCKET_HANDLE: &str = "0";
+
+/// Bytes an event takes in the queue besides its bucket name, key and value.
+const EVENT_OVERHEAD: usize = 128;
+
+/// How often a watcher that dropped or failed events since the last warning warns again.
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// One change, as a watcher is told of it.
+pub struct Event {
+    pub bucket: Arc<str>,
+    pub key: Box<str>,
+    /// `Some(value)`: `on-set`; `None`: `on-delete`.
+    pub value: Option<Bytes>,
+    /// The trace of the write that caused it.
+    pub trace: opentelemetry::Context,
+}
+
+impl Event {
+    fn size(&self) -> usize {
+        EVENT_OVERHEAD
+            + self.bucket.len()
+            + self.key.len()
+            + self.value.as_ref().map_or(0, Bytes::len)
+    }
+}
+
+/// What a watcher's events came to, so far.
+#[derive(Default)]
+pub struct Stats {
+    pub delivered: AtomicU64,
+    pub dropped: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// Where calls go: the lattice's NATS connection and our own key (the calls' `source-id`).
+#[derive(Clone)]
+pub struct Outbound {
+    pub nats: async_nats::Client,
+    pub lattice: String,
+    pub provider_key: String,
+}
+
+/// How much a watcher may queue and how long a call may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+/// One watcher's queue: its lanes' senders and what they hold.
+pub struct Queue {
+    lanes: Vec<mpsc::UnboundedSender<(Event, usize)>>,
+    events: AtomicUsize,
+    bytes: AtomicUsize,
+    bounds: Bounds,
+    hasher: std::collections::hash_map::RandomState,
+    pub stats: Stats,
+}
+
+impl Queue {
+    /// Queues `event`, or drops and counts it when the queue is full. Never waits.
+    pub fn push(&self, event: Event) {
+        let size = event.size();
+        if !self.reserve(size) {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let hash = self.hasher.hash_one((&*event.bucket, &*event.key));
+        let lane = (hash % LANES as u64) as usize;
+        if self.lanes[lane].send((event, size)).is_err() {
+            // The watcher is stopping: its lanes are gone.
+            self.release(size);
+        }
+    }
+
+    fn reserve(&self, size: usize) -> bool {
+        let limit = |bound| move |held: usize| held.checked_add(size).filter(|&n| n <= bound);
+        if (self.events)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.bounds.max_events).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        let bytes = (self.bytes).fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            limit(self.bounds.max_bytes),
+        );
+        if bytes.is_err() {
+            self.events.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn release(&self, size: usize) {
+        self.events.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(size, Ordering::AcqRel);
+    }
+
+    /// Events queued now.
+    pub fn len(&self) -> usize {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Who is told: component `component`, through the watch link named `link_name`.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub component: String,
+    pub link_name: String,
+}
+
+/// Makes the queue and starts its lane tasks and its warning task; all end when `stop` is
+/// cancelled (queued events are dropped then, and a call in flight is abandoned). The tasks
+/// wait for `outbound` before the first call.
+pub fn start(
+    target: Target,
+    bounds: Bounds,
+    outbound: tokio::sync::watch::Receiver<Option<Outbound>>,
+    stop: CancellationToken,
+) -> Arc<Queue> {
+    let mut receivers = Vec::with_capacity(LANES);
+    let mut lanes = Vec::with_capacity(LANES);
+    for _ in 0..LANES {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lanes.push(tx);
+        receivers.push(rx);
+    }
+    let queue = Arc::new(Queue {
+        lanes,
+        events: AtomicUsize::new(0),
+        bytes: AtomicUsize::new(0),
+        bounds,
+        hasher: Default::default(),
+        stats: Stats::default(),
+    });
+    let target = Arc::new(target);
+    for rx in receivers {
+        let lane = Lane {
+            queue: Arc::clone(&queue),
+            target: Arc::clone(&target),
+            outbound: outbound.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(lane.run(rx));
+    }
+    tokio::spawn(warn_of_losses(Arc::clone(&queue), target, stop));
+    queue
+}
+
+/// One lane's task.
+struct Lane {
+    queue: Arc<Queue>,
+    target: Arc<Target>,
+    outbound: tokio::sync::watch::Receiver<Option<Outbound>>,
+    stop: CancellationToken,
+}
+
+impl Lane {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<(Event, usize)>) {
+        let Some(transport) = self.transport().await else {
+            return;
+        };
+        loop {
+            let (event, size) = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return,
+                next = rx.recv() => match next {
+                    Some(next) => next,
+                    None => return,
+                },
+            };
+            let call =
+                tokio::time::timeout(self.queue.bounds.timeout, self.deliver(&transport, &event));
+            let outcome = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return,
+                outcome = call => outcome,
+            };
+            self.queue.release(size);
+            let stats = &self.queue.stats;
+            match outcome {
+                Ok(Ok(())) => stats.delivered.fetch_add(1, Ordering::Relaxed),
+                Ok(Err(err)) => {
+                    debug!(
+                        component = self.target.component,
+                        "watch event failed: {err:#}"
+                    );
+                    stats.failed.fetch_add(1, Ordering::Relaxed)
+                }
+                Err(_) => stats.failed.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+
+    /// The client of the component's prefix, once the provider is connected.
+    async fn transport(&mut self) -> Option<(Transport, Outbound)> {
+        let outbound = tokio::select! {
+            biased;
+            () = self.stop.cancelled() => return None,
+            ready = self.outbound.wait_for(Option::is_some) => ready.ok()?.clone()?,
+        };
+        let transport = Transport::new(
+            outbound.nats.clone(),
+            &outbound.lattice,
+            &self.target.component,
+        );
+        Some((transport, outbound))
+    }
+
+    async fn deliver(
+        &self,
+        (transport, outbound): &(Transport, Outbound),
+        event: &Event,
+    ) -> anyhow::Result<()> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("source-id", outbound.provider_key.as_str());
+        headers.insert("link-name", self.target.link_name.as_str());
+        let mut trace = std::collections::HashMap::new();
+        TraceContextPropagator::new().inject_context(&event.trace, &mut trace);
+        for (name, value) in &trace {
+            headers.insert(name.as_str(), value.as_str());
+        }
+        let cx = Some(headers);
+        match &event.value {
+            Some(value) => watcher::on_set(transport, cx, BUCKET_HANDLE, &event.key, value).await,
+            None => watcher::on_delete(transport, cx, BUCKET_HANDLE, &event.key).await,
+        }
+    }
+}
+
+/// Warns, at most once per [`WARN_EVERY`], of the events a watcher dropped or failed to
+/// deliver meanwhile.
+async fn warn_of_losses(queue: Arc<Queue>, target: Arc<Target>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(WARN_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut dropped, mut failed) = (0, 0);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = (
+            queue.stats.dropped.load(Ordering::Relaxed),
+            queue.stats.failed.load(Ordering::Relaxed),
+        );
+        if now != (dropped, failed) {
+            warn!(
+                component = target.component,
+                link_name = target.link_name,
+                dropped = now.0 - dropped,
+                failed = now.1 - failed,
+                queued = queue.len(),
+                max_events = queue.bounds.max_events,
+                max_bytes = queue.bounds.max_bytes,
+                "watch events lost in the last {}s: dropped (the watcher's queue was full) or \
+                 failed (the call failed or timed out)",
+                WARN_EVERY.as_secs()
+            );
+            (dropped, failed) = now;
+        }
+    }
+}
