@@ -167,14 +167,78 @@ pub fn core_wat() -> String {
     wat
 }
 
+/// Where the watcher keeps what it was told: the bucket name, then what `on-delete` stores.
+const SEEN: u32 = 512;
+const DELETED: u32 = 520;
+
+/// The watcher component's core module, as WAT text: it exports `wasi:keyvalue/watcher`
+/// and, told of a change of `key`, opens its bucket `seen` and sets `key` there to the new
+/// value (`on-set`) or to `deleted` (`on-delete`). It never uses or drops the bucket handle it
+/// is given: the 1.x host makes it from the number we send, in a fresh instance whose table
+/// holds no such bucket (using or dropping it traps).
+pub fn watcher_wat() -> String {
+    format!(
+        r#"(module
+  (import "{STORE}" "open" (func $open (param i32 i32 i32)))
+  (import "{STORE}" "[method]bucket.set" (func $set (param i32 i32 i32 i32 i32 i32)))
+  (import "{STORE}" "[resource-drop]bucket" (func $drop (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const {SEEN}) "seen")
+  (data (i32.const {DELETED}) "deleted")
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p
+      (i32.and
+        (i32.add (global.get $heap) (i32.sub (local.get $align) (i32.const 1)))
+        (i32.sub (i32.const 0) (local.get $align))))
+    (global.set $heap (i32.add (local.get $p) (local.get $size)))
+    (block $fits
+      (loop $grow
+        (br_if $fits (i32.le_u (global.get $heap) (i32.shl (memory.size) (i32.const 16))))
+        (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))
+        (unreachable)))
+    (if (local.get $old)
+      (then (memory.copy (local.get $p) (local.get $old) (local.get $old_size))))
+    (local.get $p))
+  ;; Opens `seen`, sets key = value in it, drops the handle; traps if the store refuses.
+  (func $remember (param $key i32) (param $key_len i32) (param $value i32) (param $value_len i32)
+    (local $bucket i32)
+    (call $open (i32.const {SEEN}) (i32.const 4) (i32.const {OPEN_RET}))
+    (if (i32.load8_u (i32.const {OPEN_RET})) (then (unreachable)))
+    (local.set $bucket (i32.load (i32.const {open_handle})))
+    (call $set (local.get $bucket) (local.get $key) (local.get $key_len) (local.get $value) (local.get $value_len) (i32.const {RET}))
+    (if (i32.load8_u (i32.const {RET})) (then (unreachable)))
+    (call $drop (local.get $bucket)))
+  (func (export "wasi:keyvalue/watcher@0.2.0-draft#on-set") (param i32 i32 i32 i32 i32)
+    (call $remember (local.get 1) (local.get 2) (local.get 3) (local.get 4)))
+  (func (export "wasi:keyvalue/watcher@0.2.0-draft#on-delete") (param i32 i32 i32)
+    (call $remember (local.get 1) (local.get 2) (i32.const {DELETED}) (i32.const 7)))
+)
+"#,
+        open_handle = OPEN_RET + 4,
+    )
+}
+
 /// Encodes the driver component (world `test:driver/driver` from `wit_dir`).
 pub fn build(wit_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    encode(wit_dir, "driver", &core_wat())
+}
+
+/// Encodes the watcher component (world `test:driver/watcher` from `wit_dir`).
+pub fn build_watcher(wit_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    encode(wit_dir, "watcher", &watcher_wat())
+}
+
+/// Encodes the core module `wat` as a component of `world` (from `wit_dir`).
+fn encode(wit_dir: &Path, world: &str, wat: &str) -> anyhow::Result<Vec<u8>> {
     let mut resolve = wit_parser::Resolve::default();
     let (package, _) = resolve
         .push_dir(wit_dir)
         .with_context(|| format!("cannot parse {}", wit_dir.display()))?;
-    let world = resolve.select_world(&[package], Some("driver"))?;
-    let mut module = wat::parse_str(core_wat()).context("the driver's WAT does not parse")?;
+    let world = resolve.select_world(&[package], Some(world))?;
+    let mut module =
+        wat::parse_str(wat).with_context(|| format!("the {world:?} WAT does not parse"))?;
     wit_component::embed_component_metadata(
         &mut module,
         &resolve,
@@ -185,17 +249,21 @@ pub fn build(wit_dir: &Path) -> anyhow::Result<Vec<u8>> {
         .module(&module)?
         .validate(true)
         .encode()
-        .context("cannot encode the driver component")
+        .context("cannot encode the component")
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_driver_component_encodes_and_validates() {
+    fn the_components_encode_and_validate() {
         let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("wit");
-        let component = super::build(&wit).unwrap();
-        // A component (layer 1), not a core module.
-        assert_eq!(&component[..4], b"\0asm");
-        assert_eq!(&component[4..8], &[0x0d, 0x00, 0x01, 0x00]);
+        for component in [
+            super::build(&wit).unwrap(),
+            super::build_watcher(&wit).unwrap(),
+        ] {
+            // A component (layer 1), not a core module.
+            assert_eq!(&component[..4], b"\0asm");
+            assert_eq!(&component[4..8], &[0x0d, 0x00, 0x01, 0x00]);
+        }
     }
 }

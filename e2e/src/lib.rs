@@ -260,6 +260,28 @@ impl Lattice {
         succeeded("put link", response)
     }
 
+    /// Links the provider `source` to component `target` on `wasi:keyvalue` `[watcher]`, the
+    /// link's source config naming the provider-side watch settings (e.g. `watch`).
+    pub async fn link_watcher(
+        &self,
+        source: &str,
+        target: &str,
+        source_config: &[&str],
+    ) -> anyhow::Result<()> {
+        let link = Link::builder()
+            .source_id(source)
+            .target(target)
+            .name("default")
+            .wit_namespace("wasi")
+            .wit_package("keyvalue")
+            .interfaces(vec!["watcher".into()])
+            .source_config(source_config.iter().map(|c| c.to_string()).collect())
+            .build()
+            .map_err(ctl_err("link"))?;
+        let response = self.ctl.put_link(link).await.map_err(ctl_err("put link"))?;
+        succeeded("put link", response)
+    }
+
     /// A wRPC transport calling a component's exports through the host.
     pub fn component(&self, component_id: &str) -> keyvalue_inmemory::client::Transport {
         keyvalue_inmemory::client::Transport::new(self.nats.clone(), &self.lattice, component_id)

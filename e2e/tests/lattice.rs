@@ -137,6 +137,73 @@ async fn scenario(lattice: &Lattice, par: &Path, dir: &Path) -> anyhow::Result<(
     sharing_and_isolation(&a, &b, &c).await?;
     limits(lattice, &a, &b).await?;
     bursts(lattice, &wasm).await?;
+    watching(lattice, dir, &a).await?;
+    Ok(())
+}
+
+/// A real component exporting `wasi:keyvalue/watcher`, linked from the provider, is told of
+/// kv-a's writes in the namespace they share (`shared`) and records them in its bucket `seen`,
+/// which kv-a then reads: the host accepted the events we sent, `bucket` argument included.
+async fn watching(
+    lattice: &Lattice,
+    dir: &Path,
+    a: &keyvalue_inmemory::client::Transport,
+) -> anyhow::Result<()> {
+    let wasm = dir.join("watcher.wasm");
+    let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("wit");
+    std::fs::write(&wasm, e2e::component::build_watcher(&wit)?)?;
+    lattice.scale_component(&wasm, "kv-w").await?;
+    lattice
+        .link_keyvalue("kv-w", PROVIDER, &["ns-shared"])
+        .await?;
+    // Only bucket `b`: what kv-w writes to `seen` is no event of its own.
+    lattice
+        .put_config("watch-b", &[("watch", "SET:b@user:*,DEL:b@user:*")])
+        .await?;
+    lattice.link_watcher(PROVIDER, "kv-w", &["watch-b"]).await?;
+    wait_for("the provider to hold the watch link", || async {
+        lattice
+            .provider_health(PROVIDER)
+            .await
+            .filter(|h| h.contains(" 1 watchers,"))
+    })
+    .await?;
+    assert_eq!(
+        call("set", kv::set(a, None, "b", "user:1", &bytes("hello"))).await?,
+        Ok(())
+    );
+    assert_eq!(
+        call("set", kv::set(a, None, "b", "other", &bytes("x"))).await?,
+        Ok(())
+    );
+    let seen = |key: &'static str, want: &'static str| async move {
+        wait_for(&format!("kv-w to record {key}={want}"), || async {
+            match call("get", kv::get(a, None, "seen", key)).await {
+                Ok(Ok(Some(v))) if v == bytes(want) => Some(()),
+                _ => None,
+            }
+        })
+        .await
+    };
+    seen("user:1", "hello").await?;
+    assert_eq!(
+        call("delete", kv::delete(a, None, "b", "user:1")).await?,
+        Ok(())
+    );
+    seen("user:1", "deleted").await?;
+    assert_eq!(
+        call("get", kv::get(a, None, "seen", "other")).await?,
+        Ok(None),
+        "a key no rule names is not told"
+    );
+    let health = lattice
+        .provider_health(PROVIDER)
+        .await
+        .context("no health")?;
+    ensure!(
+        health.contains("watch events: 2 delivered, 0 dropped, 0 failed"),
+        "{health}"
+    );
     Ok(())
 }
 
