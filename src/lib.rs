@@ -107,6 +107,8 @@ async fn serve(
         snapshots.restore().await?;
     }
     telemetry::register_usage_gauges(std::sync::Arc::clone(provider.engine()));
+    let watching = provider.clone();
+    telemetry::register_watch_counter(move || watching.watchers().totals());
     let control = wasmcloud_provider_sdk::run_provider(provider.clone(), NAME)
         .await
         .context("failed to start the provider")?;

@@ -417,6 +417,26 @@ pub fn register_usage_gauges(engine: Arc<Engine>) {
         .build();
 }
 
+/// Registers the counter of watch events, by outcome: `delivered`, `dropped` (the watcher's
+/// queue was full) and `failed` (the call failed or timed out), from `totals` (what
+/// [`Watchers::totals`](crate::watch::Watchers::totals) answers).
+pub fn register_watch_counter(totals: impl Fn() -> crate::watch::Totals + Send + Sync + 'static) {
+    meter()
+        .u64_observable_counter("keyvalue.watch.events")
+        .with_description("Watch events, by outcome: delivered, dropped (queue full), failed")
+        .with_callback(move |instrument| {
+            let t = totals();
+            for (outcome, n) in [
+                ("delivered", t.delivered),
+                ("dropped", t.dropped),
+                ("failed", t.failed),
+            ] {
+                instrument.observe(n, &[KeyValue::new("outcome", outcome)]);
+            }
+        })
+        .build();
+}
+
 /// The callback of an instrument reporting one figure of the store: `all` of its usage, with
 /// no attribute, then `per` namespace for up to [`NAMESPACE_GAUGE_LIMIT`] namespaces.
 fn in_all_and_per_namespace(

@@ -349,3 +349,67 @@ async fn with_telemetry_off_nothing_is_exported() {
     assert!(p.wait_exit().await.success());
     assert_eq!(receiver.received.lock().unwrap().requests, 0);
 }
+
+/// A watch event carries the trace of the write that caused it: its `traceparent` names the
+/// write's own span (a child of the caller's), and the event counter counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_event_carries_the_trace_of_the_write_that_caused_it() {
+    let receiver = Receiver::start().await;
+    let (_server, mut p) = telemetry_provider(&receiver, true).await;
+    p.put_link("watcher", "default", Some("team"), 2).await;
+    let mut w =
+        keyvalue_inmemory::client::watcher::Watcher::serve(p.nats.clone(), LATTICE, "watcher")
+            .await
+            .unwrap();
+    p.put_watch_link("watcher", "default", &[("watch", "SET@*")], 1)
+        .await;
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01");
+    p.as_component(C1, "default")
+        .with_header("traceparent", &traceparent)
+        .set("b", "k", b"v")
+        .await
+        .unwrap();
+    let heard = w.next(CALL_TIMEOUT).await.expect("the event");
+    let event_parent = heard
+        .header("traceparent")
+        .expect("a traceparent")
+        .to_owned();
+    p.wait_for_health(|m| m.contains("1 delivered")).await;
+    p.request_shutdown().await;
+    assert!(p.wait_exit().await.success());
+
+    let received = receiver.received.lock().unwrap();
+    let set = (received.traces.iter())
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+        .find(|s| hex(&s.trace_id) == TRACE_ID && s.name == "keyvalue.set")
+        .expect("the write's span");
+    assert_eq!(
+        event_parent,
+        format!("00-{TRACE_ID}-{}-01", hex(&set.span_id)),
+        "the event is a child of the write's span"
+    );
+    let last = received.metrics.last().expect("metrics were exported");
+    let mut events = HashMap::new();
+    for metric in (last.resource_metrics.iter())
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+    {
+        if let ("keyvalue.watch.events", Some(metric::Data::Sum(sum))) =
+            (metric.name.as_str(), metric.data.as_ref())
+        {
+            for point in &sum.data_points {
+                let Some(number_data_point::Value::AsInt(n)) = point.value else {
+                    panic!("{point:?}")
+                };
+                events.insert(attributes(&point.attributes)["outcome"].clone(), n);
+            }
+        }
+    }
+    let expect: HashMap<String, i64> = [("delivered", 1), ("dropped", 0), ("failed", 0)]
+        .into_iter()
+        .map(|(k, n)| (k.to_owned(), n))
+        .collect();
+    assert_eq!(events, expect);
+}

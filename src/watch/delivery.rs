@@ -55,12 +55,29 @@ impl Event {
     }
 }
 
-/// What a watcher's events came to, so far.
+/// What events came to, so far: of one watcher, or of all that ever were.
 #[derive(Default)]
 pub struct Stats {
     pub delivered: AtomicU64,
     pub dropped: AtomicU64,
     pub failed: AtomicU64,
+}
+
+impl Stats {
+    /// (delivered, dropped, failed).
+    pub fn read(&self) -> (u64, u64, u64) {
+        (
+            self.delivered.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Counts one outcome in a watcher's figures and in those of all watchers.
+fn count(counter: fn(&Stats) -> &AtomicU64, own: &Stats, all: &Stats) {
+    counter(own).fetch_add(1, Ordering::Relaxed);
+    counter(all).fetch_add(1, Ordering::Relaxed);
 }
 
 /// Where calls go: the lattice's NATS connection and our own key (the calls' `source-id`).
@@ -87,6 +104,8 @@ pub struct Queue {
     bounds: Bounds,
     hasher: std::collections::hash_map::RandomState,
     pub stats: Stats,
+    /// The figures of all watchers, this one's included.
+    all: Arc<Stats>,
 }
 
 impl Queue {
@@ -94,7 +113,7 @@ impl Queue {
     pub fn push(&self, event: Event) {
         let size = event.size();
         if !self.reserve(size) {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            count(|s| &s.dropped, &self.stats, &self.all);
             return;
         }
         let hash = self.hasher.hash_one((&*event.bucket, &*event.key));
@@ -158,6 +177,7 @@ pub fn start(
     bounds: Bounds,
     outbound: tokio::sync::watch::Receiver<Option<Outbound>>,
     stop: CancellationToken,
+    all: Arc<Stats>,
 ) -> Arc<Queue> {
     let mut receivers = Vec::with_capacity(LANES);
     let mut lanes = Vec::with_capacity(LANES);
@@ -173,6 +193,7 @@ pub fn start(
         bounds,
         hasher: Default::default(),
         stats: Stats::default(),
+        all,
     });
     let target = Arc::new(target);
     for rx in receivers {
@@ -218,18 +239,18 @@ impl Lane {
                 outcome = call => outcome,
             };
             self.queue.release(size);
-            let stats = &self.queue.stats;
+            let (own, all) = (&self.queue.stats, &*self.queue.all);
             match outcome {
-                Ok(Ok(())) => stats.delivered.fetch_add(1, Ordering::Relaxed),
+                Ok(Ok(())) => count(|s| &s.delivered, own, all),
                 Ok(Err(err)) => {
                     debug!(
                         component = self.target.component,
                         "watch event failed: {err:#}"
                     );
-                    stats.failed.fetch_add(1, Ordering::Relaxed)
+                    count(|s| &s.failed, own, all);
                 }
-                Err(_) => stats.failed.fetch_add(1, Ordering::Relaxed),
-            };
+                Err(_) => count(|s| &s.failed, own, all),
+            }
         }
     }
 
@@ -281,10 +302,8 @@ async fn warn_of_losses(queue: Arc<Queue>, target: Arc<Target>, stop: Cancellati
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let now = (
-            queue.stats.dropped.load(Ordering::Relaxed),
-            queue.stats.failed.load(Ordering::Relaxed),
-        );
+        let (_, dropped_now, failed_now) = queue.stats.read();
+        let now = (dropped_now, failed_now);
         if now != (dropped, failed) {
             warn!(
                 component = target.component,

@@ -18,7 +18,6 @@ pub mod delivery;
 pub mod rules;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use keyvalue_store::{Change, Observer, What};
@@ -26,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::config::WatchSettings;
-use delivery::{Event, Outbound, Queue, Target};
+use delivery::{Event, Outbound, Queue, Stats, Target};
 use rules::{Event as Kind, Rules};
 
 /// One watch link's watcher.
@@ -66,6 +65,8 @@ struct Shared {
     /// namespace (under an entry's lock), written on link changes.
     observing: RwLock<HashMap<Arc<str>, Vec<Arc<Watcher>>>>,
     outbound: tokio::sync::watch::Sender<Option<Outbound>>,
+    /// What the events of every watcher so far came to.
+    all: Arc<Stats>,
 }
 
 impl Default for Watchers {
@@ -75,6 +76,7 @@ impl Default for Watchers {
                 links: Mutex::default(),
                 observing: RwLock::default(),
                 outbound: tokio::sync::watch::Sender::new(None),
+                all: Arc::default(),
             }),
         }
     }
@@ -104,6 +106,7 @@ impl Watchers {
             settings.bounds,
             self.shared.outbound.subscribe(),
             stop.clone(),
+            Arc::clone(&self.shared.all),
         );
         let watcher = Arc::new(Watcher {
             target,
@@ -156,21 +159,18 @@ impl Watchers {
         (now, gone)
     }
 
-    /// Figures across all watchers.
+    /// Figures across all watchers: the events of every watcher so far (deleted ones
+    /// included), and what the active ones have queued.
     pub fn totals(&self) -> Totals {
         let links = self.links();
-        let mut totals = Totals {
+        let (delivered, dropped, failed) = self.shared.all.read();
+        Totals {
             watchers: links.len(),
-            ..Totals::default()
-        };
-        for watcher in links.values() {
-            let stats = &watcher.queue.stats;
-            totals.delivered += stats.delivered.load(Ordering::Relaxed);
-            totals.dropped += stats.dropped.load(Ordering::Relaxed);
-            totals.failed += stats.failed.load(Ordering::Relaxed);
-            totals.queued += watcher.queue.len();
+            delivered,
+            dropped,
+            failed,
+            queued: links.values().map(|w| w.queue.len()).sum(),
         }
-        totals
     }
 
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Watcher>>> {
