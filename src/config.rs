@@ -8,6 +8,9 @@
 //!    start only; changing them needs a restart.
 //! 3. Link config (`target_config` of a component's link to us): [`link_namespace`] and
 //!    [`LinkPolicy`] (expiry and eviction). Applied when the link is put.
+//! 4. Watch link config (`source_config` of our link to a component that exports
+//!    `wasi:keyvalue/watcher`): [`WatchSettings`], the `watch` rules and the bounds of the
+//!    watcher's queue. Applied when the link is put.
 //!
 //! Each map is read on top of the defaults, so a key removed from the config returns to its
 //! default. A key with a value we cannot use is reported as a [`Problem`] and keeps the value

@@ -654,17 +654,31 @@ impl Provider for KvProvider {
             timeout_ms = settings.bounds.timeout.as_millis() as u64,
             "watch link added"
         );
-        let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
-        (self.inner.watchers).put(link.target_id, link.link_name, settings);
-        self.rewatch();
+        let replaced = {
+            let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
+            let replaced = (self.inner.watchers).put(link.target_id, link.link_name, settings);
+            self.rewatch();
+            replaced
+        };
+        if let Some(old) = replaced {
+            old.halt().await;
+        }
         Ok(())
     }
 
     async fn delete_link_as_source(&self, link: impl LinkDeleteInfo) -> anyhow::Result<()> {
         let (target, name) = (link.get_target_id(), link.get_link_name());
-        let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
-        if self.inner.watchers.remove(target, name) {
-            self.rewatch();
+        let removed = {
+            let _one_change = (self.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
+            let removed = self.inner.watchers.remove(target, name);
+            if removed.is_some() {
+                self.rewatch();
+            }
+            removed
+        };
+        // Out of the store's way already; once halted, no call to it starts any more.
+        if let Some(watcher) = removed {
+            watcher.halt().await;
             info!(
                 target_component = target,
                 link_name = name,

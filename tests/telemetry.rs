@@ -374,7 +374,7 @@ async fn a_watch_event_carries_the_trace_of_the_write_that_caused_it() {
         .header("traceparent")
         .expect("a traceparent")
         .to_owned();
-    p.wait_for_health(|m| m.contains("1 delivered")).await;
+    p.wait_for_health(|m| m.contains(": 1 delivered")).await;
     p.request_shutdown().await;
     assert!(p.wait_exit().await.success());
 

@@ -118,7 +118,7 @@ async fn key_and_prefix_rules_tell_of_the_changes_they_name_in_the_watchers_name
         assert_eq!(h.header("source-id"), Some(p.key.as_str()));
         assert_eq!(h.header("link-name"), Some("default"));
     }
-    let health = p.wait_for_health(|m| m.contains("8 delivered")).await;
+    let health = p.wait_for_health(|m| m.contains(": 8 delivered")).await;
     assert!(health.contains("1 watchers, "), "{health}");
     assert!(health.contains("0 dropped, 0 failed, 0 queued"), "{health}");
 }
@@ -184,6 +184,26 @@ async fn deleting_the_watch_link_stops_delivery_at_once_and_a_new_one_starts_it(
     }
     silence(&mut w).await;
 
+    // Deleted with a full queue, it is told nothing more of what was queued either.
+    let settings = [("watch", "SET@*"), ("watch_timeout_ms", "60000")];
+    p.put_watch_link("w1", "default", &settings, 2).await;
+    w.stall(true);
+    for i in 0..200 {
+        c.set("b", &format!("queued{i}"), b"3").await.unwrap();
+    }
+    p.wait_for_health(|m| m.contains(" 200 queued;")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_flight = w.drain().len();
+    assert!((1..=16).contains(&in_flight), "{in_flight} calls in flight");
+    p.delete_watch_link("w1", "default", 1).await;
+    w.stall(false);
+    silence(&mut w).await;
+    let health = p.wait_for_health(|_| true).await;
+    assert!(
+        health.contains(" 200 dropped, 0 failed, 0 queued;"),
+        "{health}"
+    );
+
     // The watcher's store link decides what it observes: moved to `loner`'s namespace, it
     // hears `loner`'s writes, not `writer`'s.
     // (A link put twice is ignored by the SDK: a changed link is deleted, then put.)
@@ -198,10 +218,31 @@ async fn deleting_the_watch_link_stops_delivery_at_once_and_a_new_one_starts_it(
         .unwrap();
     assert_eq!(said(&hear(&mut w, 1).await[0]), "set own=4");
     silence(&mut w).await;
-    // Its store link gone, it observes nothing.
+    // Its store link of the watch link's name gone, it observes nothing, even of its own
+    // namespace written through another link.
     p.delete_link("w1", "default", 2).await;
-    c.set("b", "shared", b"5").await.unwrap();
+    p.put_link("w1", "other", None, 3).await;
+    p.as_component("w1", "other")
+        .set("b", "own", b"5")
+        .await
+        .unwrap();
     silence(&mut w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_for_a_component_nobody_serves_fail_at_once_not_at_the_timeout() {
+    let server = NatsServer::start();
+    let (p, _w) = watched(&[], &server).await;
+    p.put_link("ghost", "default", Some("shared"), 4).await;
+    let settings = [("watch", "SET@*"), ("watch_timeout_ms", "600000")];
+    p.put_watch_link("ghost", "default", &settings, 1).await;
+    let c = p.as_component("writer", "default");
+    for i in 0..3 {
+        c.set("b", &format!("k{i}"), b"v").await.unwrap();
+    }
+    // NATS answers "no responders": well within the harness's wait, the 10-minute timeout far off.
+    p.wait_for_health(|m| m.contains(": 0 delivered, 0 dropped, 3 failed, 0 queued;"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,4 +325,41 @@ async fn expired_and_evicted_keys_are_told_as_deletions() {
     assert_eq!(gone, ["del new", "del newest", "del old"]);
     let health = p.wait_for_health(|_| true).await;
     assert!(health.contains("2 expired, 1 evicted"), "{health}");
+}
+
+/// Events queued for a watcher whose store link moves to another namespace are not delivered:
+/// they came from data it can no longer read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_moved_to_another_namespace_is_not_told_what_was_queued_before() {
+    let server = NatsServer::start();
+    let (p, mut w) = watched(&[], &server).await;
+    let settings = [("watch", "SET@*"), ("watch_timeout_ms", "1000")];
+    p.put_watch_link("w1", "default", &settings, 1).await;
+    w.stall(true);
+    let c = p.as_component("writer", "default");
+    for i in 0..50 {
+        c.set("b", &format!("secret{i}"), b"s").await.unwrap();
+    }
+    p.wait_for_health(|m| m.contains(" 50 queued;")).await;
+    p.delete_link("w1", "default", 2).await;
+    p.put_link("w1", "default", None, 3).await;
+    let heard_while_stalled = w.drain().len();
+    w.stall(false);
+    // The calls left waiting time out; the rest is dropped, never sent.
+    let health = p
+        .wait_for_health(|m| m.contains(": 0 delivered, ") && m.contains(" 0 queued;"))
+        .await;
+    let figure = |what: &str| -> u64 {
+        let events = health.split_once("watch events: ").unwrap().1;
+        (events.split([',', ';']))
+            .find_map(|part| part.trim().strip_suffix(what)?.trim().parse().ok())
+            .unwrap()
+    };
+    assert_eq!(figure(" dropped") + figure(" failed"), 50, "{health}");
+    let late = w.drain().len();
+    assert!(
+        heard_while_stalled + late <= 16,
+        "only calls already in flight were sent: {heard_while_stalled} + {late}"
+    );
+    silence(&mut w).await;
 }

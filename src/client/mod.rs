@@ -187,6 +187,13 @@ impl AsyncRead for Results {
     ) -> Poll<std::io::Result<()>> {
         while self.buffer.is_empty() && !self.done {
             match ready!(self.sub.poll_next_unpin(cx)) {
+                // NATS's answer to an invocation nobody serves: fail now, not at the timeout.
+                Some(msg) if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::NotConnected,
+                        "no responders: nothing serves the invoked function",
+                    )));
+                }
                 Some(msg) if msg.subject.as_str() == self.handshake => {
                     if let (false, Some(server)) = (self.confirmed, msg.reply) {
                         self.confirmed = true;

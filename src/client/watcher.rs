@@ -4,7 +4,7 @@
 //! does (a handshake, then the empty results closed by an empty message), or, while stalled,
 //! not at all: the caller's call then waits until it gives up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
@@ -39,6 +39,8 @@ impl Heard {
 /// The serving stand-in; stops serving when dropped.
 pub struct Watcher {
     heard: mpsc::UnboundedReceiver<Heard>,
+    /// Calls heard so far.
+    count: Arc<AtomicU64>,
     stalled: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -50,11 +52,31 @@ impl Drop for Watcher {
 }
 
 impl Watcher {
-    /// Serves component `component` of `lattice`; subscribed when this returns.
+    /// Serves component `component` of `lattice`, keeping every call heard for [`Watcher::next`];
+    /// subscribed when this returns.
     pub async fn serve(
         nats: async_nats::Client,
         lattice: &str,
         component: &str,
+    ) -> anyhow::Result<Self> {
+        Self::serve_keeping(nats, lattice, component, true).await
+    }
+
+    /// Serves like [`Watcher::serve`], only counting the calls ([`Watcher::count`]): for
+    /// loads whose calls nobody reads.
+    pub async fn serve_counting(
+        nats: async_nats::Client,
+        lattice: &str,
+        component: &str,
+    ) -> anyhow::Result<Self> {
+        Self::serve_keeping(nats, lattice, component, false).await
+    }
+
+    async fn serve_keeping(
+        nats: async_nats::Client,
+        lattice: &str,
+        component: &str,
+        keep: bool,
     ) -> anyhow::Result<Self> {
         let subject = format!("{lattice}.{component}.wrpc.0.0.1.{INSTANCE}.*");
         let mut calls = nats.subscribe(subject).await?;
@@ -62,8 +84,11 @@ impl Watcher {
         let (tx, heard) = mpsc::unbounded_channel();
         let stalled = Arc::new(AtomicBool::new(false));
         let stall = Arc::clone(&stalled);
+        let count = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&count);
         let task = tokio::spawn(async move {
             while let Some(msg) = calls.next().await {
+                counted.fetch_add(1, Ordering::Relaxed);
                 let set = msg.subject.ends_with(".on-set");
                 let Ok(call) = decode(msg.payload.clone(), set) else {
                     continue;
@@ -75,14 +100,15 @@ impl Watcher {
                     })
                     .collect();
                 let (bucket, key, value) = call;
-                if tx
-                    .send(Heard {
-                        bucket,
-                        key,
-                        value,
-                        headers,
-                    })
-                    .is_err()
+                if keep
+                    && tx
+                        .send(Heard {
+                            bucket,
+                            key,
+                            value,
+                            headers,
+                        })
+                        .is_err()
                 {
                     return;
                 }
@@ -98,9 +124,15 @@ impl Watcher {
         });
         Ok(Self {
             heard,
+            count,
             stalled,
             task,
         })
+    }
+
+    /// Calls heard so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
     }
 
     /// Stops answering calls (they are still heard) or answers them again.

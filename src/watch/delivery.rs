@@ -1,12 +1,18 @@
 //! Delivering one watcher's events: a bounded queue in [`LANES`] lanes, each drained in order
 //! by a task of its own that invokes the component's `on-set` / `on-delete`.
 //!
-//! An event goes to the lane its bucket and key hash to, so the changes of one key are
-//! delivered one after another, in the order they happened, while up to [`LANES`] calls of
-//! different keys are in flight at once. The queue is bounded in events and in bytes across
-//! all lanes; an event that does not fit is dropped and counted ([`Stats`]): the write that
-//! caused it never waits for a watcher. A call that fails or times out is counted as failed
-//! and not sent again (a timed-out call may have been delivered).
+//! An event goes to the lane its key hashes to (the key only: the component is not told the
+//! bucket), so the changes of one key are delivered one after another, in the order they
+//! happened, while up to [`LANES`] calls of different keys are in flight at once. The queue is
+//! bounded in events and in bytes across all lanes, calls in flight included; room is taken
+//! from the lengths before anything is copied, and an event that does not fit is dropped and
+//! counted ([`Stats`]): the write that caused it never waits for a watcher. A call that fails
+//! or times out is counted as failed and not sent again (a timed-out call may have been
+//! delivered, and may still be running when the next event of its key goes).
+//!
+//! Every watcher's tasks run on one thread of their own at a lower CPU priority
+//! ([`runtime`]): when the machine is busy, serving calls wins over telling watchers, and a
+//! watcher that falls behind loses events rather than slowing the writes.
 
 use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,23 +42,21 @@ const EVENT_OVERHEAD: usize = 128;
 /// How often a watcher that dropped or failed events since the last warning warns again.
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// One change, as a watcher is told of it.
+/// One change, as a watcher is told of it. Watchers told of the same change share its key,
+/// value and trace.
 pub struct Event {
-    pub bucket: Arc<str>,
-    pub key: Box<str>,
+    pub key: Arc<str>,
     /// `Some(value)`: `on-set`; `None`: `on-delete`.
     pub value: Option<Bytes>,
     /// The trace of the write that caused it.
     pub trace: opentelemetry::Context,
 }
 
-impl Event {
-    fn size(&self) -> usize {
-        EVENT_OVERHEAD
-            + self.bucket.len()
-            + self.key.len()
-            + self.value.as_ref().map_or(0, Bytes::len)
-    }
+/// An event in a lane: with the room it holds and the epoch it was queued in.
+struct Queued {
+    event: Event,
+    size: usize,
+    epoch: u64,
 }
 
 /// What events came to, so far: of one watcher, or of all that ever were.
@@ -98,7 +102,10 @@ pub struct Bounds {
 
 /// One watcher's queue: its lanes' senders and what they hold.
 pub struct Queue {
-    lanes: Vec<mpsc::UnboundedSender<(Event, usize)>>,
+    lanes: Vec<mpsc::UnboundedSender<Queued>>,
+    /// Bumped when the watcher stops observing what its queued events came from: lanes drop
+    /// events of an older epoch.
+    epoch: AtomicU64,
     events: AtomicUsize,
     bytes: AtomicUsize,
     bounds: Bounds,
@@ -109,19 +116,31 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Queues `event`, or drops and counts it when the queue is full. Never waits.
-    pub fn push(&self, event: Event) {
-        let size = event.size();
+    /// Queues the event `make` makes, of a key of `key_len` bytes and a value of `value_len`,
+    /// or drops and counts it when the queue is full (then `make` is not called). Never waits.
+    pub fn offer(&self, key: &str, value_len: usize, make: impl FnOnce() -> Event) {
+        let size = EVENT_OVERHEAD + key.len() + value_len;
         if !self.reserve(size) {
             count(|s| &s.dropped, &self.stats, &self.all);
             return;
         }
-        let hash = self.hasher.hash_one((&*event.bucket, &*event.key));
-        let lane = (hash % LANES as u64) as usize;
-        if self.lanes[lane].send((event, size)).is_err() {
+        let lane = (self.hasher.hash_one(key) % LANES as u64) as usize;
+        let queued = Queued {
+            event: make(),
+            size,
+            epoch: self.epoch.load(Ordering::Acquire),
+        };
+        if self.lanes[lane].send(queued).is_err() {
             // The watcher is stopping: its lanes are gone.
             self.release(size);
+            count(|s| &s.dropped, &self.stats, &self.all);
         }
+    }
+
+    /// Drops, uncounted as delivered, every event queued so far (the watcher no longer
+    /// observes the data they came from).
+    pub fn invalidate(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     fn reserve(&self, size: usize) -> bool {
@@ -169,16 +188,53 @@ pub struct Target {
     pub link_name: String,
 }
 
-/// Makes the queue and starts its lane tasks and its warning task; all end when `stop` is
-/// cancelled (queued events are dropped then, and a call in flight is abandoned). The tasks
-/// wait for `outbound` before the first call.
+/// A watcher's queue and the tasks that drain it.
+pub struct Delivery {
+    pub queue: Arc<Queue>,
+    stop: CancellationToken,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Delivery {
+    /// Stops delivery: no call starts after this returns (a call in flight is abandoned), and
+    /// what was still queued is counted as dropped.
+    pub async fn halt(&self) {
+        self.stop.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        // What was queued or in flight goes with the lanes (their room is never given back:
+        // the queue takes nothing more, its lanes being gone).
+        let left = self.queue.len() as u64;
+        self.queue.stats.dropped.fetch_add(left, Ordering::Relaxed);
+        self.queue.all.dropped.fetch_add(left, Ordering::Relaxed);
+    }
+
+    /// Whether delivery was stopped.
+    pub fn halted(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Makes the queue and starts its lane tasks and its warning task on the delivery
+/// [`runtime`]. The tasks wait for `outbound` before the first call.
 pub fn start(
     target: Target,
     bounds: Bounds,
     outbound: tokio::sync::watch::Receiver<Option<Outbound>>,
-    stop: CancellationToken,
     all: Arc<Stats>,
-) -> Arc<Queue> {
+) -> Delivery {
+    let stop = CancellationToken::new();
     let mut receivers = Vec::with_capacity(LANES);
     let mut lanes = Vec::with_capacity(LANES);
     for _ in 0..LANES {
@@ -188,6 +244,7 @@ pub fn start(
     }
     let queue = Arc::new(Queue {
         lanes,
+        epoch: AtomicU64::new(0),
         events: AtomicUsize::new(0),
         bytes: AtomicUsize::new(0),
         bounds,
@@ -196,6 +253,8 @@ pub fn start(
         all,
     });
     let target = Arc::new(target);
+    let runtime = runtime();
+    let mut tasks = Vec::with_capacity(LANES + 1);
     for rx in receivers {
         let lane = Lane {
             queue: Arc::clone(&queue),
@@ -203,10 +262,63 @@ pub fn start(
             outbound: outbound.clone(),
             stop: stop.clone(),
         };
-        tokio::spawn(lane.run(rx));
+        tasks.push(runtime.spawn(lane.run(rx)));
     }
-    tokio::spawn(warn_of_losses(Arc::clone(&queue), target, stop));
-    queue
+    tasks.push(runtime.spawn(warn_of_losses(Arc::clone(&queue), target, stop.clone())));
+    Delivery {
+        queue,
+        stop,
+        tasks: std::sync::Mutex::new(tasks),
+    }
+}
+
+/// The runtime every watcher's tasks run on: one thread of its own, niced (+10) on Linux, so
+/// that the threads serving calls go first when the CPU is busy. Where that thread cannot be
+/// started, the caller's runtime.
+fn runtime() -> tokio::runtime::Handle {
+    static HANDLE: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    let started = HANDLE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("watch-delivery".into())
+            .spawn(move || {
+                lower_priority();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(runtime) => {
+                        let _ = tx.send(Some(runtime.handle().clone()));
+                        runtime.block_on(std::future::pending::<()>());
+                    }
+                    Err(err) => {
+                        warn!("cannot start the watch delivery runtime: {err}");
+                        let _ = tx.send(None);
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => rx.recv().ok().flatten(),
+            Err(err) => {
+                warn!("cannot start the watch delivery thread: {err}");
+                None
+            }
+        }
+    });
+    started
+        .clone()
+        .unwrap_or_else(tokio::runtime::Handle::current)
+}
+
+/// Lowers the calling thread's CPU priority (nice +10), where the platform allows it.
+fn lower_priority() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `gettid` and `setpriority` only read and set the calling thread's scheduling
+    // priority; on Linux a nice value is per thread.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
 }
 
 /// One lane's task.
@@ -218,12 +330,12 @@ struct Lane {
 }
 
 impl Lane {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<(Event, usize)>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Queued>) {
         let Some(transport) = self.transport().await else {
             return;
         };
         loop {
-            let (event, size) = tokio::select! {
+            let Queued { event, size, epoch } = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => return,
                 next = rx.recv() => match next {
@@ -231,6 +343,11 @@ impl Lane {
                     None => return,
                 },
             };
+            if epoch != self.queue.epoch.load(Ordering::Acquire) {
+                self.queue.release(size);
+                count(|s| &s.dropped, &self.queue.stats, &self.queue.all);
+                continue;
+            }
             let call =
                 tokio::time::timeout(self.queue.bounds.timeout, self.deliver(&transport, &event));
             let outcome = tokio::select! {

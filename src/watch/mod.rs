@@ -21,24 +21,25 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use keyvalue_store::{Change, Observer, What};
-use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::config::WatchSettings;
-use delivery::{Event, Outbound, Queue, Stats, Target};
-use rules::{Event as Kind, Rules};
+use delivery::{Delivery, Event, Outbound, Stats, Target};
+use rules::Event as Kind;
 
 /// One watch link's watcher.
 pub struct Watcher {
     target: Target,
-    rules: Rules,
-    queue: Arc<Queue>,
-    stop: CancellationToken,
+    settings: WatchSettings,
+    delivery: Delivery,
+    /// The namespace it observes, as last resolved.
+    observing: Mutex<Option<Arc<str>>>,
 }
 
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.stop.cancel();
+impl Watcher {
+    /// Stops its delivery: no call starts after this returns.
+    pub async fn halt(&self) {
+        self.delivery.halt().await;
     }
 }
 
@@ -93,44 +94,45 @@ impl Watchers {
         self.shared.outbound.send_replace(Some(outbound));
     }
 
-    /// Starts delivering to `component` through the watch link `link_name`, replacing any
-    /// watcher that link had. Call [`Watchers::resolve`] after.
-    pub fn put(&self, component: &str, link_name: &str, settings: WatchSettings) {
-        let stop = CancellationToken::new();
+    /// Starts delivering to `component` through the watch link `link_name`. Answers the
+    /// watcher this one replaces, to [`Watcher::halt`] once the lock is released; a put
+    /// with the settings in force changes nothing. Call [`Watchers::resolve`] after.
+    pub fn put(
+        &self,
+        component: &str,
+        link_name: &str,
+        settings: WatchSettings,
+    ) -> Option<Arc<Watcher>> {
+        let key = (component.to_owned(), link_name.to_owned());
+        let mut links = self.links();
+        if links.get(&key).is_some_and(|w| w.settings == settings) {
+            return None;
+        }
         let target = Target {
             component: component.to_owned(),
             link_name: link_name.to_owned(),
         };
-        let queue = delivery::start(
+        let delivery = delivery::start(
             target.clone(),
             settings.bounds,
             self.shared.outbound.subscribe(),
-            stop.clone(),
             Arc::clone(&self.shared.all),
         );
         let watcher = Arc::new(Watcher {
             target,
-            rules: settings.rules,
-            queue,
-            stop,
+            settings,
+            delivery,
+            observing: Mutex::new(None),
         });
-        let key = (component.to_owned(), link_name.to_owned());
-        let old = self.links().insert(key, watcher);
-        if let Some(old) = old {
-            old.stop.cancel();
-        }
+        links.insert(key, watcher)
     }
 
-    /// Stops delivering through the watch link; answers whether it was known. Call
-    /// [`Watchers::resolve`] after (the watcher is out of the store's way only then; it already
-    /// delivers nothing more).
-    pub fn remove(&self, component: &str, link_name: &str) -> bool {
+    /// Forgets the watch link; answers its watcher, to [`Watcher::halt`] once the lock is
+    /// released. Call [`Watchers::resolve`] after (the watcher is out of the store's way only
+    /// then).
+    pub fn remove(&self, component: &str, link_name: &str) -> Option<Arc<Watcher>> {
         let key = (component.to_owned(), link_name.to_owned());
-        let removed = self.links().remove(&key);
-        if let Some(watcher) = &removed {
-            watcher.stop.cancel();
-        }
-        removed.is_some()
+        self.links().remove(&key)
     }
 
     /// Works out again which namespace each watcher observes, with `namespace_of(component,
@@ -144,7 +146,17 @@ impl Watchers {
         let mut observing: HashMap<Arc<str>, Vec<Arc<Watcher>>> = HashMap::new();
         for watcher in links.values() {
             let target = &watcher.target;
-            if let Some(ns) = namespace_of(&target.component, &target.link_name) {
+            let ns = namespace_of(&target.component, &target.link_name);
+            let mut last = watcher.observing.lock().unwrap_or_else(|p| p.into_inner());
+            if *last != ns {
+                // What it queued came from data it may no longer read.
+                if last.is_some() {
+                    watcher.delivery.queue.invalidate();
+                }
+                *last = ns.clone();
+            }
+            // A watcher without rules is told nothing: its namespace pays nothing for it.
+            if let Some(ns) = ns.filter(|_| !watcher.settings.rules.is_empty()) {
                 observing.entry(ns).or_default().push(Arc::clone(watcher));
             }
         }
@@ -169,7 +181,7 @@ impl Watchers {
             delivered,
             dropped,
             failed,
-            queued: links.values().map(|w| w.queue.len()).sum(),
+            queued: links.values().map(|w| w.delivery.queue.len()).sum(),
         }
     }
 
@@ -179,7 +191,9 @@ impl Watchers {
 }
 
 impl Observer for Shared {
-    /// On the write path, under the entry's lock: match, copy, queue; never wait.
+    /// On the write path, under the entry's lock: match, take room, queue; never wait. The key,
+    /// the value and the trace are copied once per change, shared by the watchers told, and
+    /// only after one of them had room.
     fn changed(&self, change: Change<'_>) {
         let observing = self.observing.read().unwrap_or_else(|p| p.into_inner());
         let Some(watchers) = observing.get(change.namespace) else {
@@ -189,21 +203,25 @@ impl Observer for Shared {
             What::Set(value) => (Kind::Set, Some(value)),
             What::Deleted | What::Expired | What::Evicted => (Kind::Delete, None),
         };
-        let mut made: Option<(Arc<str>, opentelemetry::Context)> = None;
+        let mut made: Option<Event> = None;
         for watcher in watchers {
-            if watcher.stop.is_cancelled()
-                || !watcher.rules.matches(kind, change.bucket, change.key)
+            if watcher.delivery.halted()
+                || !(watcher.settings.rules).matches(kind, change.bucket, change.key)
             {
                 continue;
             }
-            let (bucket, trace) = made.get_or_insert_with(|| {
-                (Arc::from(change.bucket), tracing::Span::current().context())
-            });
-            watcher.queue.push(Event {
-                bucket: Arc::clone(bucket),
-                key: Box::from(change.key),
-                value: value.map(bytes::Bytes::copy_from_slice),
-                trace: trace.clone(),
+            let value_len = value.map_or(0, <[u8]>::len);
+            watcher.delivery.queue.offer(change.key, value_len, || {
+                let event = made.get_or_insert_with(|| Event {
+                    key: Arc::from(change.key),
+                    value: value.map(bytes::Bytes::copy_from_slice),
+                    trace: tracing::Span::current().context(),
+                });
+                Event {
+                    key: Arc::clone(&event.key),
+                    value: event.value.clone(),
+                    trace: event.trace.clone(),
+                }
             });
         }
     }

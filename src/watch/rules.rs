@@ -122,7 +122,10 @@ fn parse_rule(entry: &str) -> Result<Rule, &'static str> {
             if parts.next().is_some() {
                 return Err("one @ between bucket and key; write \\@ for an @ in a name");
             }
-            (Some(unescape(bucket)?.0), key)
+            match unescape(bucket)? {
+                (_, true) => return Err("no * in a bucket name; write \\* for a star"),
+                (bucket, false) => (Some(bucket), key),
+            }
         }
         None => (None, &rest[1..]),
     };
@@ -237,11 +240,18 @@ mod tests {
     #[test]
     fn what_cannot_be_read_is_reported_and_the_rest_applies() {
         let (rules, problems) =
-            Rules::parse("PUT@k,SET,SET@a*b,SET@k\\,SET:b@c@d,SET@x@y,SET@ok,,");
+            Rules::parse("PUT@k,SET,SET@a*b,SET@k\\,SET:b@c@d,SET@x@y,SET:b*@k,SET@ok,,");
         let bad: Vec<&str> = problems.iter().map(|p| p.value.as_str()).collect();
         assert_eq!(
             bad,
-            ["PUT@k", "SET", "SET@a*b", "SET@k\\,SET:b@c@d", "SET@x@y"]
+            [
+                "PUT@k",
+                "SET",
+                "SET@a*b",
+                "SET@k\\,SET:b@c@d",
+                "SET@x@y",
+                "SET:b*@k"
+            ]
         );
         assert!(problems.iter().all(|p| p.key == LINK_WATCH));
         assert_eq!(rules.0, [rule(Event::Set, None, "ok", false)]);

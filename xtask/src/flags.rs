@@ -67,6 +67,17 @@ pub enum Internal {
         #[arg(long)]
         subject: String,
     },
+    /// Stand-ins for watching components (`bench`'s watch measurement): `watcher-0` … of
+    /// `lattice`, each answering every call.
+    #[command(name = "bench-watchers")]
+    Watchers {
+        #[arg(long)]
+        nats: String,
+        #[arg(long)]
+        lattice: String,
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 /// Options of `cargo xtask ci`.
@@ -235,6 +246,9 @@ pub struct Bench {
     /// Keys that expire at once for the expiry-sweep measurement (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     pub expiry_keys: usize,
+    /// Rounds of the watch measurement (sets with 0, 1 and 16 watchers; 0 skips it).
+    #[arg(long, default_value_t = 3)]
+    pub watch_rounds: usize,
     /// list_page_size of the provider the list-keys pass runs against.
     #[arg(long, default_value_t = 1000)]
     pub list_page_size: usize,

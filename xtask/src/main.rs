@@ -46,6 +46,11 @@ fn main() -> ExitCode {
         Task::Internal(Internal::Measure(args)) => bench::run_release(args),
         Task::Internal(Internal::Floor { nats, prefix }) => bench::floor(&nats, &prefix),
         Task::Internal(Internal::Echo { nats, subject }) => bench::echo(&nats, &subject),
+        Task::Internal(Internal::Watchers {
+            nats,
+            lattice,
+            count,
+        }) => bench::watchers(&nats, &lattice, count),
     };
     result.unwrap_or_else(|err| {
         eprintln!("error: {err:#}");

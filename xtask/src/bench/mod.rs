@@ -14,6 +14,7 @@
 //! One file a part: `workload.rs` (what is asked), `targets.rs` (the processes asked),
 //! `driver.rs` (the workers and the rounds), `memory.rs` (memory per key, a full listing),
 //! `profile.rs` (`--perf`), `report.rs` (the tables), `floor.rs` (the floor and the echo),
+//! `cache.rs`, `expiry.rs` and `watch.rs` (eviction, the expiry sweep, sets under watchers),
 //! `shared.rs` (what they share).
 
 mod cache;
@@ -25,6 +26,7 @@ mod profile;
 mod report;
 mod shared;
 mod targets;
+mod watch;
 mod workload;
 
 use std::process::{Command, ExitCode};
@@ -105,13 +107,33 @@ async fn measure(args: flags::Bench) -> anyhow::Result<ExitCode> {
         0 => None,
         keys => Some(expiry::measure(&binary, &url, &nats, keys).await?),
     };
-    report::write(&args, &results, &memory, cache.as_ref(), expiry.as_ref())?;
+    let watch = match (args.watch_rounds, args.quick) {
+        (0, _) => Vec::new(),
+        (rounds, quick) => {
+            let rounds = if quick { 1 } else { rounds };
+            watch::measure(&binary, &url, &nats, args.seconds, rounds).await?
+        }
+    };
+    report::write(
+        &args,
+        &results,
+        &memory,
+        cache.as_ref(),
+        expiry.as_ref(),
+        &watch,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Entry of the `internal bench-floor` helper.
 pub fn floor(nats: &str, prefix: &str) -> anyhow::Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(floor::serve_wrpc(nats, prefix))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Entry of the `internal bench-watchers` helper.
+pub fn watchers(nats: &str, lattice: &str, count: usize) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Runtime::new()?.block_on(watch::serve_stand_ins(nats, lattice, count))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,6 +8,7 @@ use super::cache::CacheRun;
 use super::driver::{Phase, Results};
 use super::expiry::Expiry;
 use super::memory::Memory;
+use super::watch::{Row as WatchRow, IN_FLIGHT as WATCH_IN_FLIGHT, WATCHERS};
 use super::workload::Workload;
 use crate::flags;
 use crate::process::root;
@@ -19,6 +20,7 @@ pub fn write(
     memory: &[Memory],
     cache: Option<&CacheRun>,
     expiry: Option<&Expiry>,
+    watch: &[WatchRow],
 ) -> anyhow::Result<()> {
     let mut md = String::new();
     let mut rows = Vec::new();
@@ -220,18 +222,67 @@ pub fn write(
             "reclaimed_seconds": e.reclaimed_seconds, "bytes_loaded": e.bytes_loaded,
             "bytes_reclaimed": e.bytes_reclaimed, "rss_loaded": e.rss_loaded, "rss_reclaimed": e.rss_reclaimed })
     });
+    let watch_json = watch_table(&mut md, watch);
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("report.md"), &md)?;
     std::fs::write(
         dir.join("report.json"),
         serde_json::to_string_pretty(
-            &json!({ "rows": rows, "memory": memory_json, "cache": cache_json, "expiry": expiry_json }),
+            &json!({ "rows": rows, "memory": memory_json, "cache": cache_json, "expiry": expiry_json, "watch": watch_json }),
         )?,
     )?;
     println!("{md}");
     eprintln!("written to target/bench/report.md and report.json");
     Ok(())
+}
+
+/// The watch rows: each (watchers, in flight) pair's median rate, its median ratio to the same
+/// round's rate with no watcher, and its events.
+fn watch_table(md: &mut String, rows: &[WatchRow]) -> serde_json::Value {
+    if rows.is_empty() {
+        return serde_json::Value::Null;
+    }
+    md.push_str(
+        "\nSets (16 B values) while components watch every written key (`watch=SET@*`; each \
+         watcher a stand-in answering every call as the host does, in the bench process):\n\n\
+         | watchers | in flight | sets/s | vs 0 watchers | p50 / p99 µs | events delivered | dropped | failed | lost calls |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut json_rows = Vec::new();
+    for k in WATCH_IN_FLIGHT {
+        let of = |w: usize| -> Vec<&WatchRow> {
+            (rows.iter())
+                .filter(|r| r.watchers == w && r.in_flight == k)
+                .collect()
+        };
+        let none = of(0);
+        for w in WATCHERS {
+            let these = of(w);
+            let rate = median(these.iter().map(|r| r.phase.calls_per_sec()).collect());
+            let ratio = median(
+                (these.iter().zip(&none))
+                    .map(|(r, n)| r.phase.calls_per_sec() / n.phase.calls_per_sec())
+                    .collect(),
+            );
+            let p50 = median(these.iter().map(|r| r.phase.percentile(0.5)).collect());
+            let p99 = median(these.iter().map(|r| r.phase.percentile(0.99)).collect());
+            let sum = |f: fn(&WatchRow) -> u64| these.iter().map(|r| f(r)).sum::<u64>();
+            let (delivered, dropped, failed, lost) = (
+                sum(|r| r.events.0),
+                sum(|r| r.events.1),
+                sum(|r| r.events.2),
+                sum(|r| r.phase.lost),
+            );
+            md.push_str(&format!(
+                "| {w} | {k} | {rate:.0} | **{ratio:.2}×** | {p50:.0} / {p99:.0} | {delivered} | {dropped} | {failed} | {lost} |\n"
+            ));
+            json_rows.push(json!({ "watchers": w, "in_flight": k, "sets_per_sec": rate,
+                "ratio_to_none": ratio, "p50_us": p50, "p99_us": p99, "delivered": delivered,
+                "dropped": dropped, "failed": failed, "lost": lost }));
+        }
+    }
+    serde_json::Value::Array(json_rows)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -158,7 +158,7 @@ pub async fn start(
 }
 
 /// A helper process of this binary (`bench-floor` / `bench-echo`), up once it prints "ready".
-fn helper(args: &[&str]) -> anyhow::Result<Child> {
+pub fn helper(args: &[&str]) -> anyhow::Result<Child> {
     use std::io::BufRead as _;
     let mut child = Command::new(std::env::current_exe()?)
         .args(args)
