@@ -115,8 +115,24 @@ async fn serve(
     let connection = wasmcloud_provider_sdk::get_connection();
     // Subscribe the data plane before the control loop first runs: the host (and our tests)
     // take the first health answer to mean calls can be sent.
+    let host_data = wasmcloud_provider_sdk::load_host_data()?;
+    let url = match host_data.lattice_rpc_url.as_str() {
+        "" => "nats://127.0.0.1:4222",
+        url => url,
+    };
+    let watch_nats = watch::delivery::connect(
+        url,
+        &host_data.lattice_rpc_user_jwt,
+        &host_data.lattice_rpc_user_seed,
+        &format!("{NAME} watch delivery"),
+    )
+    .await
+    .unwrap_or_else(|err| {
+        warn!("watch delivery shares the serving connection: its own failed: {err:#}");
+        (*connection.nats).clone()
+    });
     provider.connect_watchers(watch::delivery::Outbound {
-        nats: (*connection.nats).clone(),
+        nats: watch_nats,
         lattice: connection.lattice.to_string(),
         provider_key: connection.provider_key().to_owned(),
     });

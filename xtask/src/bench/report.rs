@@ -8,7 +8,7 @@ use super::cache::CacheRun;
 use super::driver::{Phase, Results};
 use super::expiry::Expiry;
 use super::memory::Memory;
-use super::watch::{Row as WatchRow, IN_FLIGHT as WATCH_IN_FLIGHT, WATCHERS};
+use super::watch::{Row as WatchRow, Watching, IN_FLIGHT as WATCH_IN_FLIGHT, WATCHING};
 use super::workload::Workload;
 use crate::flags;
 use crate::process::root;
@@ -245,19 +245,20 @@ fn watch_table(md: &mut String, rows: &[WatchRow]) -> serde_json::Value {
     }
     md.push_str(
         "\nSets (16 B values) while components watch every written key (`watch=SET@*`; each \
-         watcher a stand-in answering every call as the host does, in the bench process):\n\n\
+         watcher a stand-in in a helper process at nice 10, answering every call as the host \
+         does, or never: \"stalled\"):\n\n\
          | watchers | in flight | sets/s | vs 0 watchers | p50 / p99 µs | events delivered | dropped | failed | lost calls |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut json_rows = Vec::new();
     for k in WATCH_IN_FLIGHT {
-        let of = |w: usize| -> Vec<&WatchRow> {
+        let of = |w: Watching| -> Vec<&WatchRow> {
             (rows.iter())
-                .filter(|r| r.watchers == w && r.in_flight == k)
+                .filter(|r| r.watching == w && r.in_flight == k)
                 .collect()
         };
-        let none = of(0);
-        for w in WATCHERS {
+        let none = of(Watching::Answering(0));
+        for w in WATCHING {
             let these = of(w);
             let rate = median(these.iter().map(|r| r.phase.calls_per_sec()).collect());
             let ratio = median(
@@ -274,12 +275,15 @@ fn watch_table(md: &mut String, rows: &[WatchRow]) -> serde_json::Value {
                 sum(|r| r.events.2),
                 sum(|r| r.phase.lost),
             );
+            let label = w.label();
             md.push_str(&format!(
-                "| {w} | {k} | {rate:.0} | **{ratio:.2}×** | {p50:.0} / {p99:.0} | {delivered} | {dropped} | {failed} | {lost} |\n"
+                "| {label} | {k} | {rate:.0} | **{ratio:.2}×** | {p50:.0} / {p99:.0} | {delivered} | {dropped} | {failed} | {lost} |\n"
             ));
-            json_rows.push(json!({ "watchers": w, "in_flight": k, "sets_per_sec": rate,
+            json_rows.push(
+                json!({ "watchers": label, "in_flight": k, "sets_per_sec": rate,
                 "ratio_to_none": ratio, "p50_us": p50, "p99_us": p99, "delivered": delivered,
-                "dropped": dropped, "failed": failed, "lost": lost }));
+                "dropped": dropped, "failed": failed, "lost": lost }),
+            );
         }
     }
     serde_json::Value::Array(json_rows)

@@ -159,8 +159,23 @@ pub async fn start(
 
 /// A helper process of this binary (`bench-floor` / `bench-echo`), up once it prints "ready".
 pub fn helper(args: &[&str]) -> anyhow::Result<Child> {
+    helper_niced(args, 0)
+}
+
+/// Like [`helper`], at CPU priority `nice` (0: this process's; run through `nice`).
+pub fn helper_niced(args: &[&str], nice: i32) -> anyhow::Result<Child> {
     use std::io::BufRead as _;
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut command = match nice {
+        0 => Command::new(std::env::current_exe()?),
+        n => {
+            let mut command = Command::new("nice");
+            command
+                .args(["-n", &n.to_string()])
+                .arg(std::env::current_exe()?);
+            command
+        }
+    };
+    let mut child = command
         .args(args)
         .stdout(Stdio::piped())
         .spawn()

@@ -17,18 +17,64 @@ use super::shared::{Killed, LATTICE};
 use super::workload::{Target, Workload};
 use crate::run;
 
-/// Watchers of each row, and calls in flight.
-pub const WATCHERS: [usize; 3] = [0, 1, 16];
+/// Who watches, in a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watching {
+    /// `n` stand-ins answering every call.
+    Answering(usize),
+    /// `n` stand-ins that never answer: their queues fill and every later event is dropped
+    /// at the write, which is then all that watching costs the write path.
+    Stalled(usize),
+}
+
+impl Watching {
+    pub fn label(self) -> String {
+        match self {
+            Watching::Answering(n) => n.to_string(),
+            Watching::Stalled(n) => format!("{n} stalled"),
+        }
+    }
+
+    /// The stand-in components linked as watchers, and their watch link config.
+    fn components(self) -> Vec<(String, serde_json::Value)> {
+        match self {
+            Watching::Answering(n) => (0..n)
+                .map(|i| (format!("watcher-{i}"), json!({ "watch": "SET@*" })))
+                .collect(),
+            Watching::Stalled(n) => (0..n)
+                .map(|i| {
+                    let config = json!({ "watch": "SET@*", "watch_timeout_ms": "600000" });
+                    (format!("stalled-{i}"), config)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The rows of each round, and calls in flight.
+pub const WATCHING: [Watching; 4] = [
+    Watching::Answering(0),
+    Watching::Answering(1),
+    Watching::Answering(16),
+    Watching::Stalled(16),
+];
 pub const IN_FLIGHT: [usize; 2] = [1, 256];
+const STAND_INS: usize = 16;
 
 const PROVIDER: &str = "watch";
 
+/// The stand-ins' CPU priority: they play the host the watching components run on, which a
+/// lattice runs beside the provider's, not in its place; on this bench's 2 cores at the same
+/// priority, their share of the CPU would be measured as the provider's write path.
+const STAND_IN_NICE: i32 = 10;
+
 /// One phase, and what the events of its sets came to.
 pub struct Row {
-    pub watchers: usize,
+    pub watching: Watching,
     pub in_flight: usize,
     pub phase: Phase,
-    /// (delivered, dropped, failed) during the phase and until its queues drained.
+    /// (delivered, dropped, failed) during the phase and until its queues drained (a stalled
+    /// row's: during the phase).
     pub events: (u64, u64, u64),
 }
 
@@ -40,7 +86,11 @@ pub async fn measure(
     rounds: usize,
 ) -> anyhow::Result<Vec<Row>> {
     let config = json!({ "max_keys": "10000000", "max_total_bytes": "8589934592" });
-    let components: Vec<String> = (0..WATCHERS[2]).map(|i| format!("watcher-{i}")).collect();
+    let mut components: Vec<String> = Vec::new();
+    for i in 0..STAND_INS {
+        components.push(format!("watcher-{i}"));
+        components.push(format!("stalled-{i}"));
+    }
     // The writer and every watcher share the namespace `bench`.
     let mut links = vec![("bench-component", "bench")];
     links.extend(components.iter().map(|c| (c.as_str(), "bench")));
@@ -54,43 +104,51 @@ pub async fn measure(
         json!({}),
     )?]);
     run::wait_for_health(nats, LATTICE, PROVIDER, &mut provider.0[0]).await?;
-    let count = WATCHERS[2].to_string();
-    provider.0.push(super::targets::helper(&[
-        "internal",
-        "bench-watchers",
-        "--nats",
-        url,
-        "--lattice",
-        LATTICE,
-        "--count",
-        &count,
-    ])?);
+    let count = STAND_INS.to_string();
+    provider.0.push(super::targets::helper_niced(
+        &[
+            "internal",
+            "bench-watchers",
+            "--nats",
+            url,
+            "--lattice",
+            LATTICE,
+            "--count",
+            &count,
+        ],
+        STAND_IN_NICE,
+    )?);
     let prefix = format!("{LATTICE}.{PROVIDER}");
     let client = wrpc_transport_nats::Client::new(nats.clone(), prefix, None).await?;
     let target = Target::Wrpc(std::sync::Arc::new(client));
-    let mut linked = 0;
+    let mut linked = Vec::new();
     let mut rows = Vec::new();
     for round in 0..rounds {
         for in_flight in IN_FLIGHT {
-            let mut order = WATCHERS.to_vec();
+            let mut order = WATCHING.to_vec();
             if round % 2 == 1 {
                 order.reverse();
             }
-            for watchers in order {
-                relink(nats, &components, &mut linked, watchers).await?;
+            for watching in order {
+                relink(nats, &mut linked, watching).await?;
                 let before = events(nats).await?;
                 let phase = drive(&target, Workload::Set(16), in_flight, seconds).await;
-                // Delivery of the phase's events ends before the next phase starts.
-                let after = wait_until_drained(nats).await?;
+                let after = match watching {
+                    // Delivery of the phase's events ends before the next phase starts.
+                    Watching::Answering(_) => wait_until_drained(nats).await?,
+                    // Its calls never end; relinking for the next row halts them.
+                    Watching::Stalled(_) => events(nats).await?,
+                };
                 let row = Row {
-                    watchers,
+                    watching,
                     in_flight,
                     events: (after.0 - before.0, after.1 - before.1, after.2 - before.2),
                     phase,
                 };
                 eprintln!(
-                    "watch round {} K={in_flight:<3} {watchers:>2} watchers {:>9.0} sets/s  p50 {:>6.0} µs  lost {}  events delivered {} dropped {} failed {}",
+                    "watch round {} K={in_flight:<3} {:>10} watchers {:>9.0} sets/s  p50 {:>6.0} µs  lost {}  events delivered {} dropped {} failed {}",
                     round + 1,
+                    watching.label(),
                     row.phase.calls_per_sec(),
                     row.phase.percentile(0.5),
                     row.phase.lost,
@@ -102,57 +160,64 @@ pub async fn measure(
             }
         }
     }
+    relink(nats, &mut linked, Watching::Answering(0)).await?;
     Ok(rows)
 }
 
-/// The helper process: `count` stand-ins, serving until killed.
+/// The helper process: `count` answering stand-ins (`watcher-0` …) and `count` stalled ones
+/// (`stalled-0` …), serving until killed.
 pub async fn serve_stand_ins(nats: &str, lattice: &str, count: usize) -> anyhow::Result<()> {
     let nats = async_nats::connect(nats).await?;
-    let mut stand_ins = Vec::with_capacity(count);
+    let mut stand_ins = Vec::with_capacity(2 * count);
     for i in 0..count {
-        let component = format!("watcher-{i}");
-        stand_ins.push(Watcher::serve_counting(nats.clone(), lattice, &component).await?);
+        let answering = format!("watcher-{i}");
+        stand_ins.push(Watcher::serve_counting(nats.clone(), lattice, &answering).await?);
+        let stalled =
+            Watcher::serve_counting(nats.clone(), lattice, &format!("stalled-{i}")).await?;
+        stalled.stall(true);
+        stand_ins.push(stalled);
     }
     println!("ready");
     std::future::pending::<()>().await;
     Ok(())
 }
 
-/// Puts or deletes watch links until `want` of the components watch.
+/// Puts and deletes watch links until exactly the components of `watching` watch.
 async fn relink(
     nats: &async_nats::Client,
-    components: &[String],
-    linked: &mut usize,
-    want: usize,
+    linked: &mut Vec<String>,
+    watching: Watching,
 ) -> anyhow::Result<()> {
     let subject = |op: &str| format!("wasmbus.rpc.{LATTICE}.{PROVIDER}.linkdefs.{op}");
-    while *linked < want {
-        let link = test_support::host::watch_link(
-            PROVIDER,
-            &components[*linked],
-            "default",
-            json!({ "watch": "SET@*" }),
-        );
-        nats.publish(subject("put"), link.to_string().into())
-            .await?;
-        *linked += 1;
+    let wanted = watching.components();
+    for component in linked.iter() {
+        if !wanted.iter().any(|(c, _)| c == component) {
+            let link = test_support::host::watch_link(PROVIDER, component, "default", json!({}));
+            nats.publish(subject("del"), link.to_string().into())
+                .await?;
+        }
     }
-    while *linked > want {
-        *linked -= 1;
-        let link =
-            test_support::host::watch_link(PROVIDER, &components[*linked], "default", json!({}));
-        nats.publish(subject("del"), link.to_string().into())
-            .await?;
+    for (component, config) in &wanted {
+        if !linked.contains(component) {
+            let link =
+                test_support::host::watch_link(PROVIDER, component, "default", config.clone());
+            nats.publish(subject("put"), link.to_string().into())
+                .await?;
+        }
     }
-    let expect = format!(" {want} watchers,");
+    *linked = wanted.into_iter().map(|(c, _)| c).collect();
+    let expect = format!(" {} watchers,", linked.len());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !health(nats).await?.contains(&expect) {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "the provider never counted {want} watchers"
+            "the provider never counted {} watchers",
+            linked.len()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A deleted watcher's queue is counted (as dropped) once it halted, just after.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
 
