@@ -412,11 +412,17 @@ impl WatchSettings {
 
     /// Reads a watch link's config; a value that cannot be used is reported and the default
     /// applies (a rule that cannot be read is left out).
+    /// The keys are matched in any case (as the Redis provider reads `watch`).
     pub fn from_link_config(map: &HashMap<String, String>) -> (WatchSettings, Vec<Problem>) {
-        let (rules, mut problems) = Rules::parse(map.get(LINK_WATCH).map_or("", String::as_str));
+        let get = |key: &str| {
+            (map.iter())
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v)
+        };
+        let (rules, mut problems) = Rules::parse(get(LINK_WATCH).map_or("", String::as_str));
         let mut bounds = Self::DEFAULT_BOUNDS;
         let mut number = |key: &'static str, most: u64, expected: &'static str| {
-            let value = map.get(key)?;
+            let value = get(key)?;
             match value.trim().parse::<u64>() {
                 Ok(n) if (1..=most).contains(&n) => Some(n),
                 _ => {
@@ -739,7 +745,7 @@ mod tests {
         assert!(problems.is_empty() && s.rules.is_empty());
         assert_eq!(s.bounds, WatchSettings::DEFAULT_BOUNDS);
         let (s, problems) = WatchSettings::from_link_config(&map(&[
-            (LINK_WATCH, "SET@a,BAD@b"),
+            ("Watch", "SET@a,BAD@b"),
             (LINK_WATCH_QUEUE, "5"),
             (LINK_WATCH_QUEUE_BYTES, "0"),
             (LINK_WATCH_TIMEOUT_MS, "soon"),

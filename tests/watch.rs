@@ -46,6 +46,37 @@ async fn silence(w: &mut Watcher) {
     }
 }
 
+/// Waits until the stand-in heard no new call for 500 ms (at most 10 s); answers how many it
+/// heard in all.
+async fn settled(w: &Watcher) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut last = w.count();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = w.count();
+        if now == last || tokio::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Health's watch event figures: (delivered, dropped, failed, queued).
+fn event_figures(health: &str) -> (u64, u64, u64, u64) {
+    let events = health.split_once("watch events: ").expect(health).1;
+    let figure = |what: &str| -> u64 {
+        (events.split([',', ';']))
+            .find_map(|part| part.trim().strip_suffix(what)?.trim().parse().ok())
+            .expect(health)
+    };
+    (
+        figure(" delivered"),
+        figure(" dropped"),
+        figure(" failed"),
+        figure(" queued"),
+    )
+}
+
 /// The events of each key, in the order heard.
 fn per_key(heard: &[Heard]) -> BTreeMap<String, Vec<String>> {
     let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -119,8 +150,8 @@ async fn key_and_prefix_rules_tell_of_the_changes_they_name_in_the_watchers_name
         assert_eq!(h.header("link-name"), Some("default"));
     }
     let health = p.wait_for_health(|m| m.contains(": 8 delivered")).await;
-    assert!(health.contains("1 watchers, "), "{health}");
-    assert!(health.contains("0 dropped, 0 failed, 0 queued"), "{health}");
+    assert!(health.contains(" 1 watchers, "), "{health}");
+    assert_eq!(event_figures(&health), (8, 0, 0, 0), "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,25 +215,33 @@ async fn deleting_the_watch_link_stops_delivery_at_once_and_a_new_one_starts_it(
     }
     silence(&mut w).await;
 
-    // Deleted with a full queue, it is told nothing more of what was queued either.
-    let settings = [("watch", "SET@*"), ("watch_timeout_ms", "60000")];
+    // Deleted with a full queue whose calls time out every 200 ms (each timeout lets its
+    // lane send the next event), it is told nothing more once the delete is done.
+    let settings = [("watch", "SET@*"), ("watch_timeout_ms", "200")];
     p.put_watch_link("w1", "default", &settings, 2).await;
     w.stall(true);
     for i in 0..200 {
         c.set("b", &format!("queued{i}"), b"3").await.unwrap();
     }
-    p.wait_for_health(|m| m.contains(" 200 queued;")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let in_flight = w.drain().len();
-    assert!((1..=16).contains(&in_flight), "{in_flight} calls in flight");
+    let (delivered, ..) = event_figures(&p.wait_for_health(|_| true).await);
+    while w.count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     p.delete_watch_link("w1", "default", 1).await;
-    w.stall(false);
-    silence(&mut w).await;
+    let heard = w.count();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.count(), heard, "calls started after the link delete");
     let health = p.wait_for_health(|_| true).await;
-    assert!(
-        health.contains(" 200 dropped, 0 failed, 0 queued;"),
-        "{health}"
+    let (after, dropped, failed, queued) = event_figures(&health);
+    assert_eq!((after, queued), (delivered, 0), "{health}");
+    assert_eq!(
+        dropped + failed,
+        200,
+        "every queued event accounted for: {health}"
     );
+    w.stall(false);
+    w.drain();
+    silence(&mut w).await;
 
     // The watcher's store link decides what it observes: moved to `loner`'s namespace, it
     // hears `loner`'s writes, not `writer`'s.
@@ -252,7 +291,7 @@ async fn a_stalled_watcher_loses_events_beyond_its_queue_and_the_writes_go_on() 
     let settings = [
         ("watch", "SET@*"),
         ("watch_queue", "100"),
-        ("watch_timeout_ms", "5000"),
+        ("watch_timeout_ms", "10000"),
     ];
     p.put_watch_link("w1", "default", &settings, 1).await;
     w.stall(true);
@@ -276,21 +315,19 @@ async fn a_stalled_watcher_loses_events_beyond_its_queue_and_the_writes_go_on() 
         "{health}"
     );
     // At most one call in flight per lane.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let in_flight = w.drain().len();
+    settled(&w).await;
+    let in_flight = w.drain().len() as u64;
     assert!((1..=16).contains(&in_flight), "{in_flight} calls in flight");
 
     // Answering again: the calls left waiting time out (failed), the rest is delivered.
     w.stall(false);
     let health = p.wait_for_health(|m| m.contains(" 0 queued;")).await;
-    assert!(
-        health.contains(&format!(
-            "{} delivered, 1900 dropped, {in_flight} failed, 0 queued",
-            100 - in_flight
-        )),
+    assert_eq!(
+        event_figures(&health),
+        (100 - in_flight, 1900, in_flight, 0),
         "{health}"
     );
-    hear(&mut w, 100 - in_flight).await;
+    hear(&mut w, 100 - in_flight as usize).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,7 +370,7 @@ async fn expired_and_evicted_keys_are_told_as_deletions() {
 async fn a_watcher_moved_to_another_namespace_is_not_told_what_was_queued_before() {
     let server = NatsServer::start();
     let (p, mut w) = watched(&[], &server).await;
-    let settings = [("watch", "SET@*"), ("watch_timeout_ms", "1000")];
+    let settings = [("watch", "SET@*"), ("watch_timeout_ms", "3000")];
     p.put_watch_link("w1", "default", &settings, 1).await;
     w.stall(true);
     let c = p.as_component("writer", "default");
@@ -343,23 +380,13 @@ async fn a_watcher_moved_to_another_namespace_is_not_told_what_was_queued_before
     p.wait_for_health(|m| m.contains(" 50 queued;")).await;
     p.delete_link("w1", "default", 2).await;
     p.put_link("w1", "default", None, 3).await;
-    let heard_while_stalled = w.drain().len();
-    w.stall(false);
-    // The calls left waiting time out; the rest is dropped, never sent.
-    let health = p
-        .wait_for_health(|m| m.contains(": 0 delivered, ") && m.contains(" 0 queued;"))
-        .await;
-    let figure = |what: &str| -> u64 {
-        let events = health.split_once("watch events: ").unwrap().1;
-        (events.split([',', ';']))
-            .find_map(|part| part.trim().strip_suffix(what)?.trim().parse().ok())
-            .unwrap()
-    };
-    assert_eq!(figure(" dropped") + figure(" failed"), 50, "{health}");
-    let late = w.drain().len();
+    // Still stalled: the calls in flight time out; the rest is dropped, never sent.
+    let health = p.wait_for_health(|m| m.contains(" 0 queued;")).await;
+    let (delivered, dropped, failed, _) = event_figures(&health);
+    assert_eq!((delivered, dropped + failed), (0, 50), "{health}");
+    let heard = w.drain().len();
     assert!(
-        heard_while_stalled + late <= 16,
-        "only calls already in flight were sent: {heard_while_stalled} + {late}"
+        heard <= 16,
+        "only calls in flight before the move were sent: {heard}"
     );
-    silence(&mut w).await;
 }

@@ -36,7 +36,7 @@ pub const LANES: usize = 16;
 /// handle the component receives (see the README's "Watching keys").
 pub const BUCKET_HANDLE: &str = "0";
 
-/// Bytes an event takes in the queue besides its bucket name, key and value.
+/// Bytes an event takes in the queue besides its key and value.
 const EVENT_OVERHEAD: usize = 128;
 
 /// How often a watcher that dropped or failed events since the last warning warns again.
@@ -55,8 +55,34 @@ pub struct Event {
 /// An event in a lane: with the room it holds and the epoch it was queued in.
 struct Queued {
     event: Event,
-    size: usize,
+    room: Room,
     epoch: u64,
+}
+
+/// The room an event holds in its queue. Given back when dropped, however the event goes
+/// (delivered, failed, stale, or with its lane when the watcher halts), after its outcome was
+/// counted: `dropped` unless [`Room::settle`] counted another one. So what the queue holds is
+/// never left taken, and once it reads zero, every outcome is in the figures.
+struct Room {
+    queue: Arc<Queue>,
+    size: usize,
+    counted: bool,
+}
+
+impl Room {
+    fn settle(mut self, outcome: fn(&Stats) -> &AtomicU64) {
+        count(outcome, &self.queue.stats, &self.queue.all);
+        self.counted = true;
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        if !self.counted {
+            count(|s| &s.dropped, &self.queue.stats, &self.queue.all);
+        }
+        self.queue.release(self.size);
+    }
 }
 
 /// What events came to, so far: of one watcher, or of all that ever were.
@@ -116,25 +142,27 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Queues the event `make` makes, of a key of `key_len` bytes and a value of `value_len`,
-    /// or drops and counts it when the queue is full (then `make` is not called). Never waits.
-    pub fn offer(&self, key: &str, value_len: usize, make: impl FnOnce() -> Event) {
+    /// Queues the event `make` makes, of key `key` and a value of `value_len` bytes, or drops
+    /// and counts it when the queue is full (then `make` is not called). Never waits.
+    pub fn offer(self: &Arc<Self>, key: &str, value_len: usize, make: impl FnOnce() -> Event) {
         let size = EVENT_OVERHEAD + key.len() + value_len;
         if !self.reserve(size) {
             count(|s| &s.dropped, &self.stats, &self.all);
             return;
         }
+        let room = Room {
+            queue: Arc::clone(self),
+            size,
+            counted: false,
+        };
         let lane = (self.hasher.hash_one(key) % LANES as u64) as usize;
         let queued = Queued {
             event: make(),
-            size,
+            room,
             epoch: self.epoch.load(Ordering::Acquire),
         };
-        if self.lanes[lane].send(queued).is_err() {
-            // The watcher is stopping: its lanes are gone.
-            self.release(size);
-            count(|s| &s.dropped, &self.stats, &self.all);
-        }
+        // A send fails only once the watcher halted: the event is dropped with its room.
+        let _ = self.lanes[lane].send(queued);
     }
 
     /// Drops, uncounted as delivered, every event queued so far (the watcher no longer
@@ -170,9 +198,10 @@ impl Queue {
         self.bytes.fetch_sub(size, Ordering::AcqRel);
     }
 
-    /// Events queued now.
+    /// Events queued now, calls in flight included. Read before the [`Stats`] (an event's
+    /// outcome is counted before its room is given back).
     pub fn len(&self) -> usize {
-        self.events.load(Ordering::Relaxed)
+        self.events.load(Ordering::Acquire)
     }
 
     /// Whether nothing is queued.
@@ -204,14 +233,11 @@ impl Delivery {
         for task in &tasks {
             task.abort();
         }
+        // Once they ended, what they held (in flight, or queued in their channels) has been
+        // dropped, and counted.
         for task in tasks {
             let _ = task.await;
         }
-        // What was queued or in flight goes with the lanes (their room is never given back:
-        // the queue takes nothing more, its lanes being gone).
-        let left = self.queue.len() as u64;
-        self.queue.stats.dropped.fetch_add(left, Ordering::Relaxed);
-        self.queue.all.dropped.fetch_add(left, Ordering::Relaxed);
     }
 
     /// Whether delivery was stopped.
@@ -362,7 +388,7 @@ impl Lane {
             return;
         };
         loop {
-            let Queued { event, size, epoch } = tokio::select! {
+            let Queued { event, room, epoch } = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => return,
                 next = rx.recv() => match next {
@@ -371,8 +397,7 @@ impl Lane {
                 },
             };
             if epoch != self.queue.epoch.load(Ordering::Acquire) {
-                self.queue.release(size);
-                count(|s| &s.dropped, &self.queue.stats, &self.queue.all);
+                // Stale: dropped with its room.
                 continue;
             }
             let call =
@@ -382,18 +407,16 @@ impl Lane {
                 () = self.stop.cancelled() => return,
                 outcome = call => outcome,
             };
-            self.queue.release(size);
-            let (own, all) = (&self.queue.stats, &*self.queue.all);
             match outcome {
-                Ok(Ok(())) => count(|s| &s.delivered, own, all),
+                Ok(Ok(())) => room.settle(|s| &s.delivered),
                 Ok(Err(err)) => {
                     debug!(
                         component = self.target.component,
                         "watch event failed: {err:#}"
                     );
-                    count(|s| &s.failed, own, all);
+                    room.settle(|s| &s.failed);
                 }
-                Err(_) => count(|s| &s.failed, own, all),
+                Err(_) => room.settle(|s| &s.failed),
             }
         }
     }

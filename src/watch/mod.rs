@@ -144,14 +144,14 @@ impl Watchers {
     ) -> (HashSet<Arc<str>>, HashSet<Arc<str>>) {
         let links = self.links();
         let mut observing: HashMap<Arc<str>, Vec<Arc<Watcher>>> = HashMap::new();
+        let mut moved = Vec::new();
         for watcher in links.values() {
             let target = &watcher.target;
             let ns = namespace_of(&target.component, &target.link_name);
             let mut last = watcher.observing.lock().unwrap_or_else(|p| p.into_inner());
             if *last != ns {
-                // What it queued came from data it may no longer read.
                 if last.is_some() {
-                    watcher.delivery.queue.invalidate();
+                    moved.push(Arc::clone(watcher));
                 }
                 *last = ns.clone();
             }
@@ -168,6 +168,12 @@ impl Watchers {
             .cloned()
             .collect();
         *current = observing;
+        // What a moved watcher queued came from data it may no longer read. Invalidated with
+        // the write lock held: a change reported from the old map was queued before (old
+        // epoch), one from the new map is queued after (new epoch).
+        for watcher in moved {
+            watcher.delivery.queue.invalidate();
+        }
         (now, gone)
     }
 
@@ -175,13 +181,15 @@ impl Watchers {
     /// included), and what the active ones have queued.
     pub fn totals(&self) -> Totals {
         let links = self.links();
+        // The queues first: once one reads empty, its events' outcomes are all counted.
+        let queued = links.values().map(|w| w.delivery.queue.len()).sum();
         let (delivered, dropped, failed) = self.shared.all.read();
         Totals {
             watchers: links.len(),
             delivered,
             dropped,
             failed,
-            queued: links.values().map(|w| w.delivery.queue.len()).sum(),
+            queued,
         }
     }
 

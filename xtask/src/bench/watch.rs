@@ -190,15 +190,20 @@ async fn relink(
 ) -> anyhow::Result<()> {
     let subject = |op: &str| format!("wasmbus.rpc.{LATTICE}.{PROVIDER}.linkdefs.{op}");
     let wanted = watching.components();
-    for component in linked.iter() {
-        if !wanted.iter().any(|(c, _)| c == component) {
-            let link = test_support::host::watch_link(PROVIDER, component, "default", json!({}));
-            nats.publish(subject("del"), link.to_string().into())
-                .await?;
-        }
+    // Deletes first, counted, then puts, counted: a health answer can overtake link changes
+    // queued before it, and 16 stalled for 16 answering keeps the count.
+    let kept: Vec<String> = (linked.iter())
+        .filter(|c| wanted.iter().any(|(w, _)| w == *c))
+        .cloned()
+        .collect();
+    for component in linked.iter().filter(|c| !kept.contains(c)) {
+        let link = test_support::host::watch_link(PROVIDER, component, "default", json!({}));
+        nats.publish(subject("del"), link.to_string().into())
+            .await?;
     }
+    wait_for_watchers(nats, kept.len()).await?;
     for (component, config) in &wanted {
-        if !linked.contains(component) {
+        if !kept.contains(component) {
             let link =
                 test_support::host::watch_link(PROVIDER, component, "default", config.clone());
             nats.publish(subject("put"), link.to_string().into())
@@ -206,18 +211,23 @@ async fn relink(
         }
     }
     *linked = wanted.into_iter().map(|(c, _)| c).collect();
-    let expect = format!(" {} watchers,", linked.len());
+    wait_for_watchers(nats, linked.len()).await?;
+    // A deleted watcher's queue is counted (as dropped) once it halted, just after.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// Waits (up to 10 s) until the provider counts `n` watchers.
+async fn wait_for_watchers(nats: &async_nats::Client, n: usize) -> anyhow::Result<()> {
+    let expect = format!(" {n} watchers,");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !health(nats).await?.contains(&expect) {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "the provider never counted {} watchers",
-            linked.len()
+            "the provider never counted {n} watchers"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A deleted watcher's queue is counted (as dropped) once it halted, just after.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
 
