@@ -17,7 +17,8 @@
 //! it had (at start: the default): a typo never takes the store down. Provider config keys are
 //! matched case-insensitively and their values trimmed (`OTEL_*` values are taken as given);
 //! link config keys are matched exactly (`ttl_secs.<bucket>` names a bucket, and bucket names
-//! are case-sensitive); keys we do not know are ignored.
+//! are case-sensitive), but for the watch link's, matched in any case as the Redis provider
+//! reads `watch`; keys we do not know are ignored.
 //!
 //! Each value has one owner once applied: the engine holds the [`Limits`], the provider the
 //! [`Serving`] bounds (and hands the in-flight ones to its budget).

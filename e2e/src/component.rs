@@ -86,6 +86,26 @@ const FORWARDS: &[Forward] = &[
     },
 ];
 
+/// The bump allocator both components export as `cabi_realloc` (the host allocates the
+/// strings and lists it passes in with it); it needs a mutable global `$heap`, declared here.
+const ALLOCATOR: &str = r#"  (global $heap (mut i32) (i32.const 1024))
+  (func (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p
+      (i32.and
+        (i32.add (global.get $heap) (i32.sub (local.get $align) (i32.const 1)))
+        (i32.sub (i32.const 0) (local.get $align))))
+    (global.set $heap (i32.add (local.get $p) (local.get $size)))
+    (block $fits
+      (loop $grow
+        (br_if $fits (i32.le_u (global.get $heap) (i32.shl (memory.size) (i32.const 16))))
+        (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))
+        (unreachable)))
+    (if (local.get $old)
+      (then (memory.copy (local.get $p) (local.get $old) (local.get $old_size))))
+    (local.get $p))
+"#;
+
 /// The export's return area (up to 24 bytes, 8-aligned) and `open`'s (16 bytes).
 const RET: u32 = 16;
 const OPEN_RET: u32 = 64;
@@ -109,26 +129,8 @@ pub fn core_wat() -> String {
         )
         .unwrap();
     }
-    wat.push_str(
-        r#"  (memory (export "memory") 1)
-  (global $heap (mut i32) (i32.const 1024))
-  (func (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p
-      (i32.and
-        (i32.add (global.get $heap) (i32.sub (local.get $align) (i32.const 1)))
-        (i32.sub (i32.const 0) (local.get $align))))
-    (global.set $heap (i32.add (local.get $p) (local.get $size)))
-    (block $fits
-      (loop $grow
-        (br_if $fits (i32.le_u (global.get $heap) (i32.shl (memory.size) (i32.const 16))))
-        (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))
-        (unreachable)))
-    (if (local.get $old)
-      (then (memory.copy (local.get $p) (local.get $old) (local.get $old_size))))
-    (local.get $p))
-"#,
-    );
+    wat.push_str("  (memory (export \"memory\") 1)\n");
+    wat.push_str(ALLOCATOR);
     for (i, f) in FORWARDS.iter().enumerate() {
         // Parameters: 0, 1 = the bucket name; 2.. = the forwarded ones.
         let params = f.rest.join(" ");
@@ -185,23 +187,7 @@ pub fn watcher_wat() -> String {
   (memory (export "memory") 1)
   (data (i32.const {SEEN}) "seen")
   (data (i32.const {DELETED}) "deleted")
-  (global $heap (mut i32) (i32.const 1024))
-  (func (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p
-      (i32.and
-        (i32.add (global.get $heap) (i32.sub (local.get $align) (i32.const 1)))
-        (i32.sub (i32.const 0) (local.get $align))))
-    (global.set $heap (i32.add (local.get $p) (local.get $size)))
-    (block $fits
-      (loop $grow
-        (br_if $fits (i32.le_u (global.get $heap) (i32.shl (memory.size) (i32.const 16))))
-        (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))
-        (unreachable)))
-    (if (local.get $old)
-      (then (memory.copy (local.get $p) (local.get $old) (local.get $old_size))))
-    (local.get $p))
-  ;; Opens `seen`, sets key = value in it, drops the handle; traps if the store refuses.
+{ALLOCATOR}  ;; Opens `seen`, sets key = value in it, drops the handle; traps if the store refuses.
   (func $remember (param $key i32) (param $key_len i32) (param $value i32) (param $value_len i32)
     (local $bucket i32)
     (call $open (i32.const {SEEN}) (i32.const 4) (i32.const {OPEN_RET}))

@@ -246,18 +246,9 @@ impl Lattice {
         target: &str,
         target_config: &[&str],
     ) -> anyhow::Result<()> {
-        let link = Link::builder()
-            .source_id(source)
-            .target(target)
-            .name("default")
-            .wit_namespace("wasi")
-            .wit_package("keyvalue")
-            .interfaces(vec!["store".into(), "atomics".into(), "batch".into()])
-            .target_config(target_config.iter().map(|c| c.to_string()).collect())
-            .build()
-            .map_err(ctl_err("link"))?;
-        let response = self.ctl.put_link(link).await.map_err(ctl_err("put link"))?;
-        succeeded("put link", response)
+        let interfaces = ["store", "atomics", "batch"];
+        self.put_keyvalue_link(source, target, &interfaces, &[], target_config)
+            .await
     }
 
     /// Links the provider `source` to component `target` on `wasi:keyvalue` `[watcher]`, the
@@ -268,14 +259,29 @@ impl Lattice {
         target: &str,
         source_config: &[&str],
     ) -> anyhow::Result<()> {
+        self.put_keyvalue_link(source, target, &["watcher"], source_config, &[])
+            .await
+    }
+
+    /// A `wasi:keyvalue` link named `default`, its configs given as named config names.
+    async fn put_keyvalue_link(
+        &self,
+        source: &str,
+        target: &str,
+        interfaces: &[&str],
+        source_config: &[&str],
+        target_config: &[&str],
+    ) -> anyhow::Result<()> {
+        let names = |names: &[&str]| names.iter().map(|c| c.to_string()).collect();
         let link = Link::builder()
             .source_id(source)
             .target(target)
             .name("default")
             .wit_namespace("wasi")
             .wit_package("keyvalue")
-            .interfaces(vec!["watcher".into()])
-            .source_config(source_config.iter().map(|c| c.to_string()).collect())
+            .interfaces(names(interfaces))
+            .source_config(names(source_config))
+            .target_config(names(target_config))
             .build()
             .map_err(ctl_err("link"))?;
         let response = self.ctl.put_link(link).await.map_err(ctl_err("put link"))?;

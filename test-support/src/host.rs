@@ -47,30 +47,39 @@ impl HostData<'_> {
 /// A `wasi:keyvalue` link named `name` from component `source` to provider `target`, as host
 /// data and `linkdefs.put` carry it.
 pub fn link(source: &str, target: &str, name: &str, target_config: Value) -> Value {
-    json!({
-        "source_id": source,
-        "target": target,
-        "name": name,
-        "wit_namespace": "wasi",
-        "wit_package": "keyvalue",
-        "interfaces": ["store", "atomics", "batch"],
-        "source_config": {},
-        "target_config": target_config,
-    })
+    keyvalue_link(
+        source,
+        target,
+        name,
+        &["store", "atomics", "batch"],
+        json!({}),
+        target_config,
+    )
 }
 
 /// A `wasi:keyvalue/watcher` link named `name` from provider `source` to component `target`,
 /// with its `watch` settings as `source_config`.
 pub fn watch_link(source: &str, target: &str, name: &str, source_config: Value) -> Value {
+    keyvalue_link(source, target, name, &["watcher"], source_config, json!({}))
+}
+
+fn keyvalue_link(
+    source: &str,
+    target: &str,
+    name: &str,
+    interfaces: &[&str],
+    source_config: Value,
+    target_config: Value,
+) -> Value {
     json!({
         "source_id": source,
         "target": target,
         "name": name,
         "wit_namespace": "wasi",
         "wit_package": "keyvalue",
-        "interfaces": ["watcher"],
+        "interfaces": interfaces,
         "source_config": source_config,
-        "target_config": {},
+        "target_config": target_config,
     })
 }
 
