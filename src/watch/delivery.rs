@@ -355,7 +355,18 @@ pub async fn connect(
             })
         }
     };
-    let options = wasmcloud_provider_sdk::with_connection_event_logging(options).name(name);
+    // Not the SDK's event logging: it logs the close at the end of every clean stop as an
+    // error.
+    let options = options
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected | async_nats::Event::Closed => {
+                    debug!("watch delivery connection: {event}");
+                }
+                event => warn!("watch delivery connection: {event}"),
+            }
+        })
+        .name(name);
     let url = url.to_owned();
     runtime()
         .spawn(async move { options.connect(url).await })
