@@ -273,6 +273,12 @@ fn caller(cx: &Option<Context>) -> (Option<&str>, &str) {
     (source, link_name)
 }
 
+/// Whether a link's WIT metadata names `wasi:keyvalue`. Old hosts leave the fields empty.
+fn is_keyvalue(wit_namespace: &str, wit_package: &str) -> bool {
+    (wit_namespace.is_empty() || wit_namespace == "wasi")
+        && (wit_package.is_empty() || wit_package == "keyvalue")
+}
+
 impl From<EngineError> for store::Error {
     fn from(err: EngineError) -> Self {
         store::Error::Other(err.to_string())
@@ -572,11 +578,8 @@ impl Provider for KvProvider {
 
     async fn receive_link_config_as_target(&self, link: LinkConfig<'_>) -> anyhow::Result<()> {
         let (wit_namespace, wit_package, _) = link.wit_metadata;
-        // Old hosts leave the WIT fields empty; anything else must be wasi:keyvalue.
-        let keyvalue = (wit_namespace.is_empty() || wit_namespace == "wasi")
-            && (wit_package.is_empty() || wit_package == "keyvalue");
         anyhow::ensure!(
-            keyvalue,
+            is_keyvalue(wit_namespace, wit_package),
             "link from {} named {:?} is for {wit_namespace}:{wit_package}, not wasi:keyvalue; ignored",
             link.source_id,
             link.link_name
@@ -618,8 +621,7 @@ impl Provider for KvProvider {
     /// uses.
     async fn receive_link_config_as_source(&self, link: LinkConfig<'_>) -> anyhow::Result<()> {
         let (wit_namespace, wit_package, interfaces) = link.wit_metadata;
-        let watcher = (wit_namespace.is_empty() || wit_namespace == "wasi")
-            && (wit_package.is_empty() || wit_package == "keyvalue")
+        let watcher = is_keyvalue(wit_namespace, wit_package)
             && (interfaces.is_empty() || interfaces.iter().any(|i| i == "watcher"));
         anyhow::ensure!(
             watcher,
@@ -780,6 +782,31 @@ mod tests {
         assert_eq!(
             p.namespace(&cx(Some("c1"), None)).unwrap().0.as_ref(),
             "shared"
+        );
+    }
+
+    /// Tests and tools read the watch figures out of health with `Totals::read`.
+    #[test]
+    fn health_carries_the_watch_figures_totals_reads() {
+        let p = KvProvider::default();
+        let health = p.health_message();
+        assert_eq!(
+            crate::watch::Totals::read(&health),
+            Some(p.watchers().totals()),
+            "{health}"
+        );
+        let message = "1 links, 2 watchers, 3 namespaces; \
+                       watch events: 4 delivered, 5 dropped, 6 failed, 7 queued; limits: x";
+        let read = crate::watch::Totals::read(message).unwrap();
+        assert_eq!(
+            (
+                read.watchers,
+                read.delivered,
+                read.dropped,
+                read.failed,
+                read.queued
+            ),
+            (2, 4, 5, 6, 7)
         );
     }
 

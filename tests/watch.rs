@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use keyvalue_inmemory::client::watcher::{Heard, Watcher};
+use keyvalue_inmemory::watch::Totals;
 
 /// How long an expected event may take to arrive.
 const EVENT_WAIT: Duration = Duration::from_secs(5);
@@ -63,18 +64,8 @@ async fn settled(w: &Watcher) -> u64 {
 
 /// Health's watch event figures: (delivered, dropped, failed, queued).
 fn event_figures(health: &str) -> (u64, u64, u64, u64) {
-    let events = health.split_once("watch events: ").expect(health).1;
-    let figure = |what: &str| -> u64 {
-        (events.split([',', ';']))
-            .find_map(|part| part.trim().strip_suffix(what)?.trim().parse().ok())
-            .expect(health)
-    };
-    (
-        figure(" delivered"),
-        figure(" dropped"),
-        figure(" failed"),
-        figure(" queued"),
-    )
+    let t = Totals::read(health).expect(health);
+    (t.delivered, t.dropped, t.failed, t.queued as u64)
 }
 
 /// The events of each key, in the order heard.

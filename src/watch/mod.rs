@@ -53,6 +53,24 @@ pub struct Totals {
     pub queued: usize,
 }
 
+impl Totals {
+    /// Reads the figures out of a health message (`N watchers, …; watch events: N delivered,
+    /// N dropped, N failed, N queued; …`), for tests and tools.
+    pub fn read(health: &str) -> Option<Self> {
+        let figure = |part: &str, what: &str| -> Option<u64> {
+            (part.split([',', ';'])).find_map(|p| p.trim().strip_suffix(what)?.trim().parse().ok())
+        };
+        let (_, events) = health.split_once("watch events: ")?;
+        Some(Self {
+            watchers: usize::try_from(figure(health, " watchers")?).ok()?,
+            delivered: figure(events, " delivered")?,
+            dropped: figure(events, " dropped")?,
+            failed: figure(events, " failed")?,
+            queued: usize::try_from(figure(events, " queued")?).ok()?,
+        })
+    }
+}
+
 /// The active watch links and the namespaces they observe.
 pub struct Watchers {
     shared: Arc<Shared>,

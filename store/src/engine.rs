@@ -288,10 +288,7 @@ impl Engine {
                         let grow = value.len().saturating_sub(old_len) as u64;
                         let reservation = space.reserve(&limits, 0, grow)?;
                         let was_expired = old.get().expired(now);
-                        if was_expired {
-                            notify.report(key, What::Expired);
-                        }
-                        notify.set(key, value);
+                        notify.overwrite(key, value, was_expired);
                         old.replace_entry(Stamp::new(deadline, now_ms));
                         space.settle(reservation, 0, value.len() as i64 - old_len as i64);
                         Ok(u64::from(was_expired))
@@ -535,10 +532,7 @@ impl Engine {
                     {
                         let grow = (text.len() as u64).saturating_sub(old.len() as u64);
                         let reservation = space.reserve(&limits, 0, grow)?;
-                        if *was_expired {
-                            notify.report(key, What::Expired);
-                        }
-                        notify.set(key, text.as_bytes());
+                        notify.overwrite(key, text.as_bytes(), *was_expired);
                         found.replace_entry(Stamp::new(deadline, now_ms));
                         space.settle(reservation, 0, text.len() as i64 - old.len() as i64);
                         return Ok((next, u64::from(*was_expired)));
@@ -893,14 +887,16 @@ impl Engine {
     /// `max_total_bytes` evicts least recently used entries of `ns` (never of another
     /// namespace) instead of being refused.
     pub fn set_eviction(&self, ns: &str, on: bool) {
+        self.set_flag(ns, on, |n| &n.evicts);
+    }
+
+    /// Sets one flag of namespace `ns`; turning one on makes the namespace if it is new (its
+    /// first write then finds the flag), turning one off leaves a missing namespace missing.
+    pub(crate) fn set_flag(&self, ns: &str, on: bool, flag: fn(&Namespace) -> &AtomicBool) {
         if !on && !self.namespaces.contains_key(ns) {
             return;
         }
-        self.namespaces
-            .entry(ns.into())
-            .or_default()
-            .evicts
-            .store(on, Ordering::Relaxed);
+        flag(&self.namespaces.entry(ns.into()).or_default()).store(on, Ordering::Relaxed);
     }
 
     /// Whether a write refused at a usage limit in `ns` may make room: by eviction, or by
@@ -1042,10 +1038,7 @@ fn put(
         Entry::Occupied(old) => {
             let change = value.len() as i64 - old.key().value().len() as i64;
             let was_expired = old.get().expired(now);
-            if was_expired {
-                notify.report(key, What::Expired);
-            }
-            notify.set(key, value);
+            notify.overwrite(key, value, was_expired);
             old.replace_entry(stamp());
             (false, change, was_expired)
         }

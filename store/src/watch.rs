@@ -59,6 +59,15 @@ impl<'a> Notifier<'a> {
         self.report(key, What::Set(value));
     }
 
+    /// A write over an existing entry: an expired one goes first (its removal is told), then
+    /// the new value.
+    pub(crate) fn overwrite(&self, key: &str, value: &[u8], expired: bool) {
+        if expired {
+            self.report(key, What::Expired);
+        }
+        self.set(key, value);
+    }
+
     pub(crate) fn report(&self, key: &str, what: What<'_>) {
         if let Some(observer) = self.observer {
             observer.changed(Change {
@@ -80,14 +89,7 @@ impl Engine {
 
     /// Marks namespace `ns` watched (its changes go to the observer) or not.
     pub fn set_watched(&self, ns: &str, on: bool) {
-        if !on && !self.namespaces.contains_key(ns) {
-            return;
-        }
-        self.namespaces
-            .entry(ns.into())
-            .or_default()
-            .watched
-            .store(on, Ordering::Relaxed);
+        self.set_flag(ns, on, |n| &n.watched);
     }
 
     /// Whether namespace `ns` is watched.

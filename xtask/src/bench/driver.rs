@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use keyvalue_inmemory::transport::Figures;
 
-use super::shared::{CALL_TIMEOUT, LATTICE};
+use super::shared::CALL_TIMEOUT;
 use super::workload::{one_call, Target, Workload};
 use crate::flags;
 
@@ -114,13 +114,7 @@ fn runs(name: &str, workload: Workload, k: usize) -> bool {
 
 /// Our provider's transport figures, from its health message.
 async fn covered(nats: &async_nats::Client) -> Option<Figures> {
-    let subject = format!("wasmbus.rpc.{LATTICE}.ours.health");
-    let reply = tokio::time::timeout(Duration::from_secs(2), nats.request(subject, "{}".into()))
-        .await
-        .ok()?
-        .ok()?;
-    let health: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
-    Figures::read(health["message"].as_str()?)
+    Figures::read(&super::shared::health(nats, "ours").await.ok()?)
 }
 
 /// `inflight` workers calling for `seconds`.

@@ -141,12 +141,7 @@ async fn window(target: &Target) -> (Phase, Phase) {
 
 /// Keys and bytes the provider holds, from its health message.
 async fn usage(nats: &async_nats::Client) -> anyhow::Result<(u64, u64)> {
-    let subject = format!("wasmbus.rpc.{LATTICE}.expiry.health");
-    let reply = tokio::time::timeout(Duration::from_secs(2), nats.request(subject, "{}".into()))
-        .await
-        .context("health timed out")??;
-    let health: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-    let message = health["message"].as_str().unwrap_or_default();
+    let message = super::shared::health(nats, "expiry").await?;
     let figure = |unit: &str| {
         message
             .split([',', ';'])

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keyvalue_inmemory::client::watcher::Watcher;
+use keyvalue_inmemory::watch::Totals;
 use serde_json::json;
 
 use super::driver::{drive, Phase};
@@ -219,9 +220,8 @@ async fn relink(
 
 /// Waits (up to 10 s) until the provider counts `n` watchers.
 async fn wait_for_watchers(nats: &async_nats::Client, n: usize) -> anyhow::Result<()> {
-    let expect = format!(" {n} watchers,");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !health(nats).await?.contains(&expect) {
+    while totals(nats).await?.watchers != n {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "the provider never counted {n} watchers"
@@ -235,8 +235,9 @@ async fn wait_for_watchers(nats: &async_nats::Client, n: usize) -> anyhow::Resul
 async fn wait_until_drained(nats: &async_nats::Client) -> anyhow::Result<(u64, u64, u64)> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if health(nats).await?.contains(" 0 queued;") {
-            return events(nats).await;
+        let t = totals(nats).await?;
+        if t.queued == 0 {
+            return Ok((t.delivered, t.dropped, t.failed));
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
@@ -248,28 +249,12 @@ async fn wait_until_drained(nats: &async_nats::Client) -> anyhow::Result<(u64, u
 
 /// (delivered, dropped, failed) events so far, from health.
 async fn events(nats: &async_nats::Client) -> anyhow::Result<(u64, u64, u64)> {
-    let message = health(nats).await?;
-    let figure = |what: &str| {
-        let events = message
-            .split_once("watch events: ")
-            .map_or("", |(_, rest)| rest);
-        events
-            .split([',', ';'])
-            .find_map(|part| part.trim().strip_suffix(what)?.trim().parse::<u64>().ok())
-            .with_context(|| format!("no{what} events in health: {message}"))
-    };
-    Ok((
-        figure(" delivered")?,
-        figure(" dropped")?,
-        figure(" failed")?,
-    ))
+    let t = totals(nats).await?;
+    Ok((t.delivered, t.dropped, t.failed))
 }
 
-async fn health(nats: &async_nats::Client) -> anyhow::Result<String> {
-    let subject = format!("wasmbus.rpc.{LATTICE}.{PROVIDER}.health");
-    let reply = tokio::time::timeout(Duration::from_secs(2), nats.request(subject, "{}".into()))
-        .await
-        .context("health timed out")??;
-    let health: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-    Ok(health["message"].as_str().unwrap_or_default().to_owned())
+/// The watch figures of the provider's health.
+async fn totals(nats: &async_nats::Client) -> anyhow::Result<Totals> {
+    let message = super::shared::health(nats, PROVIDER).await?;
+    Totals::read(&message).with_context(|| format!("no watch figures in health: {message}"))
 }
