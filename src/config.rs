@@ -73,6 +73,24 @@ pub const SNAPSHOT_INTERVAL_SECS: &str = "snapshot_interval_secs";
 /// Refuse to start on an unreadable snapshot, `true`/`false` (start only).
 pub const SNAPSHOT_REQUIRED: &str = "snapshot_required";
 
+/// `jetstream` to serve as one store with every other instance through NATS JetStream; `none`
+/// (the default) for one instance in memory (start only).
+pub const REPLICATION: &str = "replication";
+/// Prefix of the JetStream stream's name and subjects (start only).
+pub const JETSTREAM_PREFIX: &str = "jetstream_prefix";
+/// `file` (the default) or `memory` (start only).
+pub const JETSTREAM_STORAGE: &str = "jetstream_storage";
+/// Replicas of the stream in a JetStream cluster (start only).
+pub const JETSTREAM_REPLICAS: &str = "jetstream_replicas";
+/// Most bytes the stream may hold; past it, writes are refused (start only).
+pub const JETSTREAM_MAX_BYTES: &str = "jetstream_max_bytes";
+/// How long a delete's marker stays in the stream (start only).
+pub const JETSTREAM_TOMBSTONE_SECS: &str = "jetstream_tombstone_secs";
+/// How long a replicated write or read may wait for JetStream (start only).
+pub const JETSTREAM_TIMEOUT_MS: &str = "jetstream_timeout_ms";
+/// `linearizable` (the default) or `local` (start only).
+pub const READ_CONSISTENCY: &str = "read_consistency";
+
 /// Link `target_config` key naming the namespace a link's calls use. Links naming the same
 /// namespace share data; without it a component gets a namespace of its own.
 pub const LINK_NAMESPACE: &str = "namespace";
@@ -292,6 +310,143 @@ impl Snapshots {
             path,
             interval: Duration::from_secs(interval),
             required,
+        };
+        (Some(settings), r.problems)
+    }
+}
+
+/// How reads see the writes of other instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadConsistency {
+    /// A read sees every write acknowledged before it began, on any instance.
+    Linearizable,
+    /// A read answers from this instance's memory at once: writes of other instances show
+    /// once they are applied here.
+    Local,
+}
+
+/// Where the replicated store lives in JetStream (`replication = "jetstream"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replication {
+    /// Prefix of the stream's name and subjects.
+    pub prefix: String,
+    /// On disk (`true`) or in memory.
+    pub file_storage: bool,
+    pub replicas: usize,
+    /// Most bytes the stream may hold, `None` for no limit but the server's.
+    pub max_bytes: Option<u64>,
+    /// How long a delete's marker stays (an instance out of touch for longer reloads).
+    pub tombstone: Duration,
+    /// How long a write or a read barrier may wait for JetStream.
+    pub timeout: Duration,
+    pub reads: ReadConsistency,
+}
+
+impl Replication {
+    pub const DEFAULT_PREFIX: &'static str = "KVINMEM";
+    pub const DEFAULT_TOMBSTONE: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// The replication settings of the provider config: `None` unless `replication` is
+    /// `jetstream`. A value that cannot be used keeps its default and is reported.
+    pub fn from_map(map: &HashMap<String, String>) -> (Option<Replication>, Vec<Problem>) {
+        let mut r = Reader::new(map);
+        let on = r.read(
+            REPLICATION,
+            "`jetstream` or `none`; not replicated",
+            false,
+            false,
+            |v| match v.to_ascii_lowercase().as_str() {
+                "jetstream" => Some(true),
+                "none" | "" => Some(false),
+                _ => None,
+            },
+        );
+        if !on {
+            return (None, r.problems);
+        }
+        let prefix = r.read(
+            JETSTREAM_PREFIX,
+            "letters, digits, `-` and `_`",
+            Self::DEFAULT_PREFIX.to_owned(),
+            Self::DEFAULT_PREFIX.to_owned(),
+            |v| {
+                let ok = !v.is_empty()
+                    && v.len() <= 32
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                ok.then(|| v.to_owned())
+            },
+        );
+        let file_storage = r.read(
+            JETSTREAM_STORAGE,
+            "`file` or `memory`; file",
+            true,
+            true,
+            |v| match v.to_ascii_lowercase().as_str() {
+                "file" => Some(true),
+                "memory" => Some(false),
+                _ => None,
+            },
+        );
+        let replicas = r.read(JETSTREAM_REPLICAS, "1 to 5; 1", 1, 1, |v| {
+            v.parse::<usize>().ok().filter(|n| (1..=5).contains(n))
+        });
+        let max_bytes = r.read(
+            JETSTREAM_MAX_BYTES,
+            "a whole number above 0; no limit",
+            None,
+            None,
+            |v| {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|&n| n > 0 && n < i64::MAX as u64)
+                    .map(Some)
+            },
+        );
+        let tombstone = r.read(
+            JETSTREAM_TOMBSTONE_SECS,
+            "whole seconds from 60; 3600",
+            Self::DEFAULT_TOMBSTONE,
+            Self::DEFAULT_TOMBSTONE,
+            |v| {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|&s| s >= 60)
+                    .map(Duration::from_secs)
+            },
+        );
+        let timeout = r.read(
+            JETSTREAM_TIMEOUT_MS,
+            "milliseconds from 100; 5000",
+            Self::DEFAULT_TIMEOUT,
+            Self::DEFAULT_TIMEOUT,
+            |v| {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|&ms| ms >= 100)
+                    .map(Duration::from_millis)
+            },
+        );
+        let reads = r.read(
+            READ_CONSISTENCY,
+            "`linearizable` or `local`; linearizable",
+            ReadConsistency::Linearizable,
+            ReadConsistency::Linearizable,
+            |v| match v.to_ascii_lowercase().as_str() {
+                "linearizable" => Some(ReadConsistency::Linearizable),
+                "local" => Some(ReadConsistency::Local),
+                _ => None,
+            },
+        );
+        let settings = Replication {
+            prefix,
+            file_storage,
+            replicas,
+            max_bytes,
+            tombstone,
+            timeout,
+            reads,
         };
         (Some(settings), r.problems)
     }
@@ -697,6 +852,38 @@ mod tests {
         assert!(problems[1]
             .to_string()
             .contains("snapshot_required=\"yes\""));
+    }
+
+    #[test]
+    fn replication_is_off_unless_asked_and_bad_values_keep_their_defaults() {
+        assert_eq!(Replication::from_map(&map(&[])).0, None);
+        assert_eq!(
+            Replication::from_map(&map(&[("replication", "none")])).0,
+            None
+        );
+        let (off, problems) = Replication::from_map(&map(&[("replication", "raft")]));
+        assert_eq!((off, problems.len()), (None, 1));
+        let (on, problems) = Replication::from_map(&map(&[
+            ("REPLICATION", "JetStream"),
+            ("jetstream_storage", "memory"),
+            ("jetstream_replicas", "3"),
+            ("read_consistency", "local"),
+            ("jetstream_prefix", "a.b"),
+            ("jetstream_tombstone_secs", "5"),
+        ]));
+        let on = on.unwrap();
+        assert!(!on.file_storage);
+        assert_eq!(on.replicas, 3);
+        assert_eq!(on.reads, ReadConsistency::Local);
+        // A dot would split the stream's subjects; too short a marker life would lose deletes.
+        assert_eq!(on.prefix, Replication::DEFAULT_PREFIX);
+        assert_eq!(on.tombstone, Replication::DEFAULT_TOMBSTONE);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        let (defaults, _) = Replication::from_map(&map(&[("replication", "jetstream")]));
+        let defaults = defaults.unwrap();
+        assert!(defaults.file_storage);
+        assert_eq!(defaults.reads, ReadConsistency::Linearizable);
+        assert_eq!(defaults.max_bytes, None);
     }
 
     #[test]

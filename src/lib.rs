@@ -23,6 +23,8 @@
 //! - [`budget`]: what calls in flight may hold (bytes, calls), in all and per component.
 //! - [`snapshots`]: when snapshots are restored and written; [`expiry`]: when expired keys are
 //!   swept.
+//! - [`replica`]: several instances as one store, through NATS JetStream (`replication =
+//!   "jetstream"`): the stream, replicated writes, read barriers, the applier.
 //! - [`watch`]: components told of the changes in their namespace (`wasi:keyvalue/watcher`):
 //!   the `watch` rules, each watcher's bounded queue, delivery.
 //! - [`shutdown`]: stopping: the stop request, the drain, the final snapshot.
@@ -37,6 +39,7 @@ pub mod config;
 pub mod expiry;
 pub mod links;
 pub mod provider;
+pub mod replica;
 pub mod serve;
 pub mod shutdown;
 pub mod snapshots;
@@ -65,13 +68,18 @@ pub const NAME: &str = env!("CARGO_PKG_NAME");
 /// SIGINT, once in-flight calls finished.
 pub async fn run() -> anyhow::Result<()> {
     let host_data = check_host_data()?;
-    let (snapshots, problems) = config::Snapshots::from_map(&host_data.config);
+    let (mut snapshots, mut problems) = config::Snapshots::from_map(&host_data.config);
+    let (replication, more) = config::Replication::from_map(&host_data.config);
+    problems.extend(more);
     let otel = config::otel_config(&host_data.otel_config, &host_data.config);
     let telemetry = telemetry::init(host_data, &otel)?;
     for problem in problems {
         warn!("{problem}");
     }
-    let (served, snapshot_finished) = serve_until_stopped(snapshots).await;
+    if replication.is_some() && snapshots.take().is_some() {
+        warn!("snapshot_path is ignored with replication = jetstream: the stream keeps the data");
+    }
+    let (served, snapshot_finished) = serve_until_stopped(snapshots, replication).await;
     if let Err(err) = &served {
         tracing::error!("{err:#}");
     }
@@ -87,8 +95,11 @@ pub async fn run() -> anyhow::Result<()> {
 
 /// Serves until stopped; answers how serving ended and whether the final snapshot (if any)
 /// finished in time.
-async fn serve_until_stopped(snapshots: Option<config::Snapshots>) -> (anyhow::Result<()>, bool) {
-    match serve(snapshots).await {
+async fn serve_until_stopped(
+    snapshots: Option<config::Snapshots>,
+    replication: Option<config::Replication>,
+) -> (anyhow::Result<()>, bool) {
+    match serve(snapshots, replication).await {
         Ok((served, provider)) => {
             let finished = provider.shutdown_handle().final_snapshot().await;
             (served, finished)
@@ -100,11 +111,43 @@ async fn serve_until_stopped(snapshots: Option<config::Snapshots>) -> (anyhow::R
 /// Starts, serves until stopped, and hands back the provider for its final snapshot.
 async fn serve(
     snapshots: Option<config::Snapshots>,
+    replication: Option<config::Replication>,
 ) -> anyhow::Result<(anyhow::Result<()>, KvProvider)> {
     let provider = KvProvider::new(config::Config::default(), snapshots);
-    // Restore before the SDK answers its first health check.
+    let host_data = wasmcloud_provider_sdk::load_host_data()?;
+    let url = match host_data.lattice_rpc_url.as_str() {
+        "" => "nats://127.0.0.1:4222",
+        url => url,
+    };
+    // Restore, or catch up with the other instances, before the SDK answers its first health
+    // check.
     if let Some(snapshots) = provider.snapshots() {
         snapshots.restore().await?;
+    }
+    if let Some(replication) = replication {
+        // The provider config applies to the limits checked before replicated writes.
+        provider.apply_config(&host_data.config);
+        let nats = connect(
+            url,
+            &host_data.lattice_rpc_user_jwt,
+            &host_data.lattice_rpc_user_seed,
+            &format!("{NAME} replication"),
+            "replication connection",
+        )
+        .await
+        .context("replication: cannot connect to NATS")?;
+        let replica = replica::Replica::start(
+            nats,
+            (
+                &host_data.lattice_rpc_prefix,
+                &host_data.provider_key,
+                &host_data.instance_id,
+            ),
+            replication,
+            std::sync::Arc::clone(provider.engine()),
+        )
+        .await?;
+        provider.replicate(replica);
     }
     telemetry::register_usage_gauges(std::sync::Arc::clone(provider.engine()));
     let watching = provider.clone();
@@ -115,11 +158,6 @@ async fn serve(
     let connection = wasmcloud_provider_sdk::get_connection();
     // Subscribe the data plane before the control loop first runs: the host (and our tests)
     // take the first health answer to mean calls can be sent.
-    let host_data = wasmcloud_provider_sdk::load_host_data()?;
-    let url = match host_data.lattice_rpc_url.as_str() {
-        "" => "nats://127.0.0.1:4222",
-        url => url,
-    };
     let watch_nats = watch::delivery::connect(
         url,
         &host_data.lattice_rpc_user_jwt,
@@ -188,6 +226,40 @@ async fn serve(
     }
     sweeping.abort();
     Ok((served, provider))
+}
+
+/// A NATS connection of the provider's own (besides the SDK's), made as the SDK makes its own:
+/// the lattice URL, and the JWT and seed when host data has them. `what` names it in logs.
+pub async fn connect(
+    url: &str,
+    jwt: &str,
+    seed: &str,
+    name: &str,
+    what: &'static str,
+) -> anyhow::Result<async_nats::Client> {
+    let options = match (jwt.trim(), seed.trim()) {
+        ("", "") => async_nats::ConnectOptions::default(),
+        (jwt, seed) => {
+            let key = std::sync::Arc::new(nkeys::KeyPair::from_seed(seed)?);
+            async_nats::ConnectOptions::with_jwt(jwt.to_owned(), move |nonce| {
+                let key = std::sync::Arc::clone(&key);
+                async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
+            })
+        }
+    };
+    // Not the SDK's event logging: it logs the close at the end of every clean stop as an
+    // error.
+    let options = options
+        .event_callback(move |event| async move {
+            match event {
+                async_nats::Event::Connected | async_nats::Event::Closed => {
+                    tracing::debug!("{what}: {event}");
+                }
+                event => warn!("{what}: {event}"),
+            }
+        })
+        .name(name);
+    Ok(options.connect(url).await?)
 }
 
 /// Loads host data; fails with a clear message where the SDK would panic on what it holds.

@@ -22,6 +22,7 @@ use crate::bindings::exports::wrpc::keyvalue::{atomics, batch, store};
 use crate::budget::{self, Budget};
 use crate::config::{self, Config, Serving, Snapshots};
 use crate::links::{Link, LinkTable};
+use crate::replica::Replica;
 use crate::shutdown::Shutdown;
 use crate::snapshots::Snapshotter;
 use crate::telemetry;
@@ -55,6 +56,8 @@ struct Inner {
     link_changes: std::sync::Mutex<()>,
     /// Components told of the changes in their namespace.
     watchers: Watchers,
+    /// The replicated store, with `replication = "jetstream"`: set once at the start.
+    replica: std::sync::OnceLock<Replica>,
 }
 
 impl Default for KvProvider {
@@ -81,6 +84,7 @@ impl KvProvider {
                 link_changes: std::sync::Mutex::new(()),
                 watchers,
                 snapshots,
+                replica: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -108,6 +112,26 @@ impl KvProvider {
     /// The active links.
     pub fn links(&self) -> &LinkTable {
         &self.inner.links
+    }
+
+    /// Serves as one store with the other instances through `replica` from now on (at the
+    /// start, before calls are taken).
+    pub fn replicate(&self, replica: Replica) {
+        let _ = self.inner.replica.set(replica);
+    }
+
+    /// The replicated store, when replication is on.
+    pub fn replica(&self) -> Option<&Replica> {
+        self.inner.replica.get()
+    }
+
+    /// With linearizable replicated reads: waits until this instance applied every write
+    /// acknowledged before, on any instance.
+    async fn read_barrier(&self) -> Result<(), store::Error> {
+        match self.replica() {
+            Some(replica) => replica.read_barrier().await.map_err(store::Error::Other),
+            None => Ok(()),
+        }
     }
 
     /// The watchers.
@@ -199,7 +223,7 @@ impl KvProvider {
             "{} links, {} watchers, {namespaces} namespaces, {buckets} buckets, {keys} keys, \
              {bytes} bytes, {expired} expired, {evicted} evicted; \
              watch events: {} delivered, {} dropped, {} failed, {} queued; \
-             limits: max_key_bytes={} max_value_bytes={} max_keys={} max_total_bytes={} \
+             replication: {}; limits: max_key_bytes={} max_value_bytes={} max_keys={} max_total_bytes={} \
              list_page_size={} allow_unlinked={}; transport: {}",
             self.inner.links.len(),
             watch.watchers,
@@ -207,6 +231,7 @@ impl KvProvider {
             watch.dropped,
             watch.failed,
             watch.queued,
+            self.replica().map_or_else(|| "none".to_owned(), Replica::figures),
             l.max_key_bytes,
             l.max_value_bytes,
             l.max_keys,
@@ -378,6 +403,37 @@ fn in_namespace<T>(
     )
 }
 
+/// A write with replication on: `check` runs as `in_namespace`'s op does (against what this
+/// instance has applied) and hands its result to `write`, which replicates it.
+async fn replicated<P, T, F>(
+    provider: &KvProvider,
+    cx: &Option<Context>,
+    bucket: &str,
+    keys: usize,
+    check: impl FnOnce(&Engine, &str, Option<Duration>) -> Result<P, Refused>,
+    write: impl FnOnce(Arc<str>, P) -> F,
+) -> anyhow::Result<Result<T, store::Error>>
+where
+    F: std::future::Future<Output = Result<T, store::Error>>,
+{
+    let checked = in_namespace(provider, cx, bucket, keys, |e, ns, ttl| {
+        Ok((Arc::<str>::from(ns), check(e, ns, ttl)?))
+    })?;
+    Ok(match checked {
+        Ok((ns, checked)) => write(ns, checked).await,
+        Err(err) => Err(err),
+    })
+}
+
+/// What a list-keys call found in this instance.
+enum Listed {
+    Page(keyvalue_store::KeyPage),
+    /// A first page of a large bucket, to sort on a blocking thread.
+    Sort(Arc<str>),
+    /// A cursor this instance does not know: replicated, another may.
+    Elsewhere(Arc<str>),
+}
+
 /// Puts a byte count on the call's span.
 fn record_bytes(field: &'static str, bytes: usize) {
     Span::current().record(field, bytes);
@@ -390,6 +446,9 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key: String,
     ) -> anyhow::Result<Result<Option<Bytes>, store::Error>> {
+        if let Err(err) = self.read_barrier().await {
+            return Ok(Err(err));
+        }
         let mut room = AnswerRoom::new(&self.serving());
         in_namespace(self, &cx, &bucket, 1, |e, ns, _| {
             e.check_key_limits(&bucket, &key)?;
@@ -409,6 +468,20 @@ impl store::Handler<Option<Context>> for KvProvider {
         value: Bytes,
     ) -> anyhow::Result<Result<(), store::Error>> {
         record_bytes("keyvalue.bytes_in", value.len());
+        if let Some(replica) = self.replica() {
+            let check = |e: &Engine, ns: &str, ttl| {
+                e.admits(ns, &bucket, [(key.as_str(), &value[..])])?;
+                Ok(e.deadline_unix_ms(ttl))
+            };
+            let write = |ns: Arc<str>, deadline| {
+                let (bucket, key, value) = (&bucket, &key, &value);
+                async move {
+                    let written = replica.set(&ns, bucket, key, value, deadline).await;
+                    written.map_err(store::Error::Other)
+                }
+            };
+            return replicated(self, &cx, &bucket, 1, check, write).await;
+        }
         in_namespace(self, &cx, &bucket, 1, |e, ns, ttl| {
             Ok(e.set_expiring(ns, &bucket, &key, &value, ttl)?)
         })
@@ -420,6 +493,17 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key: String,
     ) -> anyhow::Result<Result<(), store::Error>> {
+        if let Some(replica) = self.replica() {
+            let check = |e: &Engine, _: &str, _| Ok(e.check_key_limits(&bucket, &key)?);
+            let write = |ns: Arc<str>, ()| {
+                let (bucket, key) = (&bucket, &key);
+                async move {
+                    let deleted = replica.delete_many(&ns, bucket, &[key]).await;
+                    deleted.map_err(store::Error::Other)
+                }
+            };
+            return replicated(self, &cx, &bucket, 1, check, write).await;
+        }
         in_namespace(self, &cx, &bucket, 1, |e, ns, _| {
             e.delete(ns, &bucket, &key);
             Ok(())
@@ -432,6 +516,9 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         key: String,
     ) -> anyhow::Result<Result<bool, store::Error>> {
+        if let Err(err) = self.read_barrier().await {
+            return Ok(Err(err));
+        }
         in_namespace(self, &cx, &bucket, 1, |e, ns, _| {
             Ok(e.exists(ns, &bucket, &key))
         })
@@ -443,23 +530,28 @@ impl store::Handler<Option<Context>> for KvProvider {
         bucket: String,
         cursor: Option<u64>,
     ) -> anyhow::Result<Result<store::KeyResponse, store::Error>> {
+        if let Err(err) = self.read_barrier().await {
+            return Ok(Err(err));
+        }
         let max_bytes = self.serving().max_response_bytes;
-        // `Ok(Err(ns))`: a first page of a large bucket, which copies and sorts its keys: that
-        // runs on a blocking thread, not on an async worker.
+        let replicated = self.replica().is_some();
         let listed = in_namespace(self, &cx, &bucket, 0, |e, ns, _| {
+            // A first page of a large bucket copies and sorts its keys: that runs on a blocking
+            // thread, not on an async worker.
             if cursor.is_none() && e.bucket_len(ns, &bucket) > SORT_ON_BLOCKING_THREAD {
-                return Ok(Err(Arc::<str>::from(ns)));
+                return Ok(Listed::Sort(Arc::<str>::from(ns)));
             }
-            Ok(Ok(e.list_keys_within(
-                ns,
-                &bucket,
-                cursor.map(Cursor::from),
-                max_bytes,
-            )?))
+            match e.list_keys_within(ns, &bucket, cursor.map(Cursor::from), max_bytes) {
+                // Replicated, another instance may hold the listing.
+                Err(EngineError::UnknownCursor(_)) if replicated => {
+                    Ok(Listed::Elsewhere(Arc::<str>::from(ns)))
+                }
+                page => Ok(Listed::Page(page?)),
+            }
         })?;
         let page = match listed {
-            Ok(Ok(page)) => Ok(page),
-            Ok(Err(ns)) => {
+            Ok(Listed::Page(page)) => Ok(page),
+            Ok(Listed::Sort(ns)) => {
                 let (provider, bucket) = (self.clone(), bucket.clone());
                 tokio::task::spawn_blocking(move || {
                     let engine = provider.engine();
@@ -472,6 +564,23 @@ impl store::Handler<Option<Context>> for KvProvider {
                     }
                     store::Error::from(err)
                 })
+            }
+            Ok(Listed::Elsewhere(ns)) => {
+                let (replica, cursor) = (self.replica(), cursor.unwrap_or_default());
+                let asked = match replica {
+                    Some(replica) => {
+                        replica
+                            .page_elsewhere(&ns, &bucket, cursor, max_bytes)
+                            .await
+                    }
+                    None => None,
+                };
+                match asked {
+                    Some(page) => page.map_err(store::Error::Other),
+                    None => Err(store::Error::from(EngineError::UnknownCursor(
+                        Cursor::from(cursor),
+                    ))),
+                }
             }
             Err(err) => Err(err),
         };
@@ -502,6 +611,17 @@ impl atomics::Handler<Option<Context>> for KvProvider {
         key: String,
         delta: u64,
     ) -> anyhow::Result<Result<u64, store::Error>> {
+        if let Some(replica) = self.replica() {
+            let check = |e: &Engine, _: &str, ttl| {
+                e.check_key_limits(&bucket, &key)?;
+                Ok(e.deadline_unix_ms(ttl))
+            };
+            let write = |ns: Arc<str>, deadline| {
+                let (bucket, key) = (&bucket, &key);
+                async move { replica.increment(&ns, bucket, key, delta, deadline).await }
+            };
+            return replicated(self, &cx, &bucket, 1, check, write).await;
+        }
         in_namespace(self, &cx, &bucket, 1, |e, ns, ttl| {
             Ok(e.increment_expiring(ns, &bucket, &key, delta, ttl)?)
         })
@@ -515,6 +635,9 @@ impl batch::Handler<Option<Context>> for KvProvider {
         bucket: String,
         keys: Vec<String>,
     ) -> anyhow::Result<Result<Vec<Option<(String, Bytes)>>, store::Error>> {
+        if let Err(err) = self.read_barrier().await {
+            return Ok(Err(err));
+        }
         let mut room = AnswerRoom::new(&self.serving());
         in_namespace(self, &cx, &bucket, keys.len(), |e, ns, _| {
             let values = e
@@ -536,6 +659,21 @@ impl batch::Handler<Option<Context>> for KvProvider {
             "keyvalue.bytes_in",
             key_values.iter().map(|(_, v)| v.len()).sum(),
         );
+        if let Some(replica) = self.replica() {
+            let check = |e: &Engine, ns: &str, ttl| {
+                let pairs = key_values.iter().map(|(k, v)| (k.as_str(), v.as_ref()));
+                e.admits(ns, &bucket, pairs)?;
+                Ok(e.deadline_unix_ms(ttl))
+            };
+            let write = |ns: Arc<str>, deadline| {
+                let (bucket, key_values) = (&bucket, &key_values);
+                async move {
+                    let written = replica.set_many(&ns, bucket, key_values, deadline).await;
+                    written.map_err(store::Error::Other)
+                }
+            };
+            return replicated(self, &cx, &bucket, key_values.len(), check, write).await;
+        }
         in_namespace(self, &cx, &bucket, key_values.len(), |e, ns, ttl| {
             Ok(e.set_many_expiring(
                 ns,
@@ -552,6 +690,23 @@ impl batch::Handler<Option<Context>> for KvProvider {
         bucket: String,
         keys: Vec<String>,
     ) -> anyhow::Result<Result<(), store::Error>> {
+        if let Some(replica) = self.replica() {
+            let check = |e: &Engine, _: &str, _| {
+                for key in &keys {
+                    e.check_key_limits(&bucket, key)?;
+                }
+                Ok(())
+            };
+            let write = |ns: Arc<str>, ()| {
+                let (bucket, keys) = (&bucket, &keys);
+                async move {
+                    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                    let deleted = replica.delete_many(&ns, bucket, &keys).await;
+                    deleted.map_err(store::Error::Other)
+                }
+            };
+            return replicated(self, &cx, &bucket, keys.len(), check, write).await;
+        }
         in_namespace(self, &cx, &bucket, keys.len(), |e, ns, _| {
             e.delete_many(ns, &bucket, keys.iter().map(String::as_str));
             Ok(())
@@ -593,6 +748,15 @@ impl Provider for KvProvider {
                 "link {problem}"
             );
         }
+        // Each instance would evict on its own what the others keep: the copies would part.
+        anyhow::ensure!(
+            !(policy.evicts && self.replica().is_some()),
+            "link from {} named {:?} asks for eviction, which replication = jetstream cannot \
+             keep alike on every instance; link refused (drop `eviction`, or bound the data \
+             with ttl_secs)",
+            link.source_id,
+            link.link_name
+        );
         info!(
             source = link.source_id,
             link_name = link.link_name,

@@ -10,10 +10,59 @@ use common::*;
 const C1: &str = "component-one";
 const C2: &str = "component-two";
 
+/// Whether this is the suite's run against two replicated instances: `tests/contract.rs` runs
+/// it against one instance, `tests/replicated_contract.rs` includes it against two instances
+/// of one provider serving as one store through JetStream, each call landing on either.
+fn replicated() -> bool {
+    module_path!().starts_with("replicated_contract")
+}
+
+/// The provider under test: one instance, or two replicated ones (calls and control messages
+/// go to both, as the host's do).
+struct Under {
+    first: Provider,
+    _second: Option<Provider>,
+}
+
+impl std::ops::Deref for Under {
+    type Target = Provider;
+
+    fn deref(&self) -> &Provider {
+        &self.first
+    }
+}
+
+/// Starts the provider under test with `config` and `links`.
+async fn start(
+    server: &NatsServer,
+    config: &[(&str, &str)],
+    links: &[(&str, &str, Option<&str>)],
+) -> Under {
+    if !replicated() {
+        let first = Provider::start(server, config, links).await;
+        return Under {
+            first,
+            _second: None,
+        };
+    }
+    let key = unique_key();
+    let mut config = config.to_vec();
+    config.extend([
+        ("replication", "jetstream"),
+        ("jetstream_storage", "memory"),
+    ]);
+    let first = Provider::start_instance(server, &key, "one", &config, links).await;
+    let second = Provider::start_instance(server, &key, "two", &config, links).await;
+    Under {
+        first,
+        _second: Some(second),
+    }
+}
+
 /// A provider with one plain link from C1.
-async fn linked() -> (NatsServer, Provider) {
+async fn linked() -> (NatsServer, Under) {
     let server = NatsServer::start();
-    let provider = Provider::start(&server, &[], &[(C1, "default", None)]).await;
+    let provider = start(&server, &[], &[(C1, "default", None)]).await;
     (server, provider)
 }
 
@@ -120,7 +169,7 @@ async fn concurrent_increments_on_one_key_are_atomic() {
 async fn paging_lists_each_stable_key_once_under_churn() {
     let server = NatsServer::start();
     let p = Arc::new(
-        Provider::start(
+        start(
             &server,
             &[("list_page_size", "100")],
             &[(C1, "default", None)],
@@ -182,7 +231,7 @@ async fn an_unknown_cursor_is_an_error_that_says_so() {
 #[tokio::test]
 async fn batch_calls_keep_order_and_set_many_is_all_or_nothing() {
     let server = NatsServer::start();
-    let p = Provider::start(
+    let p = start(
         &server,
         &[("max_value_bytes", "8")],
         &[(C1, "default", None)],
@@ -251,7 +300,7 @@ async fn limits_apply_live_from_config_updates_and_name_the_key() {
 #[tokio::test]
 async fn components_are_isolated_unless_links_name_one_namespace() {
     let server = NatsServer::start();
-    let p = Provider::start(
+    let p = start(
         &server,
         &[],
         &[
@@ -281,7 +330,7 @@ async fn components_are_isolated_unless_links_name_one_namespace() {
 #[tokio::test]
 async fn calls_without_an_active_link_are_denied() {
     let server = NatsServer::start();
-    let p = Provider::start(&server, &[], &[]).await;
+    let p = start(&server, &[], &[]).await;
     let c = p.as_component(C1, "default");
     assert!(is_denied(&c.get("b", "k").await));
     assert!(is_denied(&c.set("b", "k", b"v").await));
@@ -305,7 +354,7 @@ async fn calls_without_an_active_link_are_denied() {
 #[tokio::test]
 async fn allow_unlinked_serves_calls_in_the_callers_own_namespace() {
     let server = NatsServer::start();
-    let p = Provider::start(&server, &[("allow_unlinked", "true")], &[]).await;
+    let p = start(&server, &[("allow_unlinked", "true")], &[]).await;
     p.as_component(C1, "default")
         .set("b", "k", b"one")
         .await
@@ -331,11 +380,11 @@ async fn health_reports_live_figures() {
     let c = p.as_component(C1, "default");
     c.set_many("b1", &[("a", b"12"), ("b", b"")]).await.unwrap();
     c.set("b2", "c", b"3").await.unwrap();
-    let message = p.try_health().await.expect("health");
-    assert!(
+    // Replicated, the instance that answers may apply the last write a moment later.
+    p.wait_for_health(|message| {
         message.starts_with(
-            "1 links, 0 watchers, 1 namespaces, 2 buckets, 3 keys, 6 bytes, 0 expired, 0 evicted;"
-        ),
-        "{message}"
-    );
+            "1 links, 0 watchers, 1 namespaces, 2 buckets, 3 keys, 6 bytes, 0 expired, 0 evicted;",
+        )
+    })
+    .await;
 }

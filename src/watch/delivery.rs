@@ -336,42 +336,26 @@ fn runtime() -> tokio::runtime::Handle {
         .unwrap_or_else(tokio::runtime::Handle::current)
 }
 
-/// A NATS connection of the watchers' own, made as the SDK makes the provider's (the lattice
-/// URL, and the JWT and seed when host data has them), on the delivery [`runtime`]: its I/O
-/// runs on that thread, and events never queue on the connection that serves calls.
+/// A NATS connection of the watchers' own ([`crate::connect`]), on the delivery
+/// [`runtime`]: its I/O runs on that thread, and events never queue on the connection that
+/// serves calls.
 pub async fn connect(
     url: &str,
     jwt: &str,
     seed: &str,
     name: &str,
 ) -> anyhow::Result<async_nats::Client> {
-    let options = match (jwt.trim(), seed.trim()) {
-        ("", "") => async_nats::ConnectOptions::default(),
-        (jwt, seed) => {
-            let key = Arc::new(nkeys::KeyPair::from_seed(seed)?);
-            async_nats::ConnectOptions::with_jwt(jwt.to_owned(), move |nonce| {
-                let key = Arc::clone(&key);
-                async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
-            })
-        }
-    };
-    // Not the SDK's event logging: it logs the close at the end of every clean stop as an
-    // error.
-    let options = options
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected | async_nats::Event::Closed => {
-                    debug!("watch delivery connection: {event}");
-                }
-                event => warn!("watch delivery connection: {event}"),
-            }
-        })
-        .name(name);
-    let url = url.to_owned();
+    let (url, jwt, seed, name) = (
+        url.to_owned(),
+        jwt.to_owned(),
+        seed.to_owned(),
+        name.to_owned(),
+    );
     runtime()
-        .spawn(async move { options.connect(url).await })
+        .spawn(async move {
+            crate::connect(&url, &jwt, &seed, &name, "watch delivery connection").await
+        })
         .await?
-        .map_err(anyhow::Error::from)
 }
 
 /// Lowers the calling thread's CPU priority (nice +10), where the platform allows it.

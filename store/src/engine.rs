@@ -269,7 +269,19 @@ impl Engine {
         value: &[u8],
         deadline: u32,
     ) -> Result<(), EngineError> {
-        let limits = self.limits();
+        self.set_at_within(self.limits(), ns, bucket, key, value, deadline)
+    }
+
+    /// [`Engine::set_at`] under `limits` (the store's, or none for a replicated write).
+    pub(crate) fn set_at_within(
+        &self,
+        limits: Limits,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        deadline: u32,
+    ) -> Result<(), EngineError> {
         check_key(&limits, "bucket name", bucket)?;
         check_key(&limits, "key", key)?;
         check_value(&limits, value)?;
@@ -346,14 +358,26 @@ impl Engine {
             check_value(&limits, value)?;
             latest.insert(key, value);
         }
+        self.set_many_at(limits, ns, bucket, latest, self.clock.deadline(ttl))
+    }
+
+    /// Stores every pair of `latest` (distinct keys, checked), or none of them, under
+    /// `limits`, expiring at `deadline`.
+    pub(crate) fn set_many_at(
+        &self,
+        limits: Limits,
+        ns: &str,
+        bucket: &str,
+        latest: HashMap<&str, &[u8]>,
+        deadline: u32,
+    ) -> Result<(), EngineError> {
         if latest.len() == 1 {
             let (key, value) = latest.into_iter().next().unwrap_or_default();
-            return self.set_expiring(ns, bucket, key, value, ttl);
+            return self.set_at_within(limits, ns, bucket, key, value, deadline);
         }
         if latest.is_empty() {
             return Ok(());
         }
-        let deadline = self.clock.deadline(ttl);
         let expired = self.limited_write(
             ns,
             bucket,
@@ -1051,7 +1075,8 @@ fn put(
 }
 
 /// A decimal `u64` with no sign, no spaces and no leading `+`; leading zeros are accepted.
-fn parse_counter(value: &[u8]) -> Option<u64> {
+/// A counter's value: decimal ASCII digits that fit a `u64`.
+pub fn parse_counter(value: &[u8]) -> Option<u64> {
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }

@@ -19,6 +19,8 @@
 //! - `answer.rs`: [`AnswerRefused`], bounding what a read copies into an answer.
 //! - `listing.rs`: paged, sorted key listings; `cursor.rs`: the [`Cursor`] of their pages.
 //! - [`snapshot`]: the snapshot file format, its writer and its verifying reader.
+//! - `replica.rs`: writes a replicated log applies (whatever the local limits), and the check
+//!   its writer makes first.
 //! - `watch.rs`: the [`Observer`] told of every change in a watched namespace, in order per
 //!   key.
 
@@ -33,6 +35,7 @@ mod item;
 mod limits;
 mod listing;
 mod raw;
+mod replica;
 pub mod snapshot;
 mod usage;
 mod watch;
@@ -43,11 +46,12 @@ mod testing;
 pub use answer::{AnswerRefused, ANSWER_ELEMENT_BYTES};
 pub use clock::{MAX_TTL, TICK};
 pub use cursor::Cursor;
-pub use engine::Engine;
+pub use engine::{parse_counter, Engine};
 pub use error::EngineError;
 pub use evict::SAMPLES as EVICTION_SAMPLES;
 pub use expiry::{Swept, SWEEP_RUN};
 pub use limits::Limits;
 pub use listing::{KeyPage, CURSOR_IDLE_TTL, MAX_LISTINGS_PER_NAMESPACE};
+pub use replica::quietly;
 pub use usage::Usage;
 pub use watch::{Change, Observer, What};

@@ -104,7 +104,8 @@ impl Engine {
         ns: &'a str,
         bucket: &'a str,
     ) -> Notifier<'a> {
-        let observer = match ns_ref.watched.load(Ordering::Relaxed) {
+        let watched = ns_ref.watched.load(Ordering::Relaxed) && !crate::replica::is_quiet();
+        let observer = match watched {
             true => self.observer.get().map(|o| &**o),
             false => None,
         };

@@ -57,7 +57,10 @@ pub struct Options {
 pub struct NatsServer {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    /// Its ports file, log and JetStream store (kept across [`NatsServer::restart`]).
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+    own_process_group: bool,
 }
 
 impl NatsServer {
@@ -85,30 +88,14 @@ impl NatsServer {
             )?,
         };
         let dir = tempfile::tempdir()?;
-        let port = options
-            .port
-            .map_or_else(|| "-1".to_owned(), |p| p.to_string());
-        let mut command = Command::new(&binary);
-        command
-            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
-            .arg(dir.path().join("jetstream"))
-            .arg("--ports_file_dir")
-            .arg(dir.path())
-            .arg("--log")
-            .arg(dir.path().join("nats-server.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if options.own_process_group {
-            std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let mut child = spawn(&binary, options.port, dir.path(), options.own_process_group)?;
         match wait_for_port(&mut child, dir.path()) {
             Ok(port) => Ok(Self {
                 child,
                 port,
-                _dir: dir,
+                dir,
+                binary,
+                own_process_group: options.own_process_group,
             }),
             Err(err) => {
                 let _ = child.kill();
@@ -129,6 +116,58 @@ impl NatsServer {
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+
+    /// Kills the server (SIGKILL: no clean shutdown) and starts it again on the same port
+    /// with the same JetStream store; panics when it cannot.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.path().extension().is_some_and(|e| e == "ports") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        self.child = spawn(
+            &self.binary,
+            Some(self.port),
+            self.dir.path(),
+            self.own_process_group,
+        )
+        .expect("cannot restart nats-server");
+        let port = wait_for_port(&mut self.child, self.dir.path()).expect("nats-server restart");
+        assert_eq!(port, self.port);
+    }
+}
+
+/// Starts nats-server with JetStream on 127.0.0.1 (`port`, or one of its choosing), its store,
+/// ports file and log in `dir`.
+fn spawn(
+    binary: &Path,
+    port: Option<u16>,
+    dir: &Path,
+    own_process_group: bool,
+) -> anyhow::Result<Child> {
+    let port = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
+    let mut command = Command::new(binary);
+    command
+        .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+        .arg(dir.join("jetstream"))
+        .arg("--ports_file_dir")
+        .arg(dir)
+        .arg("--log")
+        .arg(dir.join("nats-server.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if own_process_group {
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    }
+    command
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))
 }
 
 /// The client port from the ports file nats-server writes into `dir` once it listens

@@ -39,7 +39,7 @@ pub fn link(
 }
 
 /// A provider key no other provider of this test process has.
-fn unique_key() -> String {
+pub fn unique_key() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("VKV{}N{n}", std::process::id())
@@ -83,13 +83,53 @@ impl Provider {
         links: &[(&str, &str, Option<&str>)],
         log: Option<&Path>,
     ) -> Self {
-        let key = unique_key();
+        let provider = Self::launch(
+            server,
+            (&unique_key(), "test-instance"),
+            extra_host_data,
+            config,
+            links,
+            log,
+        )
+        .await;
+        provider.wait_for_health(|_| true).await;
+        provider
+    }
+
+    /// One more instance of provider `key` (calls to it go to any of its instances, as the
+    /// host's do), started as `instance`; waits until that instance itself answers health,
+    /// which a replicated instance does once it caught up.
+    pub async fn start_instance(
+        server: &NatsServer,
+        key: &str,
+        instance: &str,
+        config: &[(&str, &str)],
+        links: &[(&str, &str, Option<&str>)],
+    ) -> Self {
+        let provider = Self::launch(server, (key, instance), json!({}), config, links, None).await;
+        let mine = format!("instance {instance},");
+        provider
+            .wait_for_health(|health| health.contains(&mine))
+            .await;
+        provider
+    }
+
+    /// Starts the binary; does not wait for it.
+    async fn launch(
+        server: &NatsServer,
+        (key, instance): (&str, &str),
+        extra_host_data: serde_json::Value,
+        config: &[(&str, &str)],
+        links: &[(&str, &str, Option<&str>)],
+        log: Option<&Path>,
+    ) -> Self {
+        let key = key.to_owned();
         let host_data = test_support::host::HostData {
             host_id: HOST_ID,
             lattice: LATTICE,
             nats_url: &server.url(),
             provider_key: &key,
-            instance_id: "test-instance",
+            instance_id: instance,
             config: (config.iter())
                 .map(|(k, v)| (k.to_string(), json!(v)))
                 .collect(),
@@ -101,14 +141,12 @@ impl Provider {
         let child = spawn_with_host_data(&host_data.to_json().to_string(), log);
         let nats = nats::connect(server.url()).await.expect("test NATS client");
         let wrpc = Transport::new(nats.clone(), LATTICE, &key);
-        let provider = Self {
+        Self {
             child,
             key,
             nats,
             wrpc,
-        };
-        provider.wait_for_health(|_| true).await;
-        provider
+        }
     }
 
     fn subject(&self, suffix: &str) -> String {

@@ -1,0 +1,681 @@
+//! Several instances, one store: replication through NATS JetStream (`replication =
+//! "jetstream"`).
+//!
+//! Every instance of the provider in a lattice takes calls from one wRPC queue group, so a
+//! component's calls land on any of them. With replication on, a write is not made in memory
+//! by the instance that took it: it is published to one JetStream stream, and acknowledged to
+//! the caller once JetStream has stored it (durable, replicated as the stream is) and this
+//! instance has applied it. Every instance applies the whole stream, in the stream's order,
+//! to its own memory (`apply.rs`); reads are served from memory.
+//!
+//! - **The stream** (`{prefix}_{lattice}_{provider}`, subjects `{prefix}.{lattice}.{provider}.>`;
+//!   the instances of one provider in one lattice share it) keeps one message
+//!   per entry (`max_msgs_per_subject = 1`; `log.rs` names an entry's subject), so it holds
+//!   the live data: a delete is a marker that JetStream removes after `jetstream_tombstone_secs`
+//!   (`Nats-TTL`), and an expiring value goes from the stream when it expires.
+//! - **Reads** (`read_consistency = "linearizable"`, the default) first learn the stream's last
+//!   sequence, then wait until this instance applied that far ([`Replica::read_barrier`]):
+//!   every write acknowledged before the read began, on any instance, is seen. Barriers of
+//!   reads that wait together share one request. `local` reads skip the barrier.
+//! - **`increment`** reads the counter's last message from JetStream and writes the sum only
+//!   if no other write came in between (`Nats-Expected-Last-Subject-Sequence`), reading again
+//!   until it wins: exact under any contention, bounded by the call's time only. Increments
+//!   of one key that wait on one instance go as one write.
+//! - **`set-many` and `delete-many`** are one atomic batch (JetStream's `Nats-Batch-*`
+//!   headers): stored whole or not at all, and applied at once.
+//! - **Limits** are checked by the instance that takes a write, against what it has applied
+//!   ([`Engine::admits`]); every instance applies every stored write. Instances racing at a
+//!   limit can pass it together, by at most what they have in flight at that moment.
+//! - **list-keys** pages: a listing lives on the instance that answered its first page; the
+//!   next page's call, wherever it lands, is answered from there (`listings.rs`).
+//! - **Catch-up**: a starting instance applies the stream up to its last message before the
+//!   provider answers health. One that lost touch with JetStream for longer than a delete
+//!   marker lives, or whose stream was created anew, reloads the stream from its start.
+
+mod apply;
+mod counters;
+mod listings;
+pub mod log;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use keyvalue_store::Engine;
+use tokio::sync::{oneshot, watch, Notify};
+use tracing::{info, warn};
+
+use crate::config::{ReadConsistency, Replication};
+use log::{Op, Record};
+
+/// Most entries of one `set-many` or `delete-many`: JetStream's limit on an atomic batch.
+pub const MAX_BATCH: usize = 1000;
+/// Atomic batches one instance has open at once (JetStream allows 50 a stream).
+const BATCHES_IN_FLIGHT: usize = 12;
+/// How often the applier's progress is checked against the stream while nothing happens.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a wait for the applier goes before it asks JetStream whether the messages it
+/// waits for still exist (an expired one never arrives).
+const GAP_CHECK_AFTER: Duration = Duration::from_millis(200);
+
+/// What a replicated write failed with.
+#[derive(Debug)]
+enum WriteError {
+    /// `Nats-Expected-Last-Subject-Sequence` did not hold: someone wrote first.
+    Conflict,
+    Failed(String),
+}
+
+/// One message to publish.
+struct Outgoing {
+    subject: String,
+    payload: Bytes,
+    /// `Nats-TTL`, in seconds.
+    ttl: Option<u64>,
+}
+
+/// This instance's share of the replicated store. Cheap to clone.
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    /// The stream's name, and the root of its subjects.
+    name: String,
+    root: String,
+    /// The host's instance id of this provider, in health.
+    instance: String,
+    settings: Replication,
+    /// This instance, in the records it writes.
+    origin: u64,
+    engine: Arc<Engine>,
+    /// Every message of the stream up to here is applied (or known gone).
+    applied: watch::Sender<u64>,
+    /// Read barriers waiting for the stream's last sequence.
+    barriers: Mutex<Vec<oneshot::Sender<Result<u64, String>>>>,
+    barrier_wanted: Notify,
+    /// Asks the applier to drop everything and apply the stream again from its start.
+    reload: Notify,
+    reloads: AtomicU64,
+    batches: tokio::sync::Semaphore,
+    next_batch: AtomicU64,
+    counters: counters::Counters,
+}
+
+impl Replica {
+    /// Creates the stream if need be, starts applying it to `engine`, and answers once every
+    /// message the stream held at the start is applied.
+    pub async fn start(
+        nats: async_nats::Client,
+        (lattice, provider, instance): (&str, &str, &str),
+        settings: Replication,
+        engine: Arc<Engine>,
+    ) -> anyhow::Result<Self> {
+        let mut js = jetstream::new(nats.clone());
+        js.set_timeout(settings.timeout);
+        let (lattice, provider) = (log::token(lattice), log::token(provider));
+        let name = format!("{}_{lattice}_{provider}", settings.prefix);
+        let root = format!("{}.{lattice}.{provider}", settings.prefix);
+        ensure_stream(&js, &name, &root, &settings).await?;
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .with_context(|| format!("cannot open JetStream stream {name}"))?;
+        let info = stream.info().await?.clone();
+        let origin = RandomState::new().hash_one(std::process::id()) | 1;
+        let replica = Replica {
+            inner: Arc::new(Shared {
+                nats,
+                js,
+                stream,
+                name,
+                root,
+                instance: instance.to_owned(),
+                settings,
+                origin,
+                engine,
+                applied: watch::Sender::new(0),
+                barriers: Mutex::default(),
+                barrier_wanted: Notify::new(),
+                reload: Notify::new(),
+                reloads: AtomicU64::new(0),
+                batches: tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT),
+                next_batch: AtomicU64::new(1),
+                counters: counters::Counters::default(),
+            }),
+        };
+        tokio::spawn(apply::run(replica.clone()));
+        tokio::spawn(listings::serve(replica.clone()));
+        tokio::spawn(replica.clone().answer_barriers());
+        tokio::spawn(
+            replica
+                .clone()
+                .watch_stream(info.created.unix_timestamp_nanos()),
+        );
+        let last = info.state.last_sequence;
+        let began = Instant::now();
+        info!(
+            stream = %replica.inner.name,
+            messages = info.state.messages,
+            last,
+            "replication: catching up"
+        );
+        loop {
+            match replica.wait_applied(last, Duration::from_secs(10)).await {
+                Ok(()) => break,
+                Err(_) => info!(
+                    applied = *replica.inner.applied.borrow(),
+                    last, "replication: still catching up"
+                ),
+            }
+        }
+        info!(
+            stream = %replica.inner.name,
+            took_ms = began.elapsed().as_millis() as u64,
+            keys = replica.inner.engine.usage().keys,
+            "replication: caught up"
+        );
+        Ok(replica)
+    }
+
+    /// How reads are served.
+    pub fn reads(&self) -> ReadConsistency {
+        self.inner.settings.reads
+    }
+
+    /// For the health message.
+    pub fn figures(&self) -> String {
+        format!(
+            "jetstream {}, instance {}, applied {}, {} reloads",
+            self.inner.name,
+            self.inner.instance,
+            *self.inner.applied.borrow(),
+            self.inner.reloads.load(Ordering::Relaxed)
+        )
+    }
+
+    /// Stores `value` under `key`, expiring at `deadline_ms` (0: never).
+    pub async fn set(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        deadline_ms: u64,
+    ) -> Result<(), String> {
+        let record = self.record(Op::Set, ns, bucket, key, value, deadline_ms, (0, 1));
+        self.write(vec![record], None)
+            .await
+            .map(drop)
+            .map_err(failed)
+    }
+
+    /// Stores every pair or none, in one atomic batch.
+    pub async fn set_many(
+        &self,
+        ns: &str,
+        bucket: &str,
+        pairs: &[(String, Bytes)],
+        deadline_ms: u64,
+    ) -> Result<(), String> {
+        let mut latest = std::collections::HashMap::new();
+        for (key, value) in pairs {
+            latest.insert(key.as_str(), value);
+        }
+        let batch = self.batch_of(latest.len())?;
+        let records = latest
+            .into_iter()
+            .map(|(key, value)| self.record(Op::Set, ns, bucket, key, value, deadline_ms, batch))
+            .collect();
+        self.write(records, None).await.map(drop).map_err(failed)
+    }
+
+    /// Removes every key named, in one atomic batch.
+    pub async fn delete_many(&self, ns: &str, bucket: &str, keys: &[&str]) -> Result<(), String> {
+        let keys: std::collections::BTreeSet<&str> = keys.iter().copied().collect();
+        let batch = self.batch_of(keys.len())?;
+        let records = keys
+            .into_iter()
+            .map(|key| self.record(Op::Delete, ns, bucket, key, b"", 0, batch))
+            .collect();
+        self.write(records, None).await.map(drop).map_err(failed)
+    }
+
+    /// Adds `delta` to the counter under `key` and answers the new value (see `counters.rs`).
+    pub async fn increment(
+        &self,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        delta: u64,
+        deadline_ms: u64,
+    ) -> Result<u64, crate::bindings::exports::wrpc::keyvalue::store::Error> {
+        counters::increment(self, ns, bucket, key, delta, deadline_ms).await
+    }
+
+    /// The list-keys page `cursor` names, from the instance that holds its listing (see
+    /// `listings.rs`); `None` when no instance does.
+    pub async fn page_elsewhere(
+        &self,
+        ns: &str,
+        bucket: &str,
+        cursor: u64,
+        max_bytes: usize,
+    ) -> Option<Result<keyvalue_store::KeyPage, String>> {
+        listings::ask(self, ns, bucket, cursor, max_bytes).await
+    }
+
+    /// Waits until this instance applied every write acknowledged before the call, on any
+    /// instance (nothing with `read_consistency = "local"`).
+    pub async fn read_barrier(&self) -> Result<(), String> {
+        if self.reads() == ReadConsistency::Local {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .barriers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        self.inner.barrier_wanted.notify_one();
+        let timeout = self.inner.settings.timeout;
+        let last = tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| unavailable("did not answer in time"))?
+            .map_err(|_| unavailable("the barrier task ended"))??;
+        self.wait_applied(last, timeout).await
+    }
+
+    /// The batch id and size of a `*-many` of `n` distinct keys, or why it cannot be one.
+    fn batch_of(&self, n: usize) -> Result<(u64, u32), String> {
+        if n > MAX_BATCH {
+            return Err(format!(
+                "replication: a batch of {n} keys is over JetStream's limit of {MAX_BATCH} for \
+                 an atomic write; send fewer at once"
+            ));
+        }
+        let id = match n {
+            0 | 1 => 0,
+            _ => self.inner.next_batch.fetch_add(1, Ordering::Relaxed),
+        };
+        Ok((id, n as u32))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        op: Op,
+        ns: &str,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        deadline_ms: u64,
+        (batch, batch_len): (u64, u32),
+    ) -> Outgoing {
+        let record = Record {
+            op,
+            origin: self.inner.origin,
+            batch,
+            batch_len,
+            deadline_ms,
+            namespace: ns,
+            bucket,
+            key,
+            value,
+        };
+        let ttl = match op {
+            Op::Delete => Some(self.inner.settings.tombstone.as_secs()),
+            Op::Set if deadline_ms == 0 => None,
+            // Gone from the stream a little after it expires everywhere.
+            Op::Set => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as u64;
+                Some(deadline_ms.saturating_sub(now).div_ceil(1000) + 1)
+            }
+        };
+        Outgoing {
+            subject: log::subject(&self.inner.root, ns, bucket, key),
+            payload: record.encode(),
+            ttl,
+        }
+    }
+
+    /// Publishes `records` (one message, or an atomic batch), then waits until this instance
+    /// applied them. `expected`: the sequence the subject's last message must have (a
+    /// single record only).
+    async fn write(
+        &self,
+        records: Vec<Outgoing>,
+        expected: Option<u64>,
+    ) -> Result<u64, WriteError> {
+        let timeout = self.inner.settings.timeout;
+        let began = Instant::now();
+        let seq = match records.len() {
+            0 => return Ok(0),
+            1 => self.publish_one(&records[0], expected).await?,
+            _ => {
+                let _slot = tokio::time::timeout(timeout, self.inner.batches.acquire())
+                    .await
+                    .map_err(|_| WriteError::Failed(unavailable("too many batches waiting")))?;
+                self.publish_batch(&records).await?
+            }
+        };
+        let left = timeout.saturating_sub(began.elapsed());
+        self.wait_applied(seq, left.max(Duration::from_millis(100)))
+            .await
+            .map_err(WriteError::Failed)?;
+        Ok(seq)
+    }
+
+    async fn publish_one(&self, out: &Outgoing, expected: Option<u64>) -> Result<u64, WriteError> {
+        let mut publish = jetstream::context::Publish::build().payload(out.payload.clone());
+        if let Some(ttl) = out.ttl {
+            publish = publish.header("Nats-TTL", format!("{ttl}s").as_str());
+        }
+        if let Some(expected) = expected {
+            publish = publish.expected_last_subject_sequence(expected);
+        }
+        let refused = |err: jetstream::context::PublishError| match err.kind() {
+            jetstream::context::PublishErrorKind::WrongLastSequence => WriteError::Conflict,
+            _ => WriteError::Failed(unavailable(&err.to_string())),
+        };
+        let ack = self
+            .inner
+            .js
+            .send_publish(out.subject.clone(), publish)
+            .await
+            .map_err(refused)?;
+        Ok(ack.await.map_err(refused)?.sequence)
+    }
+
+    /// One atomic batch: the first message opens it (the server answers it empty), the last
+    /// commits it (the server answers with the stream's acknowledgement of the whole batch).
+    async fn publish_batch(&self, records: &[Outgoing]) -> Result<u64, WriteError> {
+        let id = format!(
+            "{:x}-{:x}",
+            self.inner.origin,
+            self.inner.next_batch.fetch_add(1, Ordering::Relaxed)
+        );
+        let timeout = self.inner.settings.timeout;
+        let last = records.len() - 1;
+        for (i, out) in records.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Batch-Id", id.as_str());
+            headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+            if let Some(ttl) = out.ttl {
+                headers.insert("Nats-TTL", format!("{ttl}s").as_str());
+            }
+            if i == last {
+                headers.insert("Nats-Batch-Commit", "1");
+            }
+            if i == 0 || i == last {
+                let answer = tokio::time::timeout(
+                    timeout,
+                    (self.inner.nats).request_with_headers(
+                        out.subject.clone(),
+                        headers,
+                        out.payload.clone(),
+                    ),
+                )
+                .await
+                .map_err(|_| WriteError::Failed(unavailable("did not answer in time")))?
+                .map_err(|err| WriteError::Failed(unavailable(&err.to_string())))?;
+                let ack = batch_answer(&answer.payload).map_err(WriteError::Failed)?;
+                if i == last {
+                    return ack.ok_or_else(|| {
+                        WriteError::Failed(unavailable("the batch's commit was not acknowledged"))
+                    });
+                }
+            } else {
+                (self.inner.nats)
+                    .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
+                    .await
+                    .map_err(|err| WriteError::Failed(unavailable(&err.to_string())))?;
+            }
+        }
+        Err(WriteError::Failed(unavailable("an empty batch")))
+    }
+
+    /// Waits until every message up to `seq` is applied here, or known gone from the stream,
+    /// for at most `timeout`.
+    async fn wait_applied(&self, seq: u64, timeout: Duration) -> Result<(), String> {
+        let until = Instant::now() + timeout;
+        let mut applied = self.inner.applied.subscribe();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(unavailable(&format!(
+                    "this instance has not applied the stream up to {seq} in time (it is at {})",
+                    *applied.borrow()
+                )));
+            }
+            let wait = applied.wait_for(|&at| at >= seq);
+            match tokio::time::timeout(left.min(GAP_CHECK_AFTER), wait).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(_)) => return Err(unavailable("the applier stopped")),
+                Err(_) => {}
+            }
+            // The messages still missing may be gone (expired, or replaced by later writes
+            // the applier has not reached): ask for the next one that exists.
+            let from = *applied.borrow() + 1;
+            let next = self
+                .inner
+                .stream
+                .direct_get_next_for_subject(format!("{}.>", self.inner.root), Some(from))
+                .await;
+            let gone = match next {
+                Ok(msg) => msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Sequence"))
+                    .and_then(|s| s.as_str().parse::<u64>().ok())
+                    .is_some_and(|next| next > seq),
+                Err(err) => err.kind() == jetstream::stream::DirectGetErrorKind::NotFound,
+            };
+            if gone {
+                self.inner.applied.send_if_modified(|at| {
+                    let moved = *at < seq && *at + 1 >= from;
+                    if moved {
+                        *at = seq;
+                    }
+                    moved
+                });
+            }
+        }
+    }
+
+    /// Answers read barriers: one stream info request for every barrier waiting when it goes.
+    async fn answer_barriers(self) {
+        loop {
+            self.inner.barrier_wanted.notified().await;
+            let waiting = std::mem::take(
+                &mut *self
+                    .inner
+                    .barriers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            if waiting.is_empty() {
+                continue;
+            }
+            let last = self.last_sequence().await;
+            for tx in waiting {
+                let _ = tx.send(last.clone());
+            }
+        }
+    }
+
+    async fn last_sequence(&self) -> Result<u64, String> {
+        let info = tokio::time::timeout(self.inner.settings.timeout, self.inner.stream.get_info())
+            .await
+            .map_err(|_| unavailable("did not answer in time"))?
+            .map_err(|err| unavailable(&err.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Asks the applier to reload the stream when this instance may have missed deletes: it
+    /// was out of touch with JetStream for longer than half a marker's life, or the stream was
+    /// created anew (a memory stream after a nats-server restart).
+    async fn watch_stream(self, mut created: i128) {
+        let mut last_contact = Instant::now();
+        let mut warned = false;
+        loop {
+            tokio::time::sleep(CHECK_EVERY).await;
+            let info =
+                tokio::time::timeout(self.inner.settings.timeout, self.inner.stream.get_info())
+                    .await;
+            let info = match info {
+                Ok(Ok(info)) => info,
+                Ok(Err(err)) => {
+                    if !warned {
+                        warn!("replication: JetStream unavailable: {err}");
+                        warned = true;
+                    }
+                    // The stream may be gone (a memory stream after a restart): make it again
+                    // (creating one that exists changes nothing).
+                    let _ = ensure_stream(
+                        &self.inner.js,
+                        &self.inner.name,
+                        &self.inner.root,
+                        &self.inner.settings,
+                    )
+                    .await;
+                    continue;
+                }
+                Err(_) => {
+                    if !warned {
+                        warn!("replication: JetStream did not answer");
+                        warned = true;
+                    }
+                    continue;
+                }
+            };
+            if warned {
+                info!("replication: JetStream is back");
+                warned = false;
+            }
+            let out_of_touch = last_contact.elapsed() > self.inner.settings.tombstone / 2;
+            last_contact = Instant::now();
+            let recreated = info.created.unix_timestamp_nanos() != created;
+            if recreated || out_of_touch {
+                warn!(
+                    recreated,
+                    out_of_touch, "replication: reloading the stream from its start"
+                );
+                created = info.created.unix_timestamp_nanos();
+                self.inner.reloads.fetch_add(1, Ordering::Relaxed);
+                self.inner.reload.notify_one();
+            }
+        }
+    }
+}
+
+/// The write's error as the caller reads it.
+fn failed(err: WriteError) -> String {
+    match err {
+        WriteError::Conflict => unavailable("a conflicting write"),
+        WriteError::Failed(message) => message,
+    }
+}
+
+fn unavailable(why: &str) -> String {
+    format!("replication: JetStream did not take the call: {why}")
+}
+
+/// What the server answered a message of a batch: `Ok(None)` for the empty answer to its
+/// first message, `Ok(Some(seq))` for the acknowledgement of its commit.
+fn batch_answer(payload: &[u8]) -> Result<Option<u64>, String> {
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    let answer: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|_| unavailable("an unreadable answer to a batch"))?;
+    if let Some(error) = answer.get("error") {
+        let description = error
+            .get("description")
+            .and_then(|d| d.as_str())
+            .unwrap_or("unknown error");
+        return Err(unavailable(&format!(
+            "the batch was refused: {description}"
+        )));
+    }
+    Ok(answer.get("seq").and_then(|s| s.as_u64()))
+}
+
+/// Creates the stream, or checks that the one there can serve.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    root: &str,
+    settings: &Replication,
+) -> anyhow::Result<()> {
+    // The stream config as JSON: async-nats 0.39 predates the fields for per-message TTLs and
+    // atomic batches (nats-server 2.11 and 2.12).
+    let config = serde_json::json!({
+        "name": name,
+        "subjects": [format!("{root}.>")],
+        "retention": "limits",
+        "max_msgs_per_subject": 1,
+        "max_bytes": settings.max_bytes.map_or(-1, |b| b as i64),
+        // Full: refuse writes; never drop live entries.
+        "discard": "new",
+        "storage": if settings.file_storage { "file" } else { "memory" },
+        "num_replicas": settings.replicas,
+        "allow_direct": true,
+        "allow_msg_ttl": true,
+        "allow_atomic": true,
+    });
+    let answer: serde_json::Value = js
+        .request(format!("STREAM.CREATE.{name}"), &config)
+        .await
+        .with_context(|| format!("cannot create JetStream stream {name}: is JetStream on?"))?;
+    let Some(error) = answer.get("error") else {
+        return Ok(());
+    };
+    // 10058: a stream of that name exists with another config (replicas, storage…): use it.
+    if error.get("err_code").and_then(|c| c.as_u64()) == Some(10058) {
+        warn!(
+            stream = name,
+            "replication: the stream exists with other settings than the provider config's; \
+             using it as it is"
+        );
+        return Ok(());
+    }
+    Err(anyhow!(
+        "cannot create JetStream stream {name} (replication needs nats-server 2.12 or later, \
+         with JetStream): {}",
+        error
+            .get("description")
+            .and_then(|d| d.as_str())
+            .unwrap_or("unknown error")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_answers_are_read() {
+        assert_eq!(batch_answer(b""), Ok(None));
+        assert_eq!(
+            batch_answer(br#"{"stream":"S","seq":42,"batch":"b","count":3}"#),
+            Ok(Some(42))
+        );
+        let refused = batch_answer(br#"{"error":{"code":400,"description":"batch too large"}}"#);
+        assert!(refused.unwrap_err().contains("batch too large"));
+        assert!(batch_answer(b"\xff").is_err());
+    }
+}

@@ -1,0 +1,349 @@
+//! Several instances of one provider serving as one store through NATS JetStream
+//! (`replication = "jetstream"`): real provider processes on one JetStream nats-server, every
+//! call sent to the provider's queue group as the host sends it, so it lands on any instance.
+//! (`replicated_contract.rs` runs the whole contract suite against two instances.)
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const C1: &str = "component-one";
+const LINKS: &[(&str, &str, Option<&str>)] = &[(C1, "default", None)];
+
+/// `n` instances of one new provider, replicated with `config` added.
+async fn instances(server: &NatsServer, n: usize, config: &[(&str, &str)]) -> Vec<Provider> {
+    let key = unique_key();
+    let mut all = Vec::new();
+    for i in 0..n {
+        all.push(start(server, &key, &format!("i{i}"), config).await);
+    }
+    all
+}
+
+/// One more instance of provider `key`, named `instance`.
+async fn start(
+    server: &NatsServer,
+    key: &str,
+    instance: &str,
+    config: &[(&str, &str)],
+) -> Provider {
+    let mut config = config.to_vec();
+    config.push(("replication", "jetstream"));
+    Provider::start_instance(server, key, instance, &config, LINKS).await
+}
+
+/// Waits until every instance named reports `keys` keys in health (each instance answers
+/// health in turn with the others: asks until each was heard).
+async fn wait_for_keys(p: &Provider, instances: &[&str], keys: u64) {
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    let mut heard = BTreeSet::new();
+    let mut last = String::new();
+    while heard.len() < instances.len() {
+        assert!(
+            Instant::now() < deadline,
+            "not every instance of {instances:?} reached {keys} keys; heard {heard:?}, last: {last}"
+        );
+        if let Some(health) = p.try_health().await {
+            for instance in instances {
+                let figures = health.contains(&format!(" {keys} keys,"));
+                if figures && health.contains(&format!("instance {instance},")) {
+                    heard.insert(*instance);
+                }
+            }
+            last = health;
+        }
+    }
+}
+
+fn value(i: usize) -> Vec<u8> {
+    format!("value-{i}").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_answer_as_one_store() {
+    let server = NatsServer::start();
+    let all = instances(&server, 2, &[("list_page_size", "7")]).await;
+    let c = all[0].as_component(C1, "default");
+    let keys: Vec<String> = (0..200).map(|i| format!("key-{i:03}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        c.set("b", key, &value(i)).await.unwrap();
+    }
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(c.get("b", key).await, Ok(Some(value(i))), "{key}");
+    }
+    wait_for_keys(&all[0], &["i0", "i1"], 200).await;
+    // Listing pages land on either instance; the listing lives on one.
+    assert_eq!(c.list_all("b", 7).await, keys);
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    c.delete_many("b", &refs[..100]).await.unwrap();
+    c.delete("b", &keys[100]).await.unwrap();
+    for key in &keys[..101] {
+        assert_eq!(c.exists("b", key).await, Ok(false), "{key}");
+    }
+    wait_for_keys(&all[0], &["i0", "i1"], 99).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_are_exact_across_three_instances() {
+    let server = NatsServer::start();
+    let all = Arc::new(instances(&server, 3, &[]).await);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let all = Arc::clone(&all);
+            tokio::spawn(async move {
+                let c = all[0].as_component(C1, "default");
+                let mut seen = Vec::new();
+                for _ in 0..50 {
+                    seen.push(c.increment("b", "hits", 1).await.unwrap());
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut every = BTreeSet::new();
+    for task in tasks {
+        let seen = task.await.unwrap();
+        // One caller's increments are in its order.
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+        every.extend(seen);
+    }
+    // Each of the 400 increments got its own value: none lost, none counted twice.
+    assert_eq!(every, (1..=400).collect::<BTreeSet<u64>>());
+    let c = all[0].as_component(C1, "default");
+    assert_eq!(c.get("b", "hits").await, Ok(Some(b"400".to_vec())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_acknowledged_anywhere_is_read_by_the_next_call() {
+    let server = NatsServer::start();
+    let all = instances(&server, 2, &[]).await;
+    let c = all[0].as_component(C1, "default");
+    // Each round's read lands on either instance: about half of them on the one that did not
+    // take the write.
+    for i in 0..300 {
+        c.set("b", "k", &value(i)).await.unwrap();
+        assert_eq!(c.get("b", "k").await, Ok(Some(value(i))), "round {i}");
+        let pairs = [("x", &value(i)[..]), ("y", &value(i)[..])];
+        c.set_many("b", &pairs).await.unwrap();
+        let both = c.get_many("b", &["x", "y"]).await.unwrap();
+        assert_eq!(
+            both,
+            vec![Some(("x".into(), value(i))), Some(("y".into(), value(i)))]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_many_is_all_or_nothing_on_every_instance() {
+    let server = NatsServer::start();
+    let all = instances(&server, 2, &[("max_keys", "10")]).await;
+    let c = all[0].as_component(C1, "default");
+    let pairs: Vec<(String, Vec<u8>)> = (0..8).map(|i| (format!("k{i}"), value(i))).collect();
+    let refs: Vec<(&str, &[u8])> = pairs.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    c.set_many("b", &refs).await.unwrap();
+    // Five more keys would pass max_keys=10: none of them is written, anywhere.
+    let more: Vec<(String, Vec<u8>)> = (8..13).map(|i| (format!("k{i}"), value(i))).collect();
+    let refs: Vec<(&str, &[u8])> = more.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    let message = other_message(c.set_many("b", &refs).await);
+    assert!(message.contains("max_keys=10"), "{message}");
+    wait_for_keys(&all[0], &["i0", "i1"], 8).await;
+}
+
+#[tokio::test]
+async fn a_batch_over_jetstreams_atomic_limit_is_refused_whole() {
+    let server = NatsServer::start();
+    let all = instances(&server, 1, &[]).await;
+    let c = all[0].as_component(C1, "default");
+    let many: Vec<String> = (0..1001).map(|i| format!("m{i}")).collect();
+    let refs: Vec<(&str, &[u8])> = many.iter().map(|k| (k.as_str(), &b"v"[..])).collect();
+    let message = other_message(c.set_many("b", &refs).await);
+    assert!(message.contains("1001 keys"), "{message}");
+    assert_eq!(c.exists("b", "m0").await, Ok(false));
+    c.set_many("b", &refs[..1000]).await.unwrap();
+    assert_eq!(c.list_all("b", 1000).await.len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_and_a_new_one_catch_up_before_they_answer() {
+    let server = NatsServer::start();
+    let mut all = instances(&server, 2, &[]).await;
+    let (mut second, mut first) = (all.pop().unwrap(), all.pop().unwrap());
+    let key = first.key.clone();
+    let c = first.as_component(C1, "default");
+    for i in 0..500 {
+        c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
+    }
+    second.signal("KILL");
+    second.wait_exit().await;
+    // Calls still sent to the queue group now reach the survivor only.
+    for i in 500..800 {
+        c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
+    }
+    let gone: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+    let refs: Vec<&str> = gone.iter().map(String::as_str).collect();
+    c.delete_many("b", &refs).await.unwrap();
+    assert_eq!(c.increment("b", "n", 7).await, Ok(7));
+    // Restarted under a new instance id, as a host restarts it.
+    let restarted = start(&server, &key, "i1-again", &[]).await;
+    let health = restarted
+        .wait_for_health(|h| h.contains("instance i1-again,"))
+        .await;
+    assert!(
+        health.contains(" 701 keys,"),
+        "caught up before health: {health}"
+    );
+    // With the first instance gone, every call is the restarted one's.
+    first.signal("KILL");
+    first.wait_exit().await;
+    let c = restarted.as_component(C1, "default");
+    for i in 0..800 {
+        let expected = (i >= 100).then(|| value(i));
+        assert_eq!(c.get("b", &format!("k{i}")).await, Ok(expected), "k{i}");
+    }
+    assert_eq!(c.increment("b", "n", 1).await, Ok(8));
+}
+
+/// A call that may fail while nats-server is away: `None` when it did not go through.
+async fn try_set(p: &Provider, key: &str, value: &[u8]) -> Option<Result<(), store::Error>> {
+    let headers = keyvalue_inmemory::client::component_headers(C1, "default");
+    let value = bytes::Bytes::copy_from_slice(value);
+    let call = store::set(&p.wrpc, Some(headers), "b", key, &value);
+    tokio::time::timeout(Duration::from_secs(3), call)
+        .await
+        .ok()?
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_nats_server_restarts() {
+    let mut server = NatsServer::start();
+    let all = instances(&server, 2, &[("jetstream_storage", "file")]).await;
+    let key = all[0].key.clone();
+    let c = all[0].as_component(C1, "default");
+    for i in 0..300 {
+        c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
+    }
+    assert_eq!(c.increment("b", "n", 5).await, Ok(5));
+    server.restart();
+    // The instances reconnect and recover by themselves: writes go through again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(Ok(())) = try_set(&all[0], "after", b"restart").await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "writes never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Everything acknowledged is in the stream: an instance that never saw any of it, alone,
+    // has it all.
+    drop(all);
+    let fresh = start(&server, &key, "fresh", &[("jetstream_storage", "file")]).await;
+    let c = fresh.as_component(C1, "default");
+    for i in 0..300 {
+        assert_eq!(
+            c.get("b", &format!("k{i}")).await,
+            Ok(Some(value(i))),
+            "k{i}"
+        );
+    }
+    assert_eq!(c.get("b", "after").await, Ok(Some(b"restart".to_vec())));
+    assert_eq!(c.increment("b", "n", 1).await, Ok(6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_holds_live_entries_only_and_refuses_writes_when_full() {
+    let server = NatsServer::start();
+    let all = instances(&server, 1, &[("jetstream_max_bytes", "65536")]).await;
+    let c = all[0].as_component(C1, "default");
+    for i in 0..500 {
+        c.set("b", "same", &value(i)).await.unwrap();
+    }
+    for i in 0..20 {
+        c.set("b", &format!("gone{i}"), b"x").await.unwrap();
+        c.delete("b", &format!("gone{i}")).await.unwrap();
+    }
+    let js = async_nats::jetstream::new(all[0].nats.clone());
+    let name = format!("KVINMEM_{LATTICE}_{}", all[0].key);
+    let info = js
+        .get_stream(&name)
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap();
+    // One message for the live key, one delete marker for each deleted key (until its TTL).
+    assert_eq!(info.state.messages, 21, "{:?}", info.state);
+    // Full: a write is refused with the reason, and nothing is dropped to make room.
+    let big = vec![b'v'; 16 * 1024];
+    let mut refused = None;
+    for i in 0..8 {
+        if let Err(err) = c.set("b", &format!("big{i}"), &big).await {
+            refused = Some(format!("{err:?}"));
+            break;
+        }
+    }
+    let refused = refused.expect("a full stream refuses writes");
+    assert!(refused.contains("replication"), "{refused}");
+    assert_eq!(c.get("b", "same").await, Ok(Some(value(499))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_across_instances_within_what_is_in_flight() {
+    let server = NatsServer::start();
+    let all = Arc::new(instances(&server, 2, &[("max_keys", "40")]).await);
+    let writers = 4;
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let all = Arc::clone(&all);
+            tokio::spawn(async move {
+                let c = all[0].as_component(C1, "default");
+                let mut refused = 0;
+                for i in 0..30 {
+                    if let Err(err) = c.set("b", &format!("w{w}-{i}"), b"v").await {
+                        assert!(format!("{err:?}").contains("max_keys=40"), "{err:?}");
+                        refused += 1;
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    for task in tasks {
+        refused += task.await.unwrap();
+    }
+    let c = all[0].as_component(C1, "default");
+    let stored = c.list_all("b", 1000).await.len();
+    // Instances racing at the limit pass it by at most what was in flight (one write a
+    // writer here), and every write was either stored or refused.
+    assert!((40..=40 + writers).contains(&stored), "{stored} stored");
+    assert_eq!(stored + refused, 120);
+    wait_for_keys(&all[0], &["i0", "i1"], stored as u64).await;
+    let message = other_message(c.set("b", "one-more", b"v").await);
+    assert!(message.contains("max_keys=40"), "{message}");
+}
+
+#[tokio::test]
+async fn eviction_cannot_be_asked_for_with_replication() {
+    let server = NatsServer::start();
+    let all = instances(&server, 1, &[]).await;
+    let p = &all[0];
+    let link = test_support::host::link(
+        "evicting",
+        &p.key,
+        "default",
+        serde_json::json!({"eviction": "lru"}),
+    );
+    p.publish_control("linkdefs.put", serde_json::to_vec(&link).unwrap())
+        .await;
+    // The link is refused: the provider keeps its one link, and the component is denied.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(p.try_health().await.unwrap().starts_with("1 links,"));
+    assert!(is_denied(
+        &p.as_component("evicting", "default").get("b", "k").await
+    ));
+}
