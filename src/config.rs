@@ -348,12 +348,16 @@ impl Replication {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// The replication settings of the provider config: `None` unless `replication` is
-    /// `jetstream`. A value that cannot be used keeps its default and is reported.
-    pub fn from_map(map: &HashMap<String, String>) -> (Option<Replication>, Vec<Problem>) {
+    /// `jetstream`. A value that cannot be used keeps its default and is reported, but for
+    /// `replication` itself: an instance that guessed would hold a store of its own while its
+    /// peers share one, so that is refused.
+    pub fn from_map(
+        map: &HashMap<String, String>,
+    ) -> Result<(Option<Replication>, Vec<Problem>), Problem> {
         let mut r = Reader::new(map);
         let on = r.read(
             REPLICATION,
-            "`jetstream` or `none`; not replicated",
+            "`jetstream` or `none`",
             false,
             false,
             |v| match v.to_ascii_lowercase().as_str() {
@@ -362,8 +366,11 @@ impl Replication {
                 _ => None,
             },
         );
+        if let Some(refused) = r.problems.pop() {
+            return Err(refused);
+        }
         if !on {
-            return (None, r.problems);
+            return Ok((None, r.problems));
         }
         let prefix = r.read(
             JETSTREAM_PREFIX,
@@ -418,14 +425,15 @@ impl Replication {
         );
         let timeout = r.read(
             JETSTREAM_TIMEOUT_MS,
-            "milliseconds from 100; 5000",
+            "milliseconds from 100 to 9000 (under the host's 10 s invocation timeout); 5000",
             Self::DEFAULT_TIMEOUT,
             Self::DEFAULT_TIMEOUT,
             |v| {
-                v.parse::<u64>()
+                let ms = v
+                    .parse::<u64>()
                     .ok()
-                    .filter(|&ms| ms >= 100)
-                    .map(Duration::from_millis)
+                    .filter(|ms| (100..=9000).contains(ms))?;
+                Some(Duration::from_millis(ms))
             },
         );
         let reads = r.read(
@@ -448,7 +456,7 @@ impl Replication {
             timeout,
             reads,
         };
-        (Some(settings), r.problems)
+        Ok((Some(settings), r.problems))
     }
 }
 
@@ -856,13 +864,12 @@ mod tests {
 
     #[test]
     fn replication_is_off_unless_asked_and_bad_values_keep_their_defaults() {
-        assert_eq!(Replication::from_map(&map(&[])).0, None);
-        assert_eq!(
-            Replication::from_map(&map(&[("replication", "none")])).0,
-            None
-        );
-        let (off, problems) = Replication::from_map(&map(&[("replication", "raft")]));
-        assert_eq!((off, problems.len()), (None, 1));
+        assert_eq!(Replication::from_map(&map(&[])).unwrap().0, None);
+        let none = Replication::from_map(&map(&[("replication", "none")]));
+        assert_eq!(none.unwrap().0, None);
+        // A typo is not taken for "off": this instance would part from its peers.
+        let refused = Replication::from_map(&map(&[("replication", "jetstraem")]));
+        assert!(refused.unwrap_err().to_string().contains("jetstraem"));
         let (on, problems) = Replication::from_map(&map(&[
             ("REPLICATION", "JetStream"),
             ("jetstream_storage", "memory"),
@@ -870,7 +877,8 @@ mod tests {
             ("read_consistency", "local"),
             ("jetstream_prefix", "a.b"),
             ("jetstream_tombstone_secs", "5"),
-        ]));
+        ]))
+        .unwrap();
         let on = on.unwrap();
         assert!(!on.file_storage);
         assert_eq!(on.replicas, 3);
@@ -879,7 +887,7 @@ mod tests {
         assert_eq!(on.prefix, Replication::DEFAULT_PREFIX);
         assert_eq!(on.tombstone, Replication::DEFAULT_TOMBSTONE);
         assert_eq!(problems.len(), 2, "{problems:?}");
-        let (defaults, _) = Replication::from_map(&map(&[("replication", "jetstream")]));
+        let (defaults, _) = Replication::from_map(&map(&[("replication", "jetstream")])).unwrap();
         let defaults = defaults.unwrap();
         assert!(defaults.file_storage);
         assert_eq!(defaults.reads, ReadConsistency::Linearizable);

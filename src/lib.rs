@@ -69,7 +69,8 @@ pub const NAME: &str = env!("CARGO_PKG_NAME");
 pub async fn run() -> anyhow::Result<()> {
     let host_data = check_host_data()?;
     let (mut snapshots, mut problems) = config::Snapshots::from_map(&host_data.config);
-    let (replication, more) = config::Replication::from_map(&host_data.config);
+    let (replication, more) = config::Replication::from_map(&host_data.config)
+        .map_err(|refused| anyhow::anyhow!("refusing to start: {refused}"))?;
     problems.extend(more);
     let otel = config::otel_config(&host_data.otel_config, &host_data.config);
     let telemetry = telemetry::init(host_data, &otel)?;

@@ -145,6 +145,8 @@ async fn set_many_is_all_or_nothing_on_every_instance() {
     let pairs: Vec<(String, Vec<u8>)> = (0..8).map(|i| (format!("k{i}"), value(i))).collect();
     let refs: Vec<(&str, &[u8])> = pairs.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
     c.set_many("b", &refs).await.unwrap();
+    // Limits are checked against what the instance taking a write has applied.
+    wait_for_keys(&all[0], &["i0", "i1"], 8).await;
     // Five more keys would pass max_keys=10: none of them is written, anywhere.
     let more: Vec<(String, Vec<u8>)> = (8..13).map(|i| (format!("k{i}"), value(i))).collect();
     let refs: Vec<(&str, &[u8])> = more.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
@@ -228,6 +230,31 @@ async fn nothing_acknowledged_is_lost_when_nats_server_restarts() {
         c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
     }
     assert_eq!(c.increment("b", "n", 5).await, Ok(5));
+    // A writer keeps writing through the restart; what it was told is stored must be there.
+    let writer = {
+        let p = Provider::start_instance(
+            &server,
+            &key,
+            "writer",
+            &[("replication", "jetstream"), ("jetstream_storage", "file")],
+            LINKS,
+        )
+        .await;
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let began = Instant::now();
+            let mut i = 0;
+            while began.elapsed() < Duration::from_secs(4) {
+                let key = format!("during{i}");
+                if let Some(Ok(())) = try_set(&p, &key, b"d").await {
+                    acknowledged.push(key);
+                }
+                i += 1;
+            }
+            acknowledged
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     server.restart();
     // The instances reconnect and recover by themselves: writes go through again.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -238,6 +265,8 @@ async fn nothing_acknowledged_is_lost_when_nats_server_restarts() {
         assert!(Instant::now() < deadline, "writes never recovered");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let acknowledged = writer.await.unwrap();
+    assert!(!acknowledged.is_empty());
     // Everything acknowledged is in the stream: an instance that never saw any of it, alone,
     // has it all.
     drop(all);
@@ -252,6 +281,9 @@ async fn nothing_acknowledged_is_lost_when_nats_server_restarts() {
     }
     assert_eq!(c.get("b", "after").await, Ok(Some(b"restart".to_vec())));
     assert_eq!(c.increment("b", "n", 1).await, Ok(6));
+    for key in &acknowledged {
+        assert_eq!(c.get("b", key).await, Ok(Some(b"d".to_vec())), "{key}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,6 +298,13 @@ async fn the_stream_holds_live_entries_only_and_refuses_writes_when_full() {
         c.set("b", &format!("gone{i}"), b"x").await.unwrap();
         c.delete("b", &format!("gone{i}")).await.unwrap();
     }
+    // Deleting keys that are not there costs no marker.
+    for i in 0..50 {
+        c.delete("b", &format!("never{i}")).await.unwrap();
+    }
+    let never: Vec<String> = (0..50).map(|i| format!("never-many{i}")).collect();
+    let refs: Vec<&str> = never.iter().map(String::as_str).collect();
+    c.delete_many("b", &refs).await.unwrap();
     let js = async_nats::jetstream::new(all[0].nats.clone());
     let name = format!("KVINMEM_{LATTICE}_{}", all[0].key);
     let info = js
@@ -318,9 +357,10 @@ async fn limits_hold_across_instances_within_what_is_in_flight() {
     }
     let c = all[0].as_component(C1, "default");
     let stored = c.list_all("b", 1000).await.len();
-    // Instances racing at the limit pass it by at most what was in flight (one write a
-    // writer here), and every write was either stored or refused.
-    assert!((40..=40 + writers).contains(&stored), "{stored} stored");
+    // Instances racing at the limit pass it by at most the writes in flight (one a writer
+    // here) and those the checking instance had not applied yet (each writer's last, at
+    // most); every write was either stored or refused.
+    assert!((40..=40 + 2 * writers).contains(&stored), "{stored} stored");
     assert_eq!(stored + refused, 120);
     wait_for_keys(&all[0], &["i0", "i1"], stored as u64).await;
     let message = other_message(c.set("b", "one-more", b"v").await);
@@ -340,10 +380,66 @@ async fn eviction_cannot_be_asked_for_with_replication() {
     );
     p.publish_control("linkdefs.put", serde_json::to_vec(&link).unwrap())
         .await;
-    // The link is refused: the provider keeps its one link, and the component is denied.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(p.try_health().await.unwrap().starts_with("1 links,"));
+    // Links are taken in order: once a later plain link is active, the evicting one was
+    // refused, not merely late.
+    p.put_link("plain", "default", None, 2).await;
     assert!(is_denied(
         &p.as_component("evicting", "default").get("b", "k").await
     ));
+    p.as_component("plain", "default")
+        .set("b", "k", b"v")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_value_over_the_servers_max_payload_is_refused_and_nothing_breaks() {
+    let server = NatsServer::start();
+    let all = instances(&server, 1, &[]).await;
+    let c = all[0].as_component(C1, "default");
+    // max_value_bytes (1 MiB by default) admits it, and the call's parameters fit one NATS
+    // message (max_payload 1 MiB); the value with its record and headers do not.
+    let message = other_message(c.set("b", "big", &vec![7u8; (1 << 20) - 200]).await);
+    assert!(message.contains("max_payload"), "{message}");
+    // The connection was not closed by the server: the next writes go through at once.
+    c.set("b", "small", b"v").await.unwrap();
+    assert_eq!(c.increment("b", "n", 1).await, Ok(1));
+    assert_eq!(c.get("b", "small").await, Ok(Some(b"v".to_vec())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_recover_by_themselves_from_a_long_outage() {
+    let mut server = NatsServer::start();
+    let all = instances(&server, 2, &[]).await;
+    let key = all[0].key.clone();
+    let c = all[0].as_component(C1, "default");
+    for i in 0..50 {
+        c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
+    }
+    // Longer than async-nats's ordered consumer keeps trying to make itself again.
+    server.restart_after(Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(try_set(&all[0], "after", b"outage").await, Some(Ok(()))) {
+        assert!(Instant::now() < deadline, "writes never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 50..100 {
+        c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
+    }
+    // Both instances apply the stream again: both hold the writes made after the outage.
+    wait_for_keys(&all[0], &["i0", "i1"], 101).await;
+    let c = all[1].as_component(C1, "default");
+    for i in 0..100 {
+        assert_eq!(
+            c.get("b", &format!("k{i}")).await,
+            Ok(Some(value(i))),
+            "k{i}"
+        );
+    }
+    drop(all);
+    let fresh = start(&server, &key, "fresh", &[]).await;
+    let health = fresh
+        .wait_for_health(|h| h.contains("instance fresh,"))
+        .await;
+    assert!(health.contains(" 101 keys,"), "{health}");
 }

@@ -13,14 +13,20 @@ use async_nats::jetstream::consumer::{push, DeliverPolicy};
 use futures::StreamExt as _;
 use tracing::{debug, warn};
 
-use super::log::{Op, Record};
+use super::log::{self, Op, Record};
 use super::Replica;
 
 /// Runs for the life of the process.
 pub(super) async fn run(replica: Replica) {
     let shared = &replica.inner;
     let mut failures = 0u32;
+    // After a reload, until the stream is applied again: changes are not told to watchers a
+    // second time.
+    let mut replaying = false;
     loop {
+        if failures > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let start = *shared.applied.borrow() + 1;
         let config = push::OrderedConfig {
             deliver_subject: shared.nats.new_inbox(),
@@ -41,65 +47,138 @@ pub(super) async fn run(replica: Replica) {
                     warn!("replication: cannot read the stream (trying again): {err}");
                 }
                 failures += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
         failures = 0;
         let mut batch = Batch::default();
+        let mut progress = Progress::new(start - 1);
         loop {
             let next = tokio::select! {
                 () = shared.reload.notified() => {
-                    batch.flush(&replica);
                     shared.engine.clear();
                     shared.applied.send_replace(0);
+                    replaying = true;
                     break;
                 }
                 next = messages.next() => next,
             };
             let msg = match next {
-                None => {
-                    batch.flush(&replica);
+                Some(Ok(msg)) => msg,
+                // Made again from where this instance is (what was delivered of an unfinished
+                // batch is delivered again): the ordered consumer gives up re-creating itself
+                // after a few tries, and then only answers errors.
+                Some(Err(err)) => {
+                    debug!("replication: consumer: {err}; making it again");
+                    failures = 1;
                     break;
                 }
-                Some(Err(err)) => {
-                    debug!("replication: consumer: {err}");
-                    continue;
-                }
-                Some(Ok(msg)) => msg,
+                None => break,
             };
             let Ok(info) = msg.info() else {
                 continue;
             };
             let (seq, pending) = (info.stream_sequence, info.pending);
-            let tag = Record::decode(&msg.payload).map(|r| (r.origin, r.batch, r.batch_len));
+            if seq <= progress.delivered {
+                continue;
+            }
+            progress.delivered_one(seq, pending);
+            let stored = info.published.unix_timestamp_nanos();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as i128;
+            // How stale this instance was for this write (not while it catches up at its
+            // start: that measures the backlog).
+            if shared.caught_up.load(std::sync::atomic::Ordering::Relaxed) && !replaying {
+                let lag = u64::try_from(now - stored).unwrap_or(0);
+                shared.lag.record(Duration::from_nanos(lag));
+            }
+            let tell = !replaying;
+            let record = (msg.message.subject.to_string(), msg.message.payload.clone());
+            let tag = Record::decode(&record.1).map(|r| (r.origin, r.batch, r.batch_len));
             match tag {
                 Err(why) => {
                     warn!(
                         seq,
                         "replication: skipped a message that is no record: {why}"
                     );
-                    batch.flush(&replica);
-                    mark(&replica, seq);
+                    batch.flush(&replica, tell);
+                    progress.applied_through(seq);
                 }
                 Ok((_, 0, _)) => {
-                    batch.flush(&replica);
-                    apply(&replica, std::slice::from_ref(&msg.message.payload));
-                    mark(&replica, seq);
+                    batch.flush(&replica, tell);
+                    apply(&replica, std::slice::from_ref(&record), tell);
+                    progress.applied_through(seq);
                 }
                 Ok((origin, id, len)) => {
                     if batch.id != (origin, id) {
-                        batch.flush(&replica);
+                        if let Some(last) = batch.flush(&replica, tell) {
+                            progress.applied_through(last);
+                        }
                         batch.id = (origin, id);
                     }
-                    batch.records.push(msg.message.payload.clone());
+                    batch.records.push(record);
                     batch.last = seq;
+                    // Complete, or the rest of it is gone from the stream (replaced).
                     if batch.records.len() >= len as usize || pending == 0 {
-                        batch.flush(&replica);
+                        if let Some(last) = batch.flush(&replica, tell) {
+                            progress.applied_through(last);
+                        }
                     }
                 }
             }
+            if pending == 0 {
+                replaying = false;
+            }
+            mark(&replica, progress.watermark());
         }
+    }
+}
+
+/// Where the applier is in the stream.
+struct Progress {
+    /// The last sequence delivered.
+    delivered: u64,
+    /// Every message up to here is applied.
+    applied: u64,
+    /// After a jump in the delivered sequences, the watermark stays where the jump began until
+    /// `left` more messages are applied: the messages that were skipped are gone from the
+    /// stream, and one replaced by a later write of its key (not yet delivered) must not be
+    /// seen as applied before that write is.
+    hold: Option<(u64, u64)>,
+}
+
+impl Progress {
+    fn new(applied: u64) -> Self {
+        Self {
+            delivered: applied,
+            applied,
+            hold: None,
+        }
+    }
+
+    /// Message `seq` arrived, `pending` more being in the stream after it.
+    fn delivered_one(&mut self, seq: u64, pending: u64) {
+        if seq > self.delivered + 1 {
+            // The replacing writes are among the `pending` messages after this one.
+            let (at, left) = self.hold.unwrap_or((self.delivered, 0));
+            self.hold = Some((at.min(self.delivered), left.max(pending + 1)));
+        }
+        self.delivered = seq;
+        if let Some((at, left)) = self.hold {
+            let left = left.saturating_sub(1);
+            self.hold = (left > 0 && pending > 0).then_some((at, left));
+        }
+    }
+
+    fn applied_through(&mut self, seq: u64) {
+        self.applied = self.applied.max(seq);
+    }
+
+    fn watermark(&self) -> u64 {
+        self.hold
+            .map_or(self.applied, |(at, _)| self.applied.min(at))
     }
 }
 
@@ -107,18 +186,20 @@ pub(super) async fn run(replica: Replica) {
 #[derive(Default)]
 struct Batch {
     id: (u64, u64),
-    records: Vec<bytes::Bytes>,
+    records: Vec<(String, bytes::Bytes)>,
     last: u64,
 }
 
 impl Batch {
-    fn flush(&mut self, replica: &Replica) {
-        if !self.records.is_empty() {
-            apply(replica, &self.records);
-            mark(replica, self.last);
-        }
+    /// Applies what the batch holds; answers the last sequence it applied.
+    fn flush(&mut self, replica: &Replica, tell: bool) -> Option<u64> {
+        let applied = (!self.records.is_empty()).then(|| {
+            apply(replica, &self.records, tell);
+            self.last
+        });
         self.records.clear();
         self.id = (0, 0);
+        applied
     }
 }
 
@@ -133,11 +214,24 @@ fn mark(replica: &Replica, seq: u64) {
     });
 }
 
-/// Applies records (one, or one batch's: one namespace and bucket, one op) at once.
-fn apply(replica: &Replica, records: &[bytes::Bytes]) {
+/// Applies records (one, or one batch's: one namespace and bucket, one op) at once. A record
+/// on a subject that is not its entry's (published there by someone else) is skipped: it would
+/// outlive the entry's later writes. `tell`: changes this instance made go to its watchers.
+fn apply(replica: &Replica, records: &[(String, bytes::Bytes)], tell: bool) {
+    let root = &replica.inner.root;
     let records: Vec<Record<'_>> = records
         .iter()
-        .filter_map(|bytes| Record::decode(bytes).ok())
+        .filter_map(|(subject, bytes)| {
+            let record = Record::decode(bytes).ok()?;
+            let own = *subject == log::subject(root, record.namespace, record.bucket, record.key);
+            if !own {
+                warn!(
+                    subject,
+                    "replication: skipped a record on a subject not its own"
+                );
+            }
+            own.then_some(record)
+        })
         .collect();
     let Some(first) = records.first() else {
         return;
@@ -174,9 +268,43 @@ fn apply(replica: &Replica, records: &[bytes::Bytes]) {
             }
         }
     };
-    if first.origin == replica.inner.origin {
+    if tell && first.origin == replica.inner.origin {
         run();
     } else {
         keyvalue_store::quietly(run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn the_watermark_waits_for_the_writes_that_replaced_skipped_messages() {
+        let mut p = Progress::new(99);
+        // 100 (K=1) was replaced by 102 (K=2) before delivery: 101 arrives, 102 pending.
+        p.delivered_one(101, 1);
+        p.applied_through(101);
+        assert_eq!(
+            p.watermark(),
+            99,
+            "K=1 is not applied: 100 may not count as done"
+        );
+        p.delivered_one(102, 0);
+        p.applied_through(102);
+        assert_eq!(p.watermark(), 102);
+        // Contiguous deliveries move it at once.
+        p.delivered_one(103, 5);
+        p.applied_through(103);
+        assert_eq!(p.watermark(), 103);
+        // A second jump while holding keeps the earliest point and the longest wait.
+        p.delivered_one(110, 3);
+        p.applied_through(110);
+        p.delivered_one(112, 1);
+        p.applied_through(112);
+        assert_eq!(p.watermark(), 103);
+        p.delivered_one(113, 0);
+        p.applied_through(113);
+        assert_eq!(p.watermark(), 113);
     }
 }

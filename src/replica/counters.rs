@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use dashmap::DashMap;
 use keyvalue_store::EngineError;
 use tokio::sync::oneshot;
 
 use super::log::{self, Op, Record};
-use super::{unavailable, Replica, WriteError};
+use super::{unavailable, unknown, Replica, WriteError};
 use crate::bindings::exports::wrpc::keyvalue::store::Error;
 
 /// The counters with increments waiting, by subject.
@@ -80,13 +80,10 @@ pub(super) async fn increment(
         };
         tokio::spawn(lead(replica.clone(), names, counter));
     }
-    // The leader answers within its own bound (the replication timeout per round).
-    let bound = replica.inner.settings.timeout * 2;
-    match tokio::time::timeout(bound, answered).await {
+    // The leader answers by its round's deadline, which ends before ours.
+    match tokio::time::timeout(replica.inner.settings.timeout, answered).await {
         Ok(Ok(answer)) => answer,
-        _ => Err(Error::Other(unavailable(
-            "the increment was not answered in time",
-        ))),
+        _ => Err(Error::Other(unknown("it was not answered in time"))),
     }
 }
 
@@ -97,7 +94,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Writes the counter's waiting increments, a batch at a time, until none wait.
 async fn lead(replica: Replica, names: Names, counter: Arc<Counter>) {
     loop {
-        let batch = std::mem::take(&mut *lock(&counter.waiting));
+        let mut batch = std::mem::take(&mut *lock(&counter.waiting));
+        // A caller that stopped waiting is not counted.
+        batch.retain(|waiting| !waiting.answer.is_closed());
         if batch.is_empty() {
             counter.running.store(false, Ordering::Release);
             // An increment queued after the take may have seen us running: look again, unless
@@ -119,19 +118,23 @@ async fn lead(replica: Replica, names: Names, counter: Arc<Counter>) {
     });
 }
 
-/// Adds the batch's deltas in one conditional write; answers each caller's value.
+/// Adds the batch's deltas in one conditional write; answers each caller's value. A round
+/// ends before its callers stop waiting (a tenth of `jetstream_timeout_ms` earlier).
 async fn add(replica: &Replica, names: &Names, batch: &[Waiting]) -> Vec<Result<u64, Error>> {
     let all = |err: Error| batch.iter().map(|_| Err(err.clone())).collect();
-    let until = Instant::now() + replica.inner.settings.timeout;
+    let timeout = replica.inner.settings.timeout;
+    let until = Instant::now() + timeout - timeout / 10;
     loop {
         if Instant::now() >= until {
             return all(Error::Other(unavailable(
                 "the counter kept changing for the whole of jetstream_timeout_ms",
             )));
         }
-        let (current, last_seq) = match current(replica, names).await {
-            Ok(found) => found,
-            Err(err) => return all(Error::Other(err)),
+        let read = tokio::time::timeout_at(until.into(), current(replica, names)).await;
+        let (current, last_seq) = match read {
+            Ok(Ok(found)) => found,
+            Ok(Err(err)) => return all(Error::Other(err)),
+            Err(_) => return all(Error::Other(unavailable("did not answer in time"))),
         };
         let base = match current {
             None => 0,
@@ -192,7 +195,7 @@ async fn add(replica: &Replica, names: &Names, batch: &[Waiting]) -> Vec<Result<
             deadline_ms,
             (0, 1),
         );
-        match replica.write(vec![out], Some(last_seq)).await {
+        match replica.write(vec![out], Some(last_seq), until).await {
             Ok(_) => return answers,
             Err(WriteError::Conflict) => continue,
             Err(WriteError::Failed(message)) => return all(Error::Other(message)),
@@ -201,16 +204,16 @@ async fn add(replica: &Replica, names: &Names, batch: &[Waiting]) -> Vec<Result<
 }
 
 /// The counter's live value in the stream (`None`: missing, deleted or expired) and the
-/// sequence of the subject's last message (0: none).
+/// sequence of the subject's last message (0: none), asked of the stream's leader.
 async fn current(replica: &Replica, names: &Names) -> Result<(Option<Vec<u8>>, u64), String> {
     let found = replica
         .inner
         .stream
-        .direct_get_last_for_subject(&names.subject)
+        .get_last_raw_message_by_subject(&names.subject)
         .await;
     let msg = match found {
         Ok(msg) => msg,
-        Err(err) if err.kind() == DirectGetErrorKind::NotFound => return Ok((None, 0)),
+        Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok((None, 0)),
         Err(err) => return Err(unavailable(&err.to_string())),
     };
     let now_ms = std::time::SystemTime::now()

@@ -15,7 +15,7 @@ use tracing::warn;
 use super::Replica;
 
 /// How long to wait for the instance holding a listing.
-const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn subject(replica: &Replica) -> String {
     format!("{}_listings", replica.inner.root.replace('.', "_"))

@@ -34,6 +34,7 @@
 
 mod apply;
 mod counters;
+mod lag;
 mod listings;
 pub mod log;
 
@@ -58,6 +59,8 @@ use log::{Op, Record};
 pub const MAX_BATCH: usize = 1000;
 /// Atomic batches one instance has open at once (JetStream allows 50 a stream).
 const BATCHES_IN_FLIGHT: usize = 12;
+/// How often a start that catches up says how far it is.
+const CATCH_UP_REPORT: Duration = Duration::from_secs(10);
 /// How often the applier's progress is checked against the stream while nothing happens.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a wait for the applier goes before it asks JetStream whether the messages it
@@ -107,6 +110,9 @@ struct Shared {
     /// Asks the applier to drop everything and apply the stream again from its start.
     reload: Notify,
     reloads: AtomicU64,
+    /// From stored in JetStream to applied here, once caught up at the start.
+    lag: lag::Lag,
+    caught_up: std::sync::atomic::AtomicBool,
     batches: tokio::sync::Semaphore,
     next_batch: AtomicU64,
     counters: counters::Counters,
@@ -132,6 +138,16 @@ impl Replica {
             .await
             .with_context(|| format!("cannot open JetStream stream {name}"))?;
         let info = stream.info().await?.clone();
+        let max_payload = nats.server_info().max_payload;
+        let max_value = engine.limits().max_value_bytes;
+        if max_value.saturating_add(1024) > max_payload {
+            warn!(
+                max_value_bytes = max_value,
+                max_payload,
+                "replication: values near max_value_bytes do not fit one NATS message and are \
+                 refused; set max_value_bytes below the server's max_payload"
+            );
+        }
         let origin = RandomState::new().hash_one(std::process::id()) | 1;
         let replica = Replica {
             inner: Arc::new(Shared {
@@ -149,6 +165,8 @@ impl Replica {
                 barrier_wanted: Notify::new(),
                 reload: Notify::new(),
                 reloads: AtomicU64::new(0),
+                lag: lag::Lag::default(),
+                caught_up: std::sync::atomic::AtomicBool::new(false),
                 batches: tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT),
                 next_batch: AtomicU64::new(1),
                 counters: counters::Counters::default(),
@@ -170,15 +188,27 @@ impl Replica {
             last,
             "replication: catching up"
         );
-        loop {
-            match replica.wait_applied(last, Duration::from_secs(10)).await {
-                Ok(()) => break,
-                Err(_) => info!(
-                    applied = *replica.inner.applied.borrow(),
-                    last, "replication: still catching up"
-                ),
-            }
+        // Progress is logged every 10 s; a minute without any is a failed start (the
+        // applier's warnings say why).
+        let mut progress = 0;
+        let mut still = 0;
+        while replica
+            .wait_applied(last, Instant::now() + CATCH_UP_REPORT)
+            .await
+            .is_err()
+        {
+            let at = *replica.inner.applied.borrow();
+            still = if at == progress { still + 1 } else { 0 };
+            progress = at;
+            info!(applied = at, last, "replication: still catching up");
+            anyhow::ensure!(
+                still < 6,
+                "replication: no progress catching up with stream {} for a minute (at {at} of \
+                 {last})",
+                replica.inner.name
+            );
         }
+        replica.inner.caught_up.store(true, Ordering::Relaxed);
         info!(
             stream = %replica.inner.name,
             took_ms = began.elapsed().as_millis() as u64,
@@ -196,12 +226,18 @@ impl Replica {
     /// For the health message.
     pub fn figures(&self) -> String {
         format!(
-            "jetstream {}, instance {}, applied {}, {} reloads",
+            "jetstream {}, instance {}, applied {}, {} reloads, apply lag {}",
             self.inner.name,
             self.inner.instance,
             *self.inner.applied.borrow(),
-            self.inner.reloads.load(Ordering::Relaxed)
+            self.inner.reloads.load(Ordering::Relaxed),
+            self.inner.lag.figures(),
         )
+    }
+
+    /// When a call that begins now must be answered by: `jetstream_timeout_ms` from now.
+    pub fn call_deadline(&self) -> Instant {
+        Instant::now() + self.inner.settings.timeout
     }
 
     /// Stores `value` under `key`, expiring at `deadline_ms` (0: never).
@@ -213,8 +249,9 @@ impl Replica {
         value: &[u8],
         deadline_ms: u64,
     ) -> Result<(), String> {
+        let until = self.call_deadline();
         let record = self.record(Op::Set, ns, bucket, key, value, deadline_ms, (0, 1));
-        self.write(vec![record], None)
+        self.write(vec![record], None, until)
             .await
             .map(drop)
             .map_err(failed)
@@ -228,6 +265,7 @@ impl Replica {
         pairs: &[(String, Bytes)],
         deadline_ms: u64,
     ) -> Result<(), String> {
+        let until = self.call_deadline();
         let mut latest = std::collections::HashMap::new();
         for (key, value) in pairs {
             latest.insert(key.as_str(), value);
@@ -237,18 +275,31 @@ impl Replica {
             .into_iter()
             .map(|(key, value)| self.record(Op::Set, ns, bucket, key, value, deadline_ms, batch))
             .collect();
-        self.write(records, None).await.map(drop).map_err(failed)
+        self.write(records, None, until)
+            .await
+            .map(drop)
+            .map_err(failed)
     }
 
-    /// Removes every key named, in one atomic batch.
+    /// Removes every key named that exists (after a barrier: a key that no write acknowledged
+    /// before the call left there is not there), in atomic batches of at most [`MAX_BATCH`]
+    /// keys. A key that does not exist costs no delete marker.
     pub async fn delete_many(&self, ns: &str, bucket: &str, keys: &[&str]) -> Result<(), String> {
-        let keys: std::collections::BTreeSet<&str> = keys.iter().copied().collect();
-        let batch = self.batch_of(keys.len())?;
-        let records = keys
-            .into_iter()
-            .map(|key| self.record(Op::Delete, ns, bucket, key, b"", 0, batch))
+        let until = self.call_deadline();
+        self.barrier(until).await?;
+        let engine = &self.inner.engine;
+        let keys: std::collections::BTreeSet<&str> = (keys.iter().copied())
+            .filter(|key| engine.exists(ns, bucket, key))
             .collect();
-        self.write(records, None).await.map(drop).map_err(failed)
+        let keys: Vec<&str> = keys.into_iter().collect();
+        for chunk in keys.chunks(MAX_BATCH) {
+            let batch = self.batch_of(chunk.len())?;
+            let records = (chunk.iter())
+                .map(|key| self.record(Op::Delete, ns, bucket, key, b"", 0, batch))
+                .collect();
+            self.write(records, None, until).await.map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// Adds `delta` to the counter under `key` and answers the new value (see `counters.rs`).
@@ -278,9 +329,15 @@ impl Replica {
     /// Waits until this instance applied every write acknowledged before the call, on any
     /// instance (nothing with `read_consistency = "local"`).
     pub async fn read_barrier(&self) -> Result<(), String> {
-        if self.reads() == ReadConsistency::Local {
-            return Ok(());
+        match self.reads() {
+            ReadConsistency::Local => Ok(()),
+            ReadConsistency::Linearizable => self.barrier(self.call_deadline()).await,
         }
+    }
+
+    /// Learns the stream's last sequence (one request for every barrier waiting when it goes),
+    /// then waits until this instance applied that far; by `until`.
+    async fn barrier(&self, until: Instant) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .barriers
@@ -288,12 +345,11 @@ impl Replica {
             .unwrap_or_else(|p| p.into_inner())
             .push(tx);
         self.inner.barrier_wanted.notify_one();
-        let timeout = self.inner.settings.timeout;
-        let last = tokio::time::timeout(timeout, rx)
+        let last = tokio::time::timeout_at(until.into(), rx)
             .await
             .map_err(|_| unavailable("did not answer in time"))?
             .map_err(|_| unavailable("the barrier task ended"))??;
-        self.wait_applied(last, timeout).await
+        self.wait_applied(last, until).await
     }
 
     /// The batch id and size of a `*-many` of `n` distinct keys, or why it cannot be one.
@@ -333,16 +389,19 @@ impl Replica {
             key,
             value,
         };
+        let tombstone = self.inner.settings.tombstone.as_secs();
         let ttl = match op {
-            Op::Delete => Some(self.inner.settings.tombstone.as_secs()),
+            Op::Delete => Some(tombstone),
             Op::Set if deadline_ms == 0 => None,
-            // Gone from the stream a little after it expires everywhere.
+            // Gone from the stream once expired everywhere, and a marker's life later: an
+            // instance out of touch for less than that still sees that it replaced the value
+            // before it (one out of touch for longer reloads).
             Op::Set => {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_millis() as u64;
-                Some(deadline_ms.saturating_sub(now).div_ceil(1000) + 1)
+                Some(deadline_ms.saturating_sub(now).div_ceil(1000) + tombstone)
             }
         };
         Outgoing {
@@ -353,33 +412,56 @@ impl Replica {
     }
 
     /// Publishes `records` (one message, or an atomic batch), then waits until this instance
-    /// applied them. `expected`: the sequence the subject's last message must have (a
-    /// single record only).
+    /// applied them; by `until`. `expected`: the sequence the subject's last message must have
+    /// (a single record only).
     async fn write(
         &self,
         records: Vec<Outgoing>,
         expected: Option<u64>,
+        until: Instant,
     ) -> Result<u64, WriteError> {
-        let timeout = self.inner.settings.timeout;
-        let began = Instant::now();
+        let max_payload = self.inner.nats.server_info().max_payload;
+        for out in &records {
+            // Headers and framing take well under 256 bytes; a message over the server's
+            // max_payload would make it close the connection.
+            let size = out.payload.len() + out.subject.len() + 256;
+            if size > max_payload {
+                return Err(WriteError::Failed(format!(
+                    "replication: a write of {size} bytes is over the NATS server's max_payload \
+                     ({max_payload}): lower max_value_bytes below it, or raise max_payload"
+                )));
+            }
+        }
+        if self.inner.nats.connection_state() != async_nats::connection::State::Connected {
+            // A publish made now would wait in the client and go out whenever it reconnects:
+            // refused instead, its outcome certain.
+            return Err(WriteError::Failed(unavailable("not connected to NATS")));
+        }
         let seq = match records.len() {
             0 => return Ok(0),
-            1 => self.publish_one(&records[0], expected).await?,
+            1 => self.publish_one(&records[0], expected, until).await?,
             _ => {
-                let _slot = tokio::time::timeout(timeout, self.inner.batches.acquire())
+                let _slot = tokio::time::timeout_at(until.into(), self.inner.batches.acquire())
                     .await
                     .map_err(|_| WriteError::Failed(unavailable("too many batches waiting")))?;
-                self.publish_batch(&records).await?
+                self.publish_batch(&records, until).await?
             }
         };
-        let left = timeout.saturating_sub(began.elapsed());
-        self.wait_applied(seq, left.max(Duration::from_millis(100)))
-            .await
-            .map_err(WriteError::Failed)?;
+        self.wait_applied(seq, until).await.map_err(|_| {
+            WriteError::Failed(format!(
+                "replication: the write is stored in JetStream (sequence {seq}) but this \
+                 instance has not applied it in time"
+            ))
+        })?;
         Ok(seq)
     }
 
-    async fn publish_one(&self, out: &Outgoing, expected: Option<u64>) -> Result<u64, WriteError> {
+    async fn publish_one(
+        &self,
+        out: &Outgoing,
+        expected: Option<u64>,
+        until: Instant,
+    ) -> Result<u64, WriteError> {
         let mut publish = jetstream::context::Publish::build().payload(out.payload.clone());
         if let Some(ttl) = out.ttl {
             publish = publish.header("Nats-TTL", format!("{ttl}s").as_str());
@@ -389,27 +471,32 @@ impl Replica {
         }
         let refused = |err: jetstream::context::PublishError| match err.kind() {
             jetstream::context::PublishErrorKind::WrongLastSequence => WriteError::Conflict,
-            _ => WriteError::Failed(unavailable(&err.to_string())),
+            _ => WriteError::Failed(unknown(&err.to_string())),
         };
-        let ack = self
-            .inner
-            .js
-            .send_publish(out.subject.clone(), publish)
+        let published = async {
+            let ack = self
+                .inner
+                .js
+                .send_publish(out.subject.clone(), publish)
+                .await
+                .map_err(refused)?;
+            Ok(ack.await.map_err(refused)?.sequence)
+        };
+        tokio::time::timeout_at(until.into(), published)
             .await
-            .map_err(refused)?;
-        Ok(ack.await.map_err(refused)?.sequence)
+            .map_err(|_| WriteError::Failed(unknown("JetStream did not acknowledge it in time")))?
     }
 
     /// One atomic batch: the first message opens it (the server answers it empty), the last
     /// commits it (the server answers with the stream's acknowledgement of the whole batch).
-    async fn publish_batch(&self, records: &[Outgoing]) -> Result<u64, WriteError> {
+    async fn publish_batch(&self, records: &[Outgoing], until: Instant) -> Result<u64, WriteError> {
         let id = format!(
             "{:x}-{:x}",
             self.inner.origin,
             self.inner.next_batch.fetch_add(1, Ordering::Relaxed)
         );
-        let timeout = self.inner.settings.timeout;
         let last = records.len() - 1;
+        let late = || WriteError::Failed(unknown("JetStream did not acknowledge it in time"));
         for (i, out) in records.iter().enumerate() {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Batch-Id", id.as_str());
@@ -420,28 +507,30 @@ impl Replica {
             if i == last {
                 headers.insert("Nats-Batch-Commit", "1");
             }
+            let (subject, payload) = (out.subject.clone(), out.payload.clone());
             if i == 0 || i == last {
-                let answer = tokio::time::timeout(
-                    timeout,
-                    (self.inner.nats).request_with_headers(
-                        out.subject.clone(),
-                        headers,
-                        out.payload.clone(),
-                    ),
-                )
-                .await
-                .map_err(|_| WriteError::Failed(unavailable("did not answer in time")))?
-                .map_err(|err| WriteError::Failed(unavailable(&err.to_string())))?;
+                let asked = self
+                    .inner
+                    .nats
+                    .request_with_headers(subject, headers, payload);
+                let answer = tokio::time::timeout_at(until.into(), asked)
+                    .await
+                    .map_err(|_| late())?
+                    .map_err(|err| WriteError::Failed(unknown(&err.to_string())))?;
                 let ack = batch_answer(&answer.payload).map_err(WriteError::Failed)?;
                 if i == last {
                     return ack.ok_or_else(|| {
-                        WriteError::Failed(unavailable("the batch's commit was not acknowledged"))
+                        WriteError::Failed(unknown("the batch's commit was not acknowledged"))
                     });
                 }
             } else {
-                (self.inner.nats)
-                    .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
+                let sent = self
+                    .inner
+                    .nats
+                    .publish_with_headers(subject, headers, payload);
+                tokio::time::timeout_at(until.into(), sent)
                     .await
+                    .map_err(|_| late())?
                     .map_err(|err| WriteError::Failed(unavailable(&err.to_string())))?;
             }
         }
@@ -449,9 +538,8 @@ impl Replica {
     }
 
     /// Waits until every message up to `seq` is applied here, or known gone from the stream,
-    /// for at most `timeout`.
-    async fn wait_applied(&self, seq: u64, timeout: Duration) -> Result<(), String> {
-        let until = Instant::now() + timeout;
+    /// by `until`.
+    async fn wait_applied(&self, seq: u64, until: Instant) -> Result<(), String> {
         let mut applied = self.inner.applied.subscribe();
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -467,32 +555,42 @@ impl Replica {
                 Ok(Err(_)) => return Err(unavailable("the applier stopped")),
                 Err(_) => {}
             }
-            // The messages still missing may be gone (expired, or replaced by later writes
-            // the applier has not reached): ask for the next one that exists.
+            // The messages still missing may be gone: a message replaced by a later write of
+            // its key is followed by that write, which the applier reaches; but an expired one
+            // (a delete marker, an expiring value) at the end of the stream is followed by
+            // nothing. When no message at all exists past the applied one, there is nothing
+            // left to wait for.
             let from = *applied.borrow() + 1;
-            let next = self
-                .inner
-                .stream
-                .direct_get_next_for_subject(format!("{}.>", self.inner.root), Some(from))
-                .await;
-            let gone = match next {
-                Ok(msg) => msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("Nats-Sequence"))
-                    .and_then(|s| s.as_str().parse::<u64>().ok())
-                    .is_some_and(|next| next > seq),
-                Err(err) => err.kind() == jetstream::stream::DirectGetErrorKind::NotFound,
-            };
-            if gone {
+            let next = tokio::time::timeout_at(until.into(), self.next_exists(from)).await;
+            if let Ok(Ok(false)) = next {
                 self.inner.applied.send_if_modified(|at| {
-                    let moved = *at < seq && *at + 1 >= from;
+                    // Unless the applier moved meanwhile, or a reload reset it.
+                    let moved = *at < seq && *at + 1 == from;
                     if moved {
                         *at = seq;
                     }
                     moved
                 });
             }
+        }
+    }
+
+    /// Whether the stream holds a message at `from` or after, asked of the stream's leader
+    /// (a direct get may be answered by a replica that is behind).
+    async fn next_exists(&self, from: u64) -> Result<bool, String> {
+        let request =
+            serde_json::json!({ "seq": from, "next_by_subj": format!("{}.>", self.inner.root) });
+        let answer: serde_json::Value = (self.inner.js)
+            .request(format!("STREAM.MSG.GET.{}", self.inner.name), &request)
+            .await
+            .map_err(|err| unavailable(&err.to_string()))?;
+        match answer.get("error") {
+            None => Ok(answer.get("message").is_some()),
+            // 10037: no message found.
+            Some(error) if error.get("err_code").and_then(|c| c.as_u64()) == Some(10037) => {
+                Ok(false)
+            }
+            Some(error) => Err(unavailable(&error.to_string())),
         }
     }
 
@@ -594,6 +692,11 @@ fn unavailable(why: &str) -> String {
     format!("replication: JetStream did not take the call: {why}")
 }
 
+/// A write that may or may not have been stored.
+fn unknown(why: &str) -> String {
+    format!("replication: the write's outcome is unknown (it may still be applied): {why}")
+}
+
 /// What the server answered a message of a batch: `Ok(None)` for the empty answer to its
 /// first message, `Ok(Some(seq))` for the acknowledgement of its commit.
 fn batch_answer(payload: &[u8]) -> Result<Option<u64>, String> {
@@ -642,16 +745,12 @@ async fn ensure_stream(
         .await
         .with_context(|| format!("cannot create JetStream stream {name}: is JetStream on?"))?;
     let Some(error) = answer.get("error") else {
-        return Ok(());
+        // A server that does not know a field ignores it: read back what it made.
+        return check_stream(js, name, root).await;
     };
-    // 10058: a stream of that name exists with another config (replicas, storage…): use it.
+    // 10058: a stream of that name exists with another config: used if it can serve.
     if error.get("err_code").and_then(|c| c.as_u64()) == Some(10058) {
-        warn!(
-            stream = name,
-            "replication: the stream exists with other settings than the provider config's; \
-             using it as it is"
-        );
-        return Ok(());
+        return check_stream(js, name, root).await;
     }
     Err(anyhow!(
         "cannot create JetStream stream {name} (replication needs nats-server 2.12 or later, \
@@ -661,6 +760,43 @@ async fn ensure_stream(
             .and_then(|d| d.as_str())
             .unwrap_or("unknown error")
     ))
+}
+
+/// `Ok` when stream `name` has what replication relies on (an older server, or a stream made
+/// by hand or for something else, may not).
+async fn check_stream(js: &jetstream::Context, name: &str, root: &str) -> anyhow::Result<()> {
+    let info: serde_json::Value = js
+        .request(format!("STREAM.INFO.{name}"), &serde_json::json!({}))
+        .await
+        .with_context(|| format!("cannot read JetStream stream {name}'s config"))?;
+    let config = &info["config"];
+    let subjects = format!("{root}.>");
+    let mut missing = Vec::new();
+    if config["max_msgs_per_subject"].as_i64() != Some(1) {
+        missing.push("max_msgs_per_subject 1");
+    }
+    for flag in ["allow_atomic", "allow_msg_ttl"] {
+        if config[flag].as_bool() != Some(true) {
+            missing.push(flag);
+        }
+    }
+    let subjects_ok = config["subjects"]
+        .as_array()
+        .is_some_and(|s| s.len() == 1 && s[0].as_str() == Some(&subjects));
+    if !subjects_ok {
+        missing.push("the subjects");
+    }
+    if config["discard"].as_str() != Some("new") {
+        missing.push("discard new");
+    }
+    anyhow::ensure!(
+        missing.is_empty(),
+        "JetStream stream {name} cannot serve replication: it lacks {} (replication needs \
+         nats-server 2.12 or later; a stream of that name made otherwise must be removed, or \
+         another jetstream_prefix chosen)",
+        missing.join(", ")
+    );
+    Ok(())
 }
 
 #[cfg(test)]

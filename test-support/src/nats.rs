@@ -120,8 +120,14 @@ impl NatsServer {
     /// Kills the server (SIGKILL: no clean shutdown) and starts it again on the same port
     /// with the same JetStream store; panics when it cannot.
     pub fn restart(&mut self) {
+        self.restart_after(Duration::ZERO);
+    }
+
+    /// Like [`NatsServer::restart`], the server staying away for `down` (blocking).
+    pub fn restart_after(&mut self, down: Duration) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        std::thread::sleep(down);
         for entry in std::fs::read_dir(self.dir.path())
             .into_iter()
             .flatten()

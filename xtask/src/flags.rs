@@ -249,6 +249,13 @@ pub struct Bench {
     /// Rounds of the watch measurement (sets with 0, 1 and 16 watchers; 0 skips it).
     #[arg(long, default_value_t = 3)]
     pub watch_rounds: usize,
+    /// Leave out the replicated targets (ours with `replication = "jetstream"`, with each
+    /// read consistency) and the catch-up measurement.
+    #[arg(long)]
+    pub no_replication: bool,
+    /// Keys a new replicated instance catches up on (0 skips it; `--quick`: at most 100,000).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub catchup_keys: usize,
     /// list_page_size of the provider the list-keys pass runs against.
     #[arg(long, default_value_t = 1000)]
     pub list_page_size: usize,

@@ -106,10 +106,21 @@ pub async fn rounds<'a>(
 }
 
 /// Whether target `name` runs `workload` at `k` in flight: ours with expiry and eviction on
-/// ("cache") runs only get and set at 1 and 256, against ours with them off.
+/// ("cache") runs only get and set at 1 and 256, against ours with them off; ours replicated
+/// runs 16 B gets and sets, increments and get-many 100 at 1 and 256 (with local reads: the
+/// reads only, its writes being the same).
 fn runs(name: &str, workload: Workload, k: usize) -> bool {
-    name != "cache"
-        || (matches!(workload, Workload::Get(_) | Workload::Set(_)) && (k == 1 || k == 256))
+    use super::targets::{REPLICATED, REPLICATED_LOCAL};
+    let ends = k == 1 || k == 256;
+    match name {
+        "cache" => matches!(workload, Workload::Get(_) | Workload::Set(_)) && ends,
+        REPLICATED => {
+            let write = matches!(workload, Workload::Set(16) | Workload::Increment);
+            ends && (write || matches!(workload, Workload::Get(16) | Workload::GetMany(100)))
+        }
+        REPLICATED_LOCAL => ends && matches!(workload, Workload::Get(16) | Workload::GetMany(100)),
+        _ => true,
+    }
 }
 
 /// Our provider's transport figures, from its health message.

@@ -15,9 +15,11 @@
 //! `driver.rs` (the workers and the rounds), `memory.rs` (memory per key, a full listing),
 //! `profile.rs` (`--perf`), `report.rs` (the tables), `floor.rs` (the floor and the echo),
 //! `cache.rs`, `expiry.rs` and `watch.rs` (eviction, the expiry sweep, sets under watchers),
+//! `catchup.rs` (replication's staleness and a new instance's catch-up),
 //! `shared.rs` (what they share).
 
 mod cache;
+mod catchup;
 mod driver;
 mod expiry;
 mod floor;
@@ -81,6 +83,7 @@ async fn measure(args: flags::Bench) -> anyhow::Result<ExitCode> {
     if let Some(profiler) = profiler {
         profiler.finish()?;
     }
+    let lags = catchup::lags(&nats).await;
     drop(targets.children);
     let mut memory = Vec::new();
     if args.memory_keys > 0 {
@@ -114,6 +117,13 @@ async fn measure(args: flags::Bench) -> anyhow::Result<ExitCode> {
             watch::measure(&binary, &url, &nats, args.seconds, rounds).await?
         }
     };
+    let catchup = match (args.no_replication, args.catchup_keys) {
+        (true, _) | (_, 0) => None,
+        (false, keys) => {
+            let keys = if args.quick { keys.min(100_000) } else { keys };
+            Some(catchup::measure(&binary, &url, &nats, keys).await?)
+        }
+    };
     report::write(
         &args,
         &results,
@@ -121,6 +131,7 @@ async fn measure(args: flags::Bench) -> anyhow::Result<ExitCode> {
         cache.as_ref(),
         expiry.as_ref(),
         &watch,
+        (&lags, catchup.as_ref()),
     )?;
     Ok(ExitCode::SUCCESS)
 }

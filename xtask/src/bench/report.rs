@@ -5,9 +5,11 @@ use keyvalue_inmemory::transport::Figures;
 use serde_json::json;
 
 use super::cache::CacheRun;
+use super::catchup::CatchUp;
 use super::driver::{Phase, Results};
 use super::expiry::Expiry;
 use super::memory::Memory;
+use super::targets::{REPLICATED, REPLICATED_LOCAL};
 use super::watch::{Row as WatchRow, Watching, IN_FLIGHT as WATCH_IN_FLIGHT, WATCHING};
 use super::workload::Workload;
 use crate::flags;
@@ -21,6 +23,7 @@ pub fn write(
     cache: Option<&CacheRun>,
     expiry: Option<&Expiry>,
     watch: &[WatchRow],
+    (lags, catchup): (&[(&str, String)], Option<&CatchUp>),
 ) -> anyhow::Result<()> {
     let mut md = String::new();
     let mut rows = Vec::new();
@@ -118,7 +121,35 @@ pub fn write(
             "resends_spurious": covered.spurious,
             "ttl_lru_calls_per_sec": stat("cache", &|p| p.calls_per_sec()),
             "ttl_lru_ratio_to_off": ratio_of("cache", "ours"),
+            "jetstream_calls_per_sec": stat(REPLICATED, &|p| p.calls_per_sec()),
+            "jetstream_ratio_to_off": ratio_of(REPLICATED, "ours"),
+            "jetstream_ratio_to_compare": ratio_of(REPLICATED, "compare"),
+            "jetstream_lost": lost(REPLICATED), "jetstream_errors": sum(REPLICATED, |p| p.errors),
+            "jetstream_local_calls_per_sec": stat(REPLICATED_LOCAL, &|p| p.calls_per_sec()),
+            "jetstream_local_ratio_to_off": ratio_of(REPLICATED_LOCAL, "ours"),
+            "jetstream_local_ratio_to_compare": ratio_of(REPLICATED_LOCAL, "compare"),
         }));
+        for (name, label) in [
+            (REPLICATED, "replication=jetstream"),
+            (
+                REPLICATED_LOCAL,
+                "replication=jetstream, read_consistency=local",
+            ),
+        ] {
+            let Some(c) = stat(name, &|p| p.calls_per_sec()) else {
+                continue;
+            };
+            let (c50, c99, c999) = pct(name);
+            let vs_compare = ratio_of(name, "compare")
+                .map_or(String::new(), |r| format!("; vs --compare: **{r:.2}**"));
+            md.push_str(&format!(
+                "| ↳ {label} | {k} | {c:.0} | | vs off: **{:.2}**{vs_compare} | {c50:.0} / {c99:.0} / {c999:.0} | | {:.0} | {} (errors {}) | | | |\n",
+                ratio_of(name, "ours").unwrap_or(f64::NAN),
+                c * workload.keys_per_call() as f64,
+                lost(name),
+                sum(name, |p| p.errors),
+            ));
+        }
         if let Some(c) = stat("cache", &|p| p.calls_per_sec()) {
             let (c50, c99, c999) = pct("cache");
             md.push_str(&format!(
@@ -223,13 +254,31 @@ pub fn write(
             "bytes_reclaimed": e.bytes_reclaimed, "rss_loaded": e.rss_loaded, "rss_reclaimed": e.rss_reclaimed })
     });
     let watch_json = watch_table(&mut md, watch);
+    for (name, lag) in lags {
+        md.push_str(&format!(
+            "\nReplication, apply lag of `{name}` (from stored in JetStream to applied in its memory: \
+             the staleness of local reads) over the run: **{lag}**.\n"
+        ));
+    }
+    let catchup_json = catchup.map(|c| {
+        md.push_str(&format!(
+            "\nReplication catch-up: {} keys loaded through one instance in {:.1} s; a new instance \
+             caught up and answered health **{:.1} s** after it started.\n",
+            c.keys, c.load_seconds, c.seconds
+        ));
+        json!({ "keys": c.keys, "load_seconds": c.load_seconds, "catchup_seconds": c.seconds })
+    });
+    let lag_json: Vec<_> = lags
+        .iter()
+        .map(|(n, l)| json!({ "target": n, "apply_lag": l }))
+        .collect();
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("report.md"), &md)?;
     std::fs::write(
         dir.join("report.json"),
         serde_json::to_string_pretty(
-            &json!({ "rows": rows, "memory": memory_json, "cache": cache_json, "expiry": expiry_json, "watch": watch_json }),
+            &json!({ "rows": rows, "memory": memory_json, "cache": cache_json, "expiry": expiry_json, "watch": watch_json, "apply_lag": lag_json, "catchup": catchup_json }),
         )?,
     )?;
     println!("{md}");

@@ -15,6 +15,11 @@ use super::shared::{Killed, LATTICE};
 use super::workload::Target;
 use crate::{flags, run};
 
+/// Ours with `replication = "jetstream"`, linearizable reads.
+pub const REPLICATED: &str = "js";
+/// Ours with `replication = "jetstream"`, `read_consistency = "local"`.
+pub const REPLICATED_LOCAL: &str = "js-local";
+
 /// The started targets.
 pub struct Targets {
     /// Stopped when dropped.
@@ -91,6 +96,21 @@ pub async fn start(
         ("floor", format!("{LATTICE}.floor")),
         ("cache", format!("{LATTICE}.cache")),
     ];
+    // Ours replicated through JetStream (one instance each, file storage): linearizable
+    // reads, and local ones.
+    if !args.no_replication {
+        for (name, reads) in [(REPLICATED, "linearizable"), (REPLICATED_LOCAL, "local")] {
+            let mut config = limits.as_object().cloned().unwrap_or_default();
+            config.insert("replication".into(), "jetstream".into());
+            config.insert("read_consistency".into(), reads.into());
+            let mut child =
+                run::start_provider(binary, url, LATTICE, name, config, &links, json!({}))?;
+            let health = run::wait_for_health(nats, LATTICE, name, &mut child).await;
+            children.0.push(child);
+            health?;
+            prefixes.push((name, format!("{LATTICE}.{name}")));
+        }
+    }
     if let Some(bin) = &args.compare {
         let mut config = serde_json::Map::new();
         if args.redis {
