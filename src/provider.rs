@@ -416,6 +416,13 @@ async fn replicated<P, T, F>(
 where
     F: std::future::Future<Output = Result<T, store::Error>>,
 {
+    // Near a limit, the check must count every write acknowledged before this one, wherever.
+    let near = in_namespace(provider, cx, bucket, keys, |e, ns, _| Ok(e.near_limits(ns)))?;
+    if let (Ok(true), Some(replica)) = (near, provider.replica()) {
+        if let Err(unavailable) = replica.catch_up().await {
+            return Ok(Err(store::Error::Other(unavailable)));
+        }
+    }
     let checked = in_namespace(provider, cx, bucket, keys, |e, ns, ttl| {
         Ok((Arc::<str>::from(ns), check(e, ns, ttl)?))
     })?;

@@ -332,6 +332,13 @@ where
     F: Fn(KvProvider, Option<Context>, P) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
 {
+    // A linearizable replicated read learns how far to catch up while its handshake runs.
+    let early = match func {
+        "get" | "exists" | "get-many" | "list-keys" => {
+            provider.replica().and_then(|replica| replica.begin_read())
+        }
+        _ => None,
+    };
     let accepted = via
         .accept(
             msg,
@@ -391,7 +398,8 @@ where
         budget::scope(call, async move {
             let (results, outcome) = match params {
                 Ok(params) => {
-                    let results = handle(provider, cx, params).await?;
+                    let handled = handle(provider, cx, params);
+                    let results = crate::replica::with_early_barrier(early, handled).await?;
                     let outcome = results.outcome();
                     (results, outcome)
                 }

@@ -357,10 +357,10 @@ async fn limits_hold_across_instances_within_what_is_in_flight() {
     }
     let c = all[0].as_component(C1, "default");
     let stored = c.list_all("b", 1000).await.len();
-    // Instances racing at the limit pass it by at most the writes in flight (one a writer
-    // here) and those the checking instance had not applied yet (each writer's last, at
-    // most); every write was either stored or refused.
-    assert!((40..=40 + 2 * writers).contains(&stored), "{stored} stored");
+    // Near a limit a write first catches up with the stream: instances racing there pass it
+    // by at most the writes in flight (one a writer here); every write was either stored or
+    // refused.
+    assert!((40..=40 + writers).contains(&stored), "{stored} stored");
     assert_eq!(stored + refused, 120);
     wait_for_keys(&all[0], &["i0", "i1"], stored as u64).await;
     let message = other_message(c.set("b", "one-more", b"v").await);

@@ -4,8 +4,8 @@
 //! Every instance of the provider in a lattice takes calls from one wRPC queue group, so a
 //! component's calls land on any of them. With replication on, a write is not made in memory
 //! by the instance that took it: it is published to one JetStream stream, and acknowledged to
-//! the caller once JetStream has stored it (durable, replicated as the stream is) and this
-//! instance has applied it. Every instance applies the whole stream, in the stream's order,
+//! the caller once JetStream has stored it (durable, replicated as the stream is) and, with
+//! local reads, this instance has applied it. Every instance applies the whole stream, in the stream's order,
 //! to its own memory (`apply.rs`); reads are served from memory.
 //!
 //! - **The stream** (`{prefix}_{lattice}_{provider}`, subjects `{prefix}.{lattice}.{provider}.>`;
@@ -327,12 +327,42 @@ impl Replica {
     }
 
     /// Waits until this instance applied every write acknowledged before the call, on any
-    /// instance (nothing with `read_consistency = "local"`).
+    /// instance (nothing with `read_consistency = "local"`). The barrier [`Replica::begin_read`]
+    /// started for this call when it arrived, if any, else one from now.
     pub async fn read_barrier(&self) -> Result<(), String> {
-        match self.reads() {
-            ReadConsistency::Local => Ok(()),
-            ReadConsistency::Linearizable => self.barrier(self.call_deadline()).await,
+        if self.reads() == ReadConsistency::Local {
+            return Ok(());
         }
+        let early = EARLY_BARRIER
+            .try_with(|early| early.borrow_mut().take())
+            .ok()
+            .flatten();
+        match early {
+            Some(started) => started
+                .await
+                .unwrap_or_else(|_| Err(unavailable("the barrier task ended"))),
+            None => self.barrier(self.call_deadline()).await,
+        }
+    }
+
+    /// Waits until this instance applied every write acknowledged before now, on any instance,
+    /// whatever `read_consistency` says (a write near a limit checks it against that).
+    pub async fn catch_up(&self) -> Result<(), String> {
+        self.barrier(self.call_deadline()).await
+    }
+
+    /// Starts a read's barrier as its invocation arrives, so that learning the stream's last
+    /// sequence overlaps the call's handshake: the read began before it arrived, so what the
+    /// barrier finds is at least what was acknowledged before the read. The read's handler
+    /// picks it up when it runs inside [`with_early_barrier`].
+    pub fn begin_read(&self) -> Option<tokio::task::JoinHandle<Result<(), String>>> {
+        if self.reads() == ReadConsistency::Local {
+            return None;
+        }
+        let replica = self.clone();
+        Some(tokio::spawn(async move {
+            replica.barrier(replica.call_deadline()).await
+        }))
     }
 
     /// Learns the stream's last sequence (one request for every barrier waiting when it goes),
@@ -447,12 +477,16 @@ impl Replica {
                 self.publish_batch(&records, until).await?
             }
         };
-        self.wait_applied(seq, until).await.map_err(|_| {
-            WriteError::Failed(format!(
-                "replication: the write is stored in JetStream (sequence {seq}) but this \
-                 instance has not applied it in time"
-            ))
-        })?;
+        // Linearizable reads wait for what they must see themselves; local ones see this
+        // instance's own writes because the write waits here.
+        if self.reads() == ReadConsistency::Local {
+            self.wait_applied(seq, until).await.map_err(|_| {
+                WriteError::Failed(format!(
+                    "replication: the write is stored in JetStream (sequence {seq}) but this \
+                     instance has not applied it in time"
+                ))
+            })?;
+        }
         Ok(seq)
     }
 
@@ -615,12 +649,28 @@ impl Replica {
         }
     }
 
+    /// The stream's last sequence (only that is read of the stream's info).
     async fn last_sequence(&self) -> Result<u64, String> {
-        let info = tokio::time::timeout(self.inner.settings.timeout, self.inner.stream.get_info())
+        #[derive(serde::Deserialize)]
+        struct State {
+            last_seq: u64,
+        }
+        #[derive(serde::Deserialize)]
+        struct Info {
+            state: Option<State>,
+            error: Option<serde_json::Value>,
+        }
+        let empty = serde_json::json!({});
+        let asked = (self.inner.js)
+            .request::<_, _, Info>(format!("STREAM.INFO.{}", self.inner.name), &empty);
+        let info = tokio::time::timeout(self.inner.settings.timeout, asked)
             .await
             .map_err(|_| unavailable("did not answer in time"))?
             .map_err(|err| unavailable(&err.to_string()))?;
-        Ok(info.state.last_sequence)
+        match (info.state, info.error) {
+            (Some(state), None) => Ok(state.last_seq),
+            (_, error) => Err(unavailable(&format!("stream info: {error:?}"))),
+        }
     }
 
     /// Asks the applier to reload the stream when this instance may have missed deletes: it
@@ -678,6 +728,21 @@ impl Replica {
             }
         }
     }
+}
+
+tokio::task_local! {
+    /// The barrier started for the call this task serves ([`Replica::begin_read`]).
+    static EARLY_BARRIER: std::cell::RefCell<Option<tokio::task::JoinHandle<Result<(), String>>>>;
+}
+
+/// Runs a call's handler with the barrier started when the call arrived, if any.
+pub async fn with_early_barrier<F: std::future::Future>(
+    early: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    handler: F,
+) -> F::Output {
+    EARLY_BARRIER
+        .scope(std::cell::RefCell::new(early), handler)
+        .await
 }
 
 /// The write's error as the caller reads it.

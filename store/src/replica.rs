@@ -99,6 +99,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether namespace `ns` (or the store) is near a usage limit: within a tenth of it, or
+    /// within 64 keys or 1 MiB. There, a replicated write first catches up with the stream, so
+    /// that [`Engine::admits`] counts every write acknowledged before it, wherever.
+    pub fn near_limits(&self, ns: &str) -> bool {
+        let limits = self.limits();
+        let keys = (self.namespaces.get(ns)).map_or(0, |n| n.keys.load(Ordering::Relaxed));
+        let bytes = self.total_bytes.load(Ordering::Relaxed);
+        let near =
+            |held: u64, limit: u64, floor: u64| held.saturating_add(floor.max(limit / 10)) >= limit;
+        near(keys, limits.max_keys, 64) || near(bytes, limits.max_total_bytes, 1 << 20)
+    }
+
     /// The value length of a live entry.
     fn stored_len(&self, ns: &str, bucket: &str, key: &str) -> Option<usize> {
         let ns_ref = self.namespaces.get(ns)?;
@@ -175,6 +187,29 @@ mod tests {
         // A deadline already passed removes the old value.
         engine.apply_set("ns", "b", "d", b"x", 1);
         assert_eq!(engine.get("ns", "b", "d"), None);
+    }
+
+    #[test]
+    fn near_limits_is_a_tenth_of_a_limit_or_a_floor() {
+        let engine = Engine::new(Limits {
+            max_keys: 1000,
+            max_total_bytes: 100 << 20,
+            ..limits()
+        });
+        assert!(!engine.near_limits("ns"));
+        for i in 0..899 {
+            engine.set("ns", "b", &format!("k{i}"), b"v").unwrap();
+        }
+        assert!(!engine.near_limits("ns"));
+        engine.set("ns", "b", "one-more", b"v").unwrap();
+        assert!(engine.near_limits("ns"), "900 of 1000 keys");
+        assert!(!engine.near_limits("other"));
+        // A small limit is always near.
+        engine.set_limits(Limits {
+            max_keys: 10,
+            ..engine.limits()
+        });
+        assert!(engine.near_limits("other"));
     }
 
     #[test]

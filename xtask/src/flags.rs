@@ -234,7 +234,8 @@ pub struct Bench {
     /// address as the provider's `URL` config.
     #[arg(long, requires = "compare")]
     pub redis: bool,
-    /// Only the workloads whose name contains this (e.g. "get-many"), to profile one.
+    /// Only the workloads whose name contains this (e.g. "get-many"), or the one named exactly
+    /// so ("get-many 100"), to profile one.
     #[arg(long)]
     pub only: Option<String>,
     /// Only this concurrency.

@@ -190,7 +190,9 @@ pub fn plan(args: &flags::Bench, sizes: &[usize]) -> anyhow::Result<Vec<(Workloa
         plan.push((Workload::SetMany(1000), k));
     }
     if let Some(only) = &args.only {
-        plan.retain(|(w, _)| w.name().contains(only.as_str()));
+        // A workload's whole name picks it alone ("get-many 100", not "get-many 1000").
+        let exact = plan.iter().any(|(w, _)| w.name() == *only);
+        plan.retain(|(w, _)| w.name() == *only || (!exact && w.name().contains(only.as_str())));
         anyhow::ensure!(!plan.is_empty(), "--only {only:?} matches no workload");
     }
     if let Some(k) = args.in_flight {
