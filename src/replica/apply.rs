@@ -1,7 +1,10 @@
 //! The applier: every instance applies the whole stream, in its order, to its own memory.
 //!
-//! An ordered push consumer (ephemeral, flow-controlled, recreated by async-nats where it left
-//! off after a lost heartbeat) delivers the stream from where this instance is. Records of one
+//! An ordered pull consumer (ephemeral, 500 messages a fetch: a new instance catches up on a
+//! million keys about a quarter faster than with a push consumer) delivers the stream from
+//! where this instance is. It is made again from there on any error (async-nats's own
+//! re-creation gives up after a few tries), and when it stops delivering while the stream has
+//! more (`Replica::watch_stream`; seen after a 20 s outage). Records of one
 //! atomic batch arrive one after the other; they are applied together, once the batch is
 //! complete or the next message is not part of it (the stream may have dropped some of its
 //! records, replaced by later writes of the same keys). A change is told to watchers on the
@@ -9,7 +12,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{push, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures::StreamExt as _;
 use tracing::{debug, warn};
 
@@ -28,8 +31,7 @@ pub(super) async fn run(replica: Replica) {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         let start = *shared.applied.borrow() + 1;
-        let config = push::OrderedConfig {
-            deliver_subject: shared.nats.new_inbox(),
+        let config = pull::OrderedConfig {
             filter_subject: format!("{}.>", shared.root),
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: start,
@@ -55,6 +57,10 @@ pub(super) async fn run(replica: Replica) {
         let mut progress = Progress::new(start - 1);
         loop {
             let next = tokio::select! {
+                () = shared.restart.notified() => {
+                    failures = 1;
+                    break;
+                }
                 () = shared.reload.notified() => {
                     shared.engine.clear();
                     shared.applied.send_replace(0);
@@ -95,7 +101,7 @@ pub(super) async fn run(replica: Replica) {
                 shared.lag.record(Duration::from_nanos(lag));
             }
             let tell = !replaying;
-            let record = (msg.message.subject.to_string(), msg.message.payload.clone());
+            let record = (msg.message.subject.clone(), msg.message.payload.clone());
             let tag = Record::decode(&record.1).map(|r| (r.origin, r.batch, r.batch_len));
             match tag {
                 Err(why) => {
@@ -186,7 +192,7 @@ impl Progress {
 #[derive(Default)]
 struct Batch {
     id: (u64, u64),
-    records: Vec<(String, bytes::Bytes)>,
+    records: Vec<(async_nats::Subject, bytes::Bytes)>,
     last: u64,
 }
 
@@ -217,18 +223,16 @@ fn mark(replica: &Replica, seq: u64) {
 /// Applies records (one, or one batch's: one namespace and bucket, one op) at once. A record
 /// on a subject that is not its entry's (published there by someone else) is skipped: it would
 /// outlive the entry's later writes. `tell`: changes this instance made go to its watchers.
-fn apply(replica: &Replica, records: &[(String, bytes::Bytes)], tell: bool) {
+fn apply(replica: &Replica, records: &[(async_nats::Subject, bytes::Bytes)], tell: bool) {
     let root = &replica.inner.root;
     let records: Vec<Record<'_>> = records
         .iter()
         .filter_map(|(subject, bytes)| {
             let record = Record::decode(bytes).ok()?;
-            let own = *subject == log::subject(root, record.namespace, record.bucket, record.key);
+            let own =
+                subject.as_str() == log::subject(root, record.namespace, record.bucket, record.key);
             if !own {
-                warn!(
-                    subject,
-                    "replication: skipped a record on a subject not its own"
-                );
+                warn!(%subject, "replication: skipped a record on a subject not its own");
             }
             own.then_some(record)
         })

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
 use dashmap::DashMap;
 use keyvalue_store::EngineError;
 use tokio::sync::oneshot;
@@ -124,13 +124,14 @@ async fn add(replica: &Replica, names: &Names, batch: &[Waiting]) -> Vec<Result<
     let all = |err: Error| batch.iter().map(|_| Err(err.clone())).collect();
     let timeout = replica.inner.settings.timeout;
     let until = Instant::now() + timeout - timeout / 10;
+    let mut leader = false;
     loop {
         if Instant::now() >= until {
             return all(Error::Other(unavailable(
                 "the counter kept changing for the whole of jetstream_timeout_ms",
             )));
         }
-        let read = tokio::time::timeout_at(until.into(), current(replica, names)).await;
+        let read = tokio::time::timeout_at(until.into(), current(replica, names, leader)).await;
         let (current, last_seq) = match read {
             Ok(Ok(found)) => found,
             Ok(Err(err)) => return all(Error::Other(err)),
@@ -197,30 +198,43 @@ async fn add(replica: &Replica, names: &Names, batch: &[Waiting]) -> Vec<Result<
         );
         match replica.write(vec![out], Some(last_seq), until).await {
             Ok(_) => return answers,
-            Err(WriteError::Conflict) => continue,
+            // Read again, from the leader: a replica that is behind would lose again.
+            Err(WriteError::Conflict) => leader = true,
             Err(WriteError::Failed(message)) => return all(Error::Other(message)),
         }
     }
 }
 
 /// The counter's live value in the stream (`None`: missing, deleted or expired) and the
-/// sequence of the subject's last message (0: none), asked of the stream's leader.
-async fn current(replica: &Replica, names: &Names) -> Result<(Option<Vec<u8>>, u64), String> {
-    let found = replica
-        .inner
-        .stream
-        .get_last_raw_message_by_subject(&names.subject)
-        .await;
-    let msg = match found {
-        Ok(msg) => msg,
-        Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok((None, 0)),
-        Err(err) => return Err(unavailable(&err.to_string())),
+/// sequence of the subject's last message (0: none): a direct get (any replica answers, the
+/// cheapest read), or asked of the stream's leader. A stale answer only costs a conflict.
+async fn current(
+    replica: &Replica,
+    names: &Names,
+    leader: bool,
+) -> Result<(Option<Vec<u8>>, u64), String> {
+    let stream = &replica.inner.stream;
+    let found = if leader {
+        match stream.get_last_raw_message_by_subject(&names.subject).await {
+            Ok(msg) => Some((msg.payload, msg.sequence)),
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => None,
+            Err(err) => return Err(unavailable(&err.to_string())),
+        }
+    } else {
+        match stream.direct_get_last_for_subject(&names.subject).await {
+            Ok(msg) => Some((msg.payload, msg.sequence)),
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => None,
+            Err(err) => return Err(unavailable(&err.to_string())),
+        }
+    };
+    let Some((payload, sequence)) = found else {
+        return Ok((None, 0));
     };
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
-    let value = match Record::decode(&msg.payload) {
+    let value = match Record::decode(&payload) {
         Ok(r)
             if r.op == Op::Set
                 && (r.namespace, r.bucket, r.key)
@@ -232,5 +246,5 @@ async fn current(replica: &Replica, names: &Names) -> Result<(Option<Vec<u8>>, u
         // A delete, an expired value, or a message that is not ours: no counter.
         _ => None,
     };
-    Ok((value, msg.sequence))
+    Ok((value, sequence))
 }

@@ -63,6 +63,9 @@ const BATCHES_IN_FLIGHT: usize = 12;
 const CATCH_UP_REPORT: Duration = Duration::from_secs(10);
 /// How often the applier's progress is checked against the stream while nothing happens.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Checks in a row without progress while the stream has more, before the applier's consumer
+/// is made again.
+const STALLED_CHECKS: u32 = 3;
 /// How long a wait for the applier goes before it asks JetStream whether the messages it
 /// waits for still exist (an expired one never arrives).
 const GAP_CHECK_AFTER: Duration = Duration::from_millis(200);
@@ -109,6 +112,8 @@ struct Shared {
     barrier_wanted: Notify,
     /// Asks the applier to drop everything and apply the stream again from its start.
     reload: Notify,
+    /// Asks the applier to make its consumer again, from where it is.
+    restart: Notify,
     reloads: AtomicU64,
     /// From stored in JetStream to applied here, once caught up at the start.
     lag: lag::Lag,
@@ -164,6 +169,7 @@ impl Replica {
                 barriers: Mutex::default(),
                 barrier_wanted: Notify::new(),
                 reload: Notify::new(),
+                restart: Notify::new(),
                 reloads: AtomicU64::new(0),
                 lag: lag::Lag::default(),
                 caught_up: std::sync::atomic::AtomicBool::new(false),
@@ -679,6 +685,7 @@ impl Replica {
     async fn watch_stream(self, mut created: i128) {
         let mut last_contact = Instant::now();
         let mut warned = false;
+        let (mut stalled, mut seen_applied) = (0u32, 0u64);
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
             let info =
@@ -716,6 +723,23 @@ impl Replica {
             }
             let out_of_touch = last_contact.elapsed() > self.inner.settings.tombstone / 2;
             last_contact = Instant::now();
+            // A consumer that stopped delivering without a word (seen after an outage): the
+            // stream has messages past the applied one, and nothing moved since the last look.
+            let applied = *self.inner.applied.borrow();
+            let behind = info.state.last_sequence > applied;
+            stalled = match behind && applied == seen_applied {
+                true => stalled + 1,
+                false => 0,
+            };
+            seen_applied = applied;
+            if stalled >= STALLED_CHECKS && self.next_exists(applied + 1).await == Ok(true) {
+                warn!(
+                    applied,
+                    "replication: the stream's consumer stalled; making it again"
+                );
+                stalled = 0;
+                self.inner.restart.notify_one();
+            }
             let recreated = info.created.unix_timestamp_nanos() != created;
             if recreated || out_of_touch {
                 warn!(

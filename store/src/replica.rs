@@ -123,7 +123,15 @@ impl Engine {
     /// Applies a replicated set of `key` to `value`, expiring at `unix_ms` (0: never). A
     /// deadline already passed removes what the key held: the write replaced it.
     pub fn apply_set(&self, ns: &str, bucket: &str, key: &str, value: &[u8], unix_ms: u64) {
-        self.apply_set_many(ns, bucket, [(key, value)], unix_ms);
+        match self.clock.deadline_of_unix_ms(unix_ms) {
+            // Unlimited: nothing here can refuse.
+            Some(deadline) => {
+                let _ = self.set_at_within(Limits::UNLIMITED, ns, bucket, key, value, deadline);
+            }
+            None => {
+                self.remove(ns, bucket, [key], Removal::Deleted);
+            }
+        }
     }
 
     /// Applies a replicated `set-many` (or the part of it the log still holds) at once.
