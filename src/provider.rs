@@ -8,7 +8,7 @@
 //! [`From<EngineError>`](#impl-From<EngineError>-for-Error).
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keyvalue_store::{AnswerRefused, Cursor, Engine, EngineError, Usage, ANSWER_ELEMENT_BYTES};
@@ -410,16 +410,25 @@ async fn replicated<P, T, F>(
     cx: &Option<Context>,
     bucket: &str,
     keys: usize,
-    check: impl FnOnce(&Engine, &str, Option<Duration>) -> Result<P, Refused>,
-    write: impl FnOnce(Arc<str>, P) -> F,
+    (check, grows): (
+        impl FnOnce(&Engine, &str, Option<Duration>) -> Result<P, Refused>,
+        bool,
+    ),
+    write: impl FnOnce(Arc<str>, P, Instant) -> F,
 ) -> anyhow::Result<Result<T, store::Error>>
 where
     F: std::future::Future<Output = Result<T, store::Error>>,
 {
-    // Near a limit, the check must count every write acknowledged before this one, wherever.
+    let Some(replica) = provider.replica() else {
+        anyhow::bail!("a replicated write without replication");
+    };
+    // One deadline for the whole call, catching up included.
+    let until = replica.call_deadline();
+    // Near a limit, a write that grows the store must be checked against every write
+    // acknowledged before it, wherever.
     let near = in_namespace(provider, cx, bucket, keys, |e, ns, _| Ok(e.near_limits(ns)))?;
-    if let (Ok(true), Some(replica)) = (near, provider.replica()) {
-        if let Err(unavailable) = replica.catch_up().await {
+    if grows && matches!(near, Ok(true)) {
+        if let Err(unavailable) = replica.catch_up(until).await {
             return Ok(Err(store::Error::Other(unavailable)));
         }
     }
@@ -427,7 +436,7 @@ where
         Ok((Arc::<str>::from(ns), check(e, ns, ttl)?))
     })?;
     Ok(match checked {
-        Ok((ns, checked)) => write(ns, checked).await,
+        Ok((ns, checked)) => write(ns, checked, until).await,
         Err(err) => Err(err),
     })
 }
@@ -480,14 +489,15 @@ impl store::Handler<Option<Context>> for KvProvider {
                 e.admits(ns, &bucket, [(key.as_str(), &value[..])])?;
                 Ok(e.deadline_unix_ms(ttl))
             };
-            let write = |ns: Arc<str>, deadline| {
+            let write = |ns: Arc<str>, deadline, until| {
                 let (bucket, key, value) = (&bucket, &key, &value);
                 async move {
-                    let written = replica.set(&ns, bucket, key, value, deadline).await;
+                    let names = (&*ns, bucket.as_str(), key.as_str());
+                    let written = replica.set(names, value, deadline, until).await;
                     written.map_err(store::Error::Other)
                 }
             };
-            return replicated(self, &cx, &bucket, 1, check, write).await;
+            return replicated(self, &cx, &bucket, 1, (check, true), write).await;
         }
         in_namespace(self, &cx, &bucket, 1, |e, ns, ttl| {
             Ok(e.set_expiring(ns, &bucket, &key, &value, ttl)?)
@@ -503,14 +513,15 @@ impl store::Handler<Option<Context>> for KvProvider {
         if let Some(replica) = self.replica() {
             // As with one instance, a key that cannot exist is deleted as a no-op.
             let check = |_: &Engine, _: &str, _| Ok(());
-            let write = |ns: Arc<str>, ()| {
+            let write = |ns: Arc<str>, (), until| {
                 let (bucket, key) = (&bucket, &key);
                 async move {
-                    let deleted = replica.delete_many(&ns, bucket, &[key]).await;
+                    let names = (&*ns, bucket.as_str());
+                    let deleted = replica.delete_many(names, &[key.as_str()], until).await;
                     deleted.map_err(store::Error::Other)
                 }
             };
-            return replicated(self, &cx, &bucket, 1, check, write).await;
+            return replicated(self, &cx, &bucket, 1, (check, false), write).await;
         }
         in_namespace(self, &cx, &bucket, 1, |e, ns, _| {
             e.delete(ns, &bucket, &key);
@@ -624,11 +635,14 @@ impl atomics::Handler<Option<Context>> for KvProvider {
                 e.check_key_limits(&bucket, &key)?;
                 Ok(e.deadline_unix_ms(ttl))
             };
-            let write = |ns: Arc<str>, deadline| {
+            let write = |ns: Arc<str>, deadline, until| {
                 let (bucket, key) = (&bucket, &key);
-                async move { replica.increment(&ns, bucket, key, delta, deadline).await }
+                async move {
+                    let names = (&*ns, bucket.as_str(), key.as_str());
+                    replica.increment(names, delta, deadline, until).await
+                }
             };
-            return replicated(self, &cx, &bucket, 1, check, write).await;
+            return replicated(self, &cx, &bucket, 1, (check, true), write).await;
         }
         in_namespace(self, &cx, &bucket, 1, |e, ns, ttl| {
             Ok(e.increment_expiring(ns, &bucket, &key, delta, ttl)?)
@@ -673,14 +687,16 @@ impl batch::Handler<Option<Context>> for KvProvider {
                 e.admits(ns, &bucket, pairs)?;
                 Ok(e.deadline_unix_ms(ttl))
             };
-            let write = |ns: Arc<str>, deadline| {
+            let write = |ns: Arc<str>, deadline, until| {
                 let (bucket, key_values) = (&bucket, &key_values);
                 async move {
-                    let written = replica.set_many(&ns, bucket, key_values, deadline).await;
+                    let names = (&*ns, bucket.as_str());
+                    let written = replica.set_many(names, key_values, deadline, until).await;
                     written.map_err(store::Error::Other)
                 }
             };
-            return replicated(self, &cx, &bucket, key_values.len(), check, write).await;
+            let (keys, check) = (key_values.len(), (check, true));
+            return replicated(self, &cx, &bucket, keys, check, write).await;
         }
         in_namespace(self, &cx, &bucket, key_values.len(), |e, ns, ttl| {
             Ok(e.set_many_expiring(
@@ -700,15 +716,17 @@ impl batch::Handler<Option<Context>> for KvProvider {
     ) -> anyhow::Result<Result<(), store::Error>> {
         if let Some(replica) = self.replica() {
             let check = |_: &Engine, _: &str, _| Ok(());
-            let write = |ns: Arc<str>, ()| {
+            let write = |ns: Arc<str>, (), until| {
                 let (bucket, keys) = (&bucket, &keys);
                 async move {
                     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                    let deleted = replica.delete_many(&ns, bucket, &keys).await;
+                    let deleted = replica
+                        .delete_many((&*ns, bucket.as_str()), &keys, until)
+                        .await;
                     deleted.map_err(store::Error::Other)
                 }
             };
-            return replicated(self, &cx, &bucket, keys.len(), check, write).await;
+            return replicated(self, &cx, &bucket, keys.len(), (check, false), write).await;
         }
         in_namespace(self, &cx, &bucket, keys.len(), |e, ns, _| {
             e.delete_many(ns, &bucket, keys.iter().map(String::as_str));

@@ -10,6 +10,7 @@
 //! records, replaced by later writes of the same keys). A change is told to watchers on the
 //! instance that wrote it only ([`keyvalue_store::quietly`] elsewhere).
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
@@ -26,6 +27,8 @@ pub(super) async fn run(replica: Replica) {
     // After a reload, until the stream is applied again: changes are not told to watchers a
     // second time.
     let mut replaying = false;
+    // The stream's last sequence, asked for when a jump needs it: (jumps seen when asked, it).
+    let (asked_tx, mut asked_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Option<u64>)>();
     loop {
         if failures > 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -55,17 +58,50 @@ pub(super) async fn run(replica: Replica) {
         failures = 0;
         let mut batch = Batch::default();
         let mut progress = Progress::new(start - 1);
+        shared.delivered.store(start - 1, Ordering::Relaxed);
+        let mut asking = false;
+        let mut idle = tokio::time::interval(IDLE_CHECK);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A jump waits for the stream's last sequence learned after it.
+            if !asking && progress.wants_target() {
+                asking = true;
+                let (replica, tx, jumps) = (replica.clone(), asked_tx.clone(), progress.jumps);
+                tokio::spawn(async move {
+                    let _ = tx.send((jumps, replica.last_sequence().await.ok()));
+                });
+            }
             let next = tokio::select! {
                 () = shared.restart.notified() => {
                     failures = 1;
                     break;
                 }
                 () = shared.reload.notified() => {
-                    shared.engine.clear();
                     shared.applied.send_replace(0);
+                    shared.engine.clear();
                     replaying = true;
                     break;
+                }
+                Some((jumps, last)) = asked_rx.recv() => {
+                    asking = false;
+                    if let Some(last) = last {
+                        progress.target(jumps, last);
+                    }
+                    mark(&replica, progress.watermark());
+                    continue;
+                }
+                _ = idle.tick(), if progress.waiting() || batch.open() => {
+                    // Nothing more arrived: the rest of what is waited for may be gone (the
+                    // end of the stream expired, or a batch's last records were replaced).
+                    let delivered = progress.delivered;
+                    if replica.next_exists(delivered + 1).await == Ok(false) {
+                        if let Some(last) = batch.flush(&replica, !replaying) {
+                            progress.applied_through(last);
+                        }
+                        progress.nothing_after();
+                        mark(&replica, progress.watermark());
+                    }
+                    continue;
                 }
                 next = messages.next() => next,
             };
@@ -88,7 +124,14 @@ pub(super) async fn run(replica: Replica) {
             if seq <= progress.delivered {
                 continue;
             }
-            progress.delivered_one(seq, pending);
+            // A batch whose end this message is past is complete, or the rest of it is gone.
+            if batch.ends_before(seq) {
+                if let Some(last) = batch.flush(&replica, !replaying) {
+                    progress.applied_through(last);
+                }
+            }
+            progress.delivered_one(seq);
+            shared.delivered.store(seq, Ordering::Relaxed);
             let stored = info.published.unix_timestamp_nanos();
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -96,14 +139,13 @@ pub(super) async fn run(replica: Replica) {
                 .as_nanos() as i128;
             // How stale this instance was for this write (not while it catches up at its
             // start: that measures the backlog).
-            if shared.caught_up.load(std::sync::atomic::Ordering::Relaxed) && !replaying {
+            if shared.caught_up.load(Ordering::Relaxed) && !replaying {
                 let lag = u64::try_from(now - stored).unwrap_or(0);
                 shared.lag.record(Duration::from_nanos(lag));
             }
             let tell = !replaying;
             let record = (msg.message.subject.clone(), msg.message.payload.clone());
-            let tag = Record::decode(&record.1).map(|r| (r.origin, r.batch, r.batch_len));
-            match tag {
+            match Record::decode(&record.1) {
                 Err(why) => {
                     warn!(
                         seq,
@@ -112,22 +154,24 @@ pub(super) async fn run(replica: Replica) {
                     batch.flush(&replica, tell);
                     progress.applied_through(seq);
                 }
-                Ok((_, 0, _)) => {
+                Ok(r) if r.batch == 0 => {
                     batch.flush(&replica, tell);
                     apply(&replica, std::slice::from_ref(&record), tell);
                     progress.applied_through(seq);
                 }
-                Ok((origin, id, len)) => {
-                    if batch.id != (origin, id) {
+                Ok(r) => {
+                    if batch.id != (r.origin, r.batch) {
                         if let Some(last) = batch.flush(&replica, tell) {
                             progress.applied_through(last);
                         }
-                        batch.id = (origin, id);
+                        batch.id = (r.origin, r.batch);
+                        // The batch's records have consecutive sequences.
+                        let first = seq.saturating_sub(u64::from(r.batch_index));
+                        batch.end = first.saturating_add(u64::from(r.batch_len.max(1)) - 1);
                     }
                     batch.records.push(record);
                     batch.last = seq;
-                    // Complete, or the rest of it is gone from the stream (replaced).
-                    if batch.records.len() >= len as usize || pending == 0 {
+                    if seq >= batch.end {
                         if let Some(last) = batch.flush(&replica, tell) {
                             progress.applied_through(last);
                         }
@@ -142,17 +186,26 @@ pub(super) async fn run(replica: Replica) {
     }
 }
 
+/// How long the applier waits for more before it asks whether what it waits for is gone.
+const IDLE_CHECK: Duration = Duration::from_millis(100);
+
 /// Where the applier is in the stream.
+///
+/// A jump in the delivered sequences means the messages between are gone from the stream:
+/// replaced by later writes of their keys (or expired). A read must not take such a message as
+/// applied before the write that replaced it is, and that write may not be delivered yet. So
+/// after a jump the watermark stays where the jump began until a sequence learned from the
+/// stream after the jump (its last, then) is delivered: the replacing write is at or before it.
 struct Progress {
     /// The last sequence delivered.
     delivered: u64,
-    /// Every message up to here is applied.
+    /// Every message up to here is applied (but for the jumps' holds).
     applied: u64,
-    /// After a jump in the delivered sequences, the watermark stays where the jump began until
-    /// `left` more messages are applied: the messages that were skipped are gone from the
-    /// stream, and one replaced by a later write of its key (not yet delivered) must not be
-    /// seen as applied before that write is.
-    hold: Option<(u64, u64)>,
+    /// Jumps seen so far.
+    jumps: u64,
+    /// The unresolved jumps, oldest first: where each began, the jumps seen when it was seen,
+    /// and the sequence to deliver before it is resolved, once learned.
+    holds: std::collections::VecDeque<(u64, u64, Option<u64>)>,
 }
 
 impl Progress {
@@ -160,21 +213,53 @@ impl Progress {
         Self {
             delivered: applied,
             applied,
-            hold: None,
+            jumps: 0,
+            holds: std::collections::VecDeque::new(),
         }
     }
 
-    /// Message `seq` arrived, `pending` more being in the stream after it.
-    fn delivered_one(&mut self, seq: u64, pending: u64) {
+    fn delivered_one(&mut self, seq: u64) {
         if seq > self.delivered + 1 {
-            // The replacing writes are among the `pending` messages after this one.
-            let (at, left) = self.hold.unwrap_or((self.delivered, 0));
-            self.hold = Some((at.min(self.delivered), left.max(pending + 1)));
+            self.jumps += 1;
+            self.holds.push_back((self.delivered, self.jumps, None));
         }
         self.delivered = seq;
-        if let Some((at, left)) = self.hold {
-            let left = left.saturating_sub(1);
-            self.hold = (left > 0 && pending > 0).then_some((at, left));
+        self.release();
+    }
+
+    /// Some jump waits for a sequence to be learned.
+    fn wants_target(&self) -> bool {
+        self.holds.iter().any(|(_, _, target)| target.is_none())
+    }
+
+    /// Holds (or anything else) are waited on: worth checking whether the rest is gone.
+    fn waiting(&self) -> bool {
+        !self.holds.is_empty()
+    }
+
+    /// The stream's last sequence was `last` when asked, `jumps` jumps having been seen: it
+    /// resolves those jumps once delivered.
+    fn target(&mut self, jumps: u64, last: u64) {
+        for (_, seen, target) in &mut self.holds {
+            if *seen <= jumps && target.is_none() {
+                *target = Some(last);
+            }
+        }
+        self.release();
+    }
+
+    /// Nothing exists in the stream past the delivered sequence: every jump seen is resolved
+    /// (what replaced the skipped messages, stored before the jump was seen, is delivered).
+    fn nothing_after(&mut self) {
+        self.holds.clear();
+    }
+
+    fn release(&mut self) {
+        while let Some(&(_, _, Some(target))) = self.holds.front() {
+            if self.delivered < target {
+                break;
+            }
+            self.holds.pop_front();
         }
     }
 
@@ -183,8 +268,9 @@ impl Progress {
     }
 
     fn watermark(&self) -> u64 {
-        self.hold
-            .map_or(self.applied, |(at, _)| self.applied.min(at))
+        self.holds
+            .front()
+            .map_or(self.applied, |&(at, _, _)| self.applied.min(at))
     }
 }
 
@@ -193,10 +279,21 @@ impl Progress {
 struct Batch {
     id: (u64, u64),
     records: Vec<(async_nats::Subject, bytes::Bytes)>,
+    /// The last sequence seen of it, and the last it can have.
     last: u64,
+    end: u64,
 }
 
 impl Batch {
+    fn open(&self) -> bool {
+        !self.records.is_empty()
+    }
+
+    /// Message `seq` is past this batch.
+    fn ends_before(&self, seq: u64) -> bool {
+        self.open() && seq > self.end
+    }
+
     /// Applies what the batch holds; answers the last sequence it applied.
     fn flush(&mut self, replica: &Replica, tell: bool) -> Option<u64> {
         let applied = (!self.records.is_empty()).then(|| {
@@ -286,29 +383,42 @@ mod tests {
     #[test]
     fn the_watermark_waits_for_the_writes_that_replaced_skipped_messages() {
         let mut p = Progress::new(99);
-        // 100 (K=1) was replaced by 102 (K=2) before delivery: 101 arrives, 102 pending.
-        p.delivered_one(101, 1);
+        // 100 (K=1) was replaced by 102 (K=2) before delivery: 101 arrives.
+        p.delivered_one(101);
         p.applied_through(101);
         assert_eq!(
             p.watermark(),
             99,
             "K=1 is not applied: 100 may not count as done"
         );
-        p.delivered_one(102, 0);
+        assert!(p.wants_target());
+        // The stream's last sequence, learned after the jump, is 102.
+        p.target(1, 102);
+        assert_eq!(p.watermark(), 99);
+        p.delivered_one(102);
         p.applied_through(102);
         assert_eq!(p.watermark(), 102);
         // Contiguous deliveries move it at once.
-        p.delivered_one(103, 5);
+        p.delivered_one(103);
         p.applied_through(103);
         assert_eq!(p.watermark(), 103);
-        // A second jump while holding keeps the earliest point and the longest wait.
-        p.delivered_one(110, 3);
+        // A sequence learned before a jump was seen does not resolve it.
+        p.delivered_one(110);
         p.applied_through(110);
-        p.delivered_one(112, 1);
-        p.applied_through(112);
+        p.target(1, 110);
         assert_eq!(p.watermark(), 103);
-        p.delivered_one(113, 0);
-        p.applied_through(113);
-        assert_eq!(p.watermark(), 113);
+        p.target(2, 112);
+        p.delivered_one(111);
+        p.applied_through(111);
+        assert_eq!(p.watermark(), 103);
+        p.delivered_one(112);
+        p.applied_through(112);
+        assert_eq!(p.watermark(), 112);
+        // A jump at the end of the stream: nothing after it is resolved by looking.
+        p.delivered_one(120);
+        p.applied_through(120);
+        assert_eq!(p.watermark(), 112);
+        p.nothing_after();
+        assert_eq!(p.watermark(), 120);
     }
 }

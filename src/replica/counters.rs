@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
 use dashmap::DashMap;
@@ -37,6 +37,8 @@ struct Counter {
 struct Waiting {
     delta: u64,
     deadline_ms: u64,
+    /// When its caller stops waiting.
+    until: Instant,
     answer: oneshot::Sender<Result<u64, Error>>,
 }
 
@@ -50,11 +52,10 @@ struct Names {
 
 pub(super) async fn increment(
     replica: &Replica,
-    ns: &str,
-    bucket: &str,
-    key: &str,
+    (ns, bucket, key): (&str, &str, &str),
     delta: u64,
     deadline_ms: u64,
+    until: Instant,
 ) -> Result<u64, Error> {
     let subject = log::subject(&replica.inner.root, ns, bucket, key);
     let counter = Arc::clone(
@@ -69,6 +70,7 @@ pub(super) async fn increment(
     lock(&counter.waiting).push(Waiting {
         delta,
         deadline_ms,
+        until,
         answer,
     });
     if !counter.running.swap(true, Ordering::AcqRel) {
@@ -81,7 +83,7 @@ pub(super) async fn increment(
         tokio::spawn(lead(replica.clone(), names, counter));
     }
     // The leader answers by its round's deadline, which ends before ours.
-    match tokio::time::timeout(replica.inner.settings.timeout, answered).await {
+    match tokio::time::timeout_at(until.into(), answered).await {
         Ok(Ok(answer)) => answer,
         _ => Err(Error::Other(unknown("it was not answered in time"))),
     }
@@ -95,8 +97,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn lead(replica: Replica, names: Names, counter: Arc<Counter>) {
     loop {
         let mut batch = std::mem::take(&mut *lock(&counter.waiting));
-        // A caller that stopped waiting is not counted.
-        batch.retain(|waiting| !waiting.answer.is_closed());
+        // A caller that stopped waiting, or cannot get its answer in time, is not counted.
+        let now = Instant::now();
+        batch.retain(|waiting| !waiting.answer.is_closed() && waiting.until > now + MARGIN);
         if batch.is_empty() {
             counter.running.store(false, Ordering::Release);
             // An increment queued after the take may have seen us running: look again, unless
@@ -118,12 +121,15 @@ async fn lead(replica: Replica, names: Names, counter: Arc<Counter>) {
     });
 }
 
+/// How long before its first caller stops waiting a round gives up: room for its answer.
+const MARGIN: Duration = Duration::from_millis(50);
+
 /// Adds the batch's deltas in one conditional write; answers each caller's value. A round
-/// ends before its callers stop waiting (a tenth of `jetstream_timeout_ms` earlier).
+/// ends [`MARGIN`] before the first of its callers stops waiting.
 async fn add(replica: &Replica, names: &Names, batch: &[Waiting]) -> Vec<Result<u64, Error>> {
     let all = |err: Error| batch.iter().map(|_| Err(err.clone())).collect();
-    let timeout = replica.inner.settings.timeout;
-    let until = Instant::now() + timeout - timeout / 10;
+    let first = batch.iter().map(|w| w.until).min();
+    let until = first.unwrap_or_else(Instant::now) - MARGIN;
     let mut leader = false;
     loop {
         if Instant::now() >= until {
@@ -189,12 +195,10 @@ async fn add(replica: &Replica, names: &Names, batch: &[Waiting]) -> Vec<Result<
             .unwrap_or(0);
         let out = replica.record(
             Op::Set,
-            &names.ns,
-            &names.bucket,
-            &names.key,
+            (&names.ns, &names.bucket, &names.key),
             text.as_bytes(),
             deadline_ms,
-            (0, 1),
+            (0, 1, 0),
         );
         match replica.write(vec![out], Some(last_seq), until).await {
             Ok(_) => return answers,

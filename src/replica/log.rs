@@ -15,6 +15,7 @@
 //! | 8 | origin: the writing instance |
 //! | 8 | batch: the `set-many`/`delete-many` it belongs to, 0 for none |
 //! | 4 | how many records that batch has |
+//! | 4 | this record's place in it, from 0 |
 //! | 8 | deadline, Unix ms, 0 for none |
 //! | 4 + n | namespace |
 //! | 4 + n | bucket |
@@ -28,7 +29,7 @@ use base64::Engine as _;
 use sha2::Digest as _;
 
 const MAGIC: &[u8; 4] = b"KVR1";
-const HEADER: usize = 4 + 1 + 8 + 8 + 4 + 8;
+const HEADER: usize = 4 + 1 + 8 + 8 + 4 + 4 + 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -43,6 +44,7 @@ pub struct Record<'a> {
     pub origin: u64,
     pub batch: u64,
     pub batch_len: u32,
+    pub batch_index: u32,
     pub deadline_ms: u64,
     pub namespace: &'a str,
     pub bucket: &'a str,
@@ -62,6 +64,7 @@ impl<'a> Record<'a> {
         out.extend_from_slice(&self.origin.to_be_bytes());
         out.extend_from_slice(&self.batch.to_be_bytes());
         out.extend_from_slice(&self.batch_len.to_be_bytes());
+        out.extend_from_slice(&self.batch_index.to_be_bytes());
         out.extend_from_slice(&self.deadline_ms.to_be_bytes());
         for name in [self.namespace, self.bucket, self.key] {
             // Names are bounded by max_key_bytes (and namespaces by the link config), far
@@ -84,6 +87,7 @@ impl<'a> Record<'a> {
         let origin = u64::from_be_bytes(array(take(&mut rest, 8)?));
         let batch = u64::from_be_bytes(array(take(&mut rest, 8)?));
         let batch_len = u32::from_be_bytes(array(take(&mut rest, 4)?));
+        let batch_index = u32::from_be_bytes(array(take(&mut rest, 4)?));
         let deadline_ms = u64::from_be_bytes(array(take(&mut rest, 8)?));
         let mut name = || -> Result<&'a str, &'static str> {
             let len = u32::from_be_bytes(array(take(&mut rest, 4)?)) as usize;
@@ -98,6 +102,7 @@ impl<'a> Record<'a> {
             origin,
             batch,
             batch_len,
+            batch_index,
             deadline_ms,
             namespace,
             bucket,
@@ -169,6 +174,7 @@ mod tests {
             origin: 7,
             batch: 9,
             batch_len: 3,
+            batch_index: 2,
             deadline_ms: 1_700_000_000_000,
             namespace: ns,
             bucket,

@@ -107,6 +107,8 @@ struct Shared {
     engine: Arc<Engine>,
     /// Every message of the stream up to here is applied (or known gone).
     applied: watch::Sender<u64>,
+    /// The last sequence the applier was delivered (ahead of `applied` while it waits).
+    delivered: AtomicU64,
     /// Read barriers waiting for the stream's last sequence.
     barriers: Mutex<Vec<oneshot::Sender<Result<u64, String>>>>,
     barrier_wanted: Notify,
@@ -166,6 +168,7 @@ impl Replica {
                 origin,
                 engine,
                 applied: watch::Sender::new(0),
+                delivered: AtomicU64::new(0),
                 barriers: Mutex::default(),
                 barrier_wanted: Notify::new(),
                 reload: Notify::new(),
@@ -203,7 +206,7 @@ impl Replica {
             .await
             .is_err()
         {
-            let at = *replica.inner.applied.borrow();
+            let at = replica.inner.delivered.load(Ordering::Relaxed);
             still = if at == progress { still + 1 } else { 0 };
             progress = at;
             info!(applied = at, last, "replication: still catching up");
@@ -246,40 +249,39 @@ impl Replica {
         Instant::now() + self.inner.settings.timeout
     }
 
-    /// Stores `value` under `key`, expiring at `deadline_ms` (0: never).
+    /// Stores `value` under `key`, expiring at `deadline_ms` (0: never); by `until`.
     pub async fn set(
         &self,
-        ns: &str,
-        bucket: &str,
-        key: &str,
+        (ns, bucket, key): (&str, &str, &str),
         value: &[u8],
         deadline_ms: u64,
+        until: Instant,
     ) -> Result<(), String> {
-        let until = self.call_deadline();
-        let record = self.record(Op::Set, ns, bucket, key, value, deadline_ms, (0, 1));
+        let record = self.record(Op::Set, (ns, bucket, key), value, deadline_ms, (0, 1, 0));
         self.write(vec![record], None, until)
             .await
             .map(drop)
             .map_err(failed)
     }
 
-    /// Stores every pair or none, in one atomic batch.
+    /// Stores every pair or none, in one atomic batch; by `until`.
     pub async fn set_many(
         &self,
-        ns: &str,
-        bucket: &str,
+        (ns, bucket): (&str, &str),
         pairs: &[(String, Bytes)],
         deadline_ms: u64,
+        until: Instant,
     ) -> Result<(), String> {
-        let until = self.call_deadline();
         let mut latest = std::collections::HashMap::new();
         for (key, value) in pairs {
             latest.insert(key.as_str(), value);
         }
         let batch = self.batch_of(latest.len())?;
-        let records = latest
-            .into_iter()
-            .map(|(key, value)| self.record(Op::Set, ns, bucket, key, value, deadline_ms, batch))
+        let records = (latest.into_iter().enumerate())
+            .map(|(i, (key, value))| {
+                let place = (batch.0, batch.1, i as u32);
+                self.record(Op::Set, (ns, bucket, key), value, deadline_ms, place)
+            })
             .collect();
         self.write(records, None, until)
             .await
@@ -288,36 +290,42 @@ impl Replica {
     }
 
     /// Removes every key named that exists (after a barrier: a key that no write acknowledged
-    /// before the call left there is not there), in atomic batches of at most [`MAX_BATCH`]
-    /// keys. A key that does not exist costs no delete marker.
-    pub async fn delete_many(&self, ns: &str, bucket: &str, keys: &[&str]) -> Result<(), String> {
-        let until = self.call_deadline();
+    /// before the call left there is not there), in one atomic batch; by `until`. A key that
+    /// does not exist costs no delete marker.
+    pub async fn delete_many(
+        &self,
+        (ns, bucket): (&str, &str),
+        keys: &[&str],
+        until: Instant,
+    ) -> Result<(), String> {
         self.barrier(until).await?;
         let engine = &self.inner.engine;
         let keys: std::collections::BTreeSet<&str> = (keys.iter().copied())
             .filter(|key| engine.exists(ns, bucket, key))
             .collect();
-        let keys: Vec<&str> = keys.into_iter().collect();
-        for chunk in keys.chunks(MAX_BATCH) {
-            let batch = self.batch_of(chunk.len())?;
-            let records = (chunk.iter())
-                .map(|key| self.record(Op::Delete, ns, bucket, key, b"", 0, batch))
-                .collect();
-            self.write(records, None, until).await.map_err(failed)?;
-        }
-        Ok(())
+        let batch = self.batch_of(keys.len())?;
+        let records = (keys.into_iter().enumerate())
+            .map(|(i, key)| {
+                let place = (batch.0, batch.1, i as u32);
+                self.record(Op::Delete, (ns, bucket, key), b"", 0, place)
+            })
+            .collect();
+        self.write(records, None, until)
+            .await
+            .map(drop)
+            .map_err(failed)
     }
 
-    /// Adds `delta` to the counter under `key` and answers the new value (see `counters.rs`).
+    /// Adds `delta` to the counter under `key` and answers the new value (see `counters.rs`);
+    /// by `until`.
     pub async fn increment(
         &self,
-        ns: &str,
-        bucket: &str,
-        key: &str,
+        names: (&str, &str, &str),
         delta: u64,
         deadline_ms: u64,
+        until: Instant,
     ) -> Result<u64, crate::bindings::exports::wrpc::keyvalue::store::Error> {
-        counters::increment(self, ns, bucket, key, delta, deadline_ms).await
+        counters::increment(self, names, delta, deadline_ms, until).await
     }
 
     /// The list-keys page `cursor` names, from the instance that holds its listing (see
@@ -339,41 +347,45 @@ impl Replica {
         if self.reads() == ReadConsistency::Local {
             return Ok(());
         }
+        let until = self.call_deadline();
         let early = EARLY_BARRIER
             .try_with(|early| early.borrow_mut().take())
             .ok()
             .flatten();
         match early {
-            Some(started) => started
-                .await
-                .unwrap_or_else(|_| Err(unavailable("the barrier task ended"))),
-            None => self.barrier(self.call_deadline()).await,
+            Some(asked) => self.barrier_with(asked, until).await,
+            None => self.barrier(until).await,
         }
     }
 
     /// Waits until this instance applied every write acknowledged before now, on any instance,
-    /// whatever `read_consistency` says (a write near a limit checks it against that).
-    pub async fn catch_up(&self) -> Result<(), String> {
-        self.barrier(self.call_deadline()).await
+    /// whatever `read_consistency` says (a write near a limit checks it against that); by
+    /// `until`.
+    pub async fn catch_up(&self, until: Instant) -> Result<(), String> {
+        self.barrier(until).await
     }
 
     /// Starts a read's barrier as its invocation arrives, so that learning the stream's last
     /// sequence overlaps the call's handshake: the read began before it arrived, so what the
     /// barrier finds is at least what was acknowledged before the read. The read's handler
     /// picks it up when it runs inside [`with_early_barrier`].
-    pub fn begin_read(&self) -> Option<tokio::task::JoinHandle<Result<(), String>>> {
+    /// Nothing is spawned: the barrier is one more waiter for the next stream info request
+    /// (which every waiter shares), answered whether or not the call goes on.
+    pub fn begin_read(&self) -> Option<EarlyBarrier> {
         if self.reads() == ReadConsistency::Local {
             return None;
         }
-        let replica = self.clone();
-        Some(tokio::spawn(async move {
-            replica.barrier(replica.call_deadline()).await
-        }))
+        Some(self.ask_last_sequence())
     }
 
     /// Learns the stream's last sequence (one request for every barrier waiting when it goes),
     /// then waits until this instance applied that far; by `until`.
     async fn barrier(&self, until: Instant) -> Result<(), String> {
+        self.barrier_with(self.ask_last_sequence(), until).await
+    }
+
+    /// Joins the waiters of the next stream info request.
+    fn ask_last_sequence(&self) -> EarlyBarrier {
         let (tx, rx) = oneshot::channel();
         self.inner
             .barriers
@@ -381,7 +393,12 @@ impl Replica {
             .unwrap_or_else(|p| p.into_inner())
             .push(tx);
         self.inner.barrier_wanted.notify_one();
-        let last = tokio::time::timeout_at(until.into(), rx)
+        rx
+    }
+
+    /// The rest of a barrier, once the stream's last sequence was asked for.
+    async fn barrier_with(&self, asked: EarlyBarrier, until: Instant) -> Result<(), String> {
+        let last = tokio::time::timeout_at(until.into(), asked)
             .await
             .map_err(|_| unavailable("did not answer in time"))?
             .map_err(|_| unavailable("the barrier task ended"))??;
@@ -403,22 +420,21 @@ impl Replica {
         Ok((id, n as u32))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The message of one record: `place` is its batch, the batch's size and its place in it.
     fn record(
         &self,
         op: Op,
-        ns: &str,
-        bucket: &str,
-        key: &str,
+        (ns, bucket, key): (&str, &str, &str),
         value: &[u8],
         deadline_ms: u64,
-        (batch, batch_len): (u64, u32),
+        (batch, batch_len, batch_index): (u64, u32, u32),
     ) -> Outgoing {
         let record = Record {
             op,
             origin: self.inner.origin,
             batch,
             batch_len,
+            batch_index,
             deadline_ms,
             namespace: ns,
             bucket,
@@ -685,7 +701,7 @@ impl Replica {
     async fn watch_stream(self, mut created: i128) {
         let mut last_contact = Instant::now();
         let mut warned = false;
-        let (mut stalled, mut seen_applied) = (0u32, 0u64);
+        let (mut stalled, mut seen_delivered) = (0u32, 0u64);
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
             let info =
@@ -725,20 +741,23 @@ impl Replica {
             last_contact = Instant::now();
             // A consumer that stopped delivering without a word (seen after an outage): the
             // stream has messages past the applied one, and nothing moved since the last look.
-            let applied = *self.inner.applied.borrow();
-            let behind = info.state.last_sequence > applied;
-            stalled = match behind && applied == seen_applied {
+            let delivered = self.inner.delivered.load(Ordering::Relaxed);
+            let behind = info.state.last_sequence > delivered;
+            stalled = match behind && delivered == seen_delivered {
                 true => stalled + 1,
                 false => 0,
             };
-            seen_applied = applied;
-            if stalled >= STALLED_CHECKS && self.next_exists(applied + 1).await == Ok(true) {
-                warn!(
-                    applied,
-                    "replication: the stream's consumer stalled; making it again"
-                );
+            seen_delivered = delivered;
+            if stalled >= STALLED_CHECKS {
                 stalled = 0;
-                self.inner.restart.notify_one();
+                // Unless what is left expired.
+                if self.next_exists(delivered + 1).await == Ok(true) {
+                    warn!(
+                        delivered,
+                        "replication: the stream's consumer stalled; making it again"
+                    );
+                    self.inner.restart.notify_one();
+                }
             }
             let recreated = info.created.unix_timestamp_nanos() != created;
             if recreated || out_of_touch {
@@ -754,14 +773,17 @@ impl Replica {
     }
 }
 
+/// A read's request for the stream's last sequence, made as its invocation arrived.
+pub type EarlyBarrier = oneshot::Receiver<Result<u64, String>>;
+
 tokio::task_local! {
     /// The barrier started for the call this task serves ([`Replica::begin_read`]).
-    static EARLY_BARRIER: std::cell::RefCell<Option<tokio::task::JoinHandle<Result<(), String>>>>;
+    static EARLY_BARRIER: std::cell::RefCell<Option<EarlyBarrier>>;
 }
 
 /// Runs a call's handler with the barrier started when the call arrived, if any.
 pub async fn with_early_barrier<F: std::future::Future>(
-    early: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    early: Option<EarlyBarrier>,
     handler: F,
 ) -> F::Output {
     EARLY_BARRIER
@@ -877,6 +899,18 @@ async fn check_stream(js: &jetstream::Context, name: &str, root: &str) -> anyhow
     }
     if config["discard"].as_str() != Some("new") {
         missing.push("discard new");
+    }
+    if config["retention"].as_str() != Some("limits") {
+        missing.push("retention limits");
+    }
+    if config["max_age"].as_i64().unwrap_or(0) != 0 {
+        missing.push("no max_age");
+    }
+    if config["allow_direct"].as_bool() != Some(true) {
+        missing.push("allow_direct");
+    }
+    if config["sealed"].as_bool() == Some(true) || !config["mirror"].is_null() {
+        missing.push("writes (it is sealed or a mirror)");
     }
     anyhow::ensure!(
         missing.is_empty(),
