@@ -117,6 +117,16 @@ impl KvProvider {
     /// Serves as one store with the other instances through `replica` from now on (at the
     /// start, before calls are taken).
     pub fn replicate(&self, replica: Replica) {
+        // A reload empties the store, namespace flags included: mark the watched ones again.
+        let provider = Arc::downgrade(&self.inner);
+        replica.after_reload(move || {
+            if let Some(inner) = provider.upgrade() {
+                let provider = KvProvider { inner };
+                let _one_change =
+                    (provider.inner.link_changes.lock()).unwrap_or_else(|p| p.into_inner());
+                provider.rewatch();
+            }
+        });
         let _ = self.inner.replica.set(replica);
     }
 

@@ -501,3 +501,29 @@ async fn a_counter_read_anywhere_never_goes_back() {
     assert_eq!(writer.await.unwrap(), 400);
     assert_eq!(c.get("b", "n").await, Ok(Some(b"400".to_vec())));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_stream_lost_with_its_server_is_made_again_and_every_instance_follows_it() {
+    let mut server = NatsServer::start();
+    let all = instances(&server, 2, &[("jetstream_storage", "memory")]).await;
+    let c = all[0].as_component(C1, "default");
+    for i in 0..10 {
+        c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
+    }
+    wait_for_keys(&all[0], &["i0", "i1"], 10).await;
+    // The stream lived in the server's memory: it is gone, and what the instances held with
+    // it (`jetstream_storage = memory` does not survive a restart, as README says).
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(try_set(&all[0], "after", b"restart").await, Some(Ok(()))) {
+        assert!(Instant::now() < deadline, "writes never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Both instances reloaded the new stream: they agree with it, not with what they had.
+    wait_for_keys(&all[0], &["i0", "i1"], 1).await;
+    let health = all[0].wait_for_health(|h| h.contains(" 1 reloads,")).await;
+    assert!(health.contains(" 1 keys,"), "{health}");
+    let c = all[1].as_component(C1, "default");
+    assert_eq!(c.get("b", "after").await, Ok(Some(b"restart".to_vec())));
+    assert_eq!(c.get("b", "k0").await, Ok(None));
+}

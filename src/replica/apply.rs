@@ -27,9 +27,13 @@ pub(super) async fn run(replica: Replica) {
     // After a reload, until the stream is applied again: changes are not told to watchers a
     // second time.
     let mut replaying = false;
-    // The stream's last sequence, asked for when a jump needs it: (jumps seen when asked, it).
-    let (asked_tx, mut asked_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Option<u64>)>();
+    // The stream's last sequence, asked for when a jump needs it: (the consumer it was asked
+    // for, jumps seen when asked, the answer).
+    let (asked_tx, mut asked_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(u64, u64, Option<u64>)>();
+    let mut session = 0u64;
     loop {
+        session += 1;
         if failures > 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -68,7 +72,12 @@ pub(super) async fn run(replica: Replica) {
                 asking = true;
                 let (replica, tx, jumps) = (replica.clone(), asked_tx.clone(), progress.jumps);
                 tokio::spawn(async move {
-                    let _ = tx.send((jumps, replica.last_sequence().await.ok()));
+                    let last = replica.last_sequence().await.ok();
+                    if last.is_none() {
+                        // JetStream is away: not asked again at once.
+                        tokio::time::sleep(IDLE_CHECK).await;
+                    }
+                    let _ = tx.send((session, jumps, last));
                 });
             }
             let next = tokio::select! {
@@ -79,10 +88,17 @@ pub(super) async fn run(replica: Replica) {
                 () = shared.reload.notified() => {
                     shared.applied.send_replace(0);
                     shared.engine.clear();
+                    if let Some(then) = shared.after_reload.get() {
+                        then();
+                    }
                     replaying = true;
                     break;
                 }
-                Some((jumps, last)) = asked_rx.recv() => {
+                Some((asked_in, jumps, last)) = asked_rx.recv() => {
+                    if asked_in != session {
+                        // Asked for a consumer made again since: its jumps are not these.
+                        continue;
+                    }
                     asking = false;
                     if let Some(last) = last {
                         progress.target(jumps, last);
@@ -171,7 +187,9 @@ pub(super) async fn run(replica: Replica) {
                     }
                     batch.records.push(record);
                     batch.last = seq;
-                    if seq >= batch.end {
+                    // A batch we write has at most MAX_BATCH records; a record claiming a
+                    // larger one is not ours, and holds no more than that.
+                    if seq >= batch.end || batch.records.len() >= super::MAX_BATCH {
                         if let Some(last) = batch.flush(&replica, tell) {
                             progress.applied_through(last);
                         }

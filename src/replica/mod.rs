@@ -109,6 +109,8 @@ struct Shared {
     applied: watch::Sender<u64>,
     /// The last sequence the applier was delivered (ahead of `applied` while it waits).
     delivered: AtomicU64,
+    /// When a waiter last asked whether what it waits for is gone from the stream.
+    gap_checked: Mutex<Instant>,
     /// Read barriers waiting for the stream's last sequence.
     barriers: Mutex<Vec<oneshot::Sender<Result<u64, String>>>>,
     barrier_wanted: Notify,
@@ -116,6 +118,9 @@ struct Shared {
     reload: Notify,
     /// Asks the applier to make its consumer again, from where it is.
     restart: Notify,
+    /// Run after a reload emptied the store (the provider marks its watched namespaces
+    /// again).
+    after_reload: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     reloads: AtomicU64,
     /// From stored in JetStream to applied here, once caught up at the start.
     lag: lag::Lag,
@@ -169,10 +174,12 @@ impl Replica {
                 engine,
                 applied: watch::Sender::new(0),
                 delivered: AtomicU64::new(0),
+                gap_checked: Mutex::new(Instant::now()),
                 barriers: Mutex::default(),
                 barrier_wanted: Notify::new(),
                 reload: Notify::new(),
                 restart: Notify::new(),
+                after_reload: std::sync::OnceLock::new(),
                 reloads: AtomicU64::new(0),
                 lag: lag::Lag::default(),
                 caught_up: std::sync::atomic::AtomicBool::new(false),
@@ -225,6 +232,11 @@ impl Replica {
             "replication: caught up"
         );
         Ok(replica)
+    }
+
+    /// Sets what runs after a reload emptied the store (once).
+    pub fn after_reload(&self, then: impl Fn() + Send + Sync + 'static) {
+        let _ = self.inner.after_reload.set(Box::new(then));
     }
 
     /// How reads are served.
@@ -616,6 +628,20 @@ impl Replica {
             // (a delete marker, an expiring value) at the end of the stream is followed by
             // nothing. When no message at all exists past the applied one, there is nothing
             // left to wait for.
+            // One waiter at a time asks (every waiter would otherwise ask every 200 ms).
+            let ask = {
+                let mut last = (self.inner.gap_checked)
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let due = last.elapsed() >= GAP_CHECK_AFTER;
+                if due {
+                    *last = Instant::now();
+                }
+                due
+            };
+            if !ask {
+                continue;
+            }
             let from = *applied.borrow() + 1;
             let next = tokio::time::timeout_at(until.into(), self.next_exists(from)).await;
             if let Ok(Ok(false)) = next {
