@@ -355,16 +355,11 @@ impl Replication {
         map: &HashMap<String, String>,
     ) -> Result<(Option<Replication>, Vec<Problem>), Problem> {
         let mut r = Reader::new(map);
-        let on = r.read(
+        let on = r.one_of(
             REPLICATION,
             "`jetstream` or `none`",
             false,
-            false,
-            |v| match v.to_ascii_lowercase().as_str() {
-                "jetstream" => Some(true),
-                "none" | "" => Some(false),
-                _ => None,
-            },
+            &[("jetstream", true), ("none", false), ("", false)],
         );
         if let Some(refused) = r.problems.pop() {
             return Err(refused);
@@ -377,24 +372,13 @@ impl Replication {
             "letters, digits, `-` and `_`",
             Self::DEFAULT_PREFIX.to_owned(),
             Self::DEFAULT_PREFIX.to_owned(),
-            |v| {
-                let ok = !v.is_empty()
-                    && v.len() <= 32
-                    && v.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-                ok.then(|| v.to_owned())
-            },
+            |v| (v.len() <= 32 && crate::replica::log::is_plain(v)).then(|| v.to_owned()),
         );
-        let file_storage = r.read(
+        let file_storage = r.one_of(
             JETSTREAM_STORAGE,
             "`file` or `memory`; file",
             true,
-            true,
-            |v| match v.to_ascii_lowercase().as_str() {
-                "file" => Some(true),
-                "memory" => Some(false),
-                _ => None,
-            },
+            &[("file", true), ("memory", false)],
         );
         let replicas = r.read(JETSTREAM_REPLICAS, "1 to 5; 1", 1, 1, |v| {
             v.parse::<usize>().ok().filter(|n| (1..=5).contains(n))
@@ -436,16 +420,14 @@ impl Replication {
                 Some(Duration::from_millis(ms))
             },
         );
-        let reads = r.read(
+        let reads = r.one_of(
             READ_CONSISTENCY,
             "`linearizable` or `local`; linearizable",
             ReadConsistency::Linearizable,
-            ReadConsistency::Linearizable,
-            |v| match v.to_ascii_lowercase().as_str() {
-                "linearizable" => Some(ReadConsistency::Linearizable),
-                "local" => Some(ReadConsistency::Local),
-                _ => None,
-            },
+            &[
+                ("linearizable", ReadConsistency::Linearizable),
+                ("local", ReadConsistency::Local),
+            ],
         );
         let settings = Replication {
             prefix,
@@ -671,6 +653,21 @@ impl<'a> Reader<'a> {
 
     fn boolean(&mut self, key: &'static str, default: bool, current: bool) -> bool {
         self.read(key, "true or false", default, current, parse_bool)
+    }
+
+    /// One of `options` (names matched in any case); `default` when absent or unusable.
+    fn one_of<T: Copy>(
+        &mut self,
+        key: &'static str,
+        expected: &'static str,
+        default: T,
+        options: &[(&str, T)],
+    ) -> T {
+        self.read(key, expected, default, default, |v| {
+            (options.iter())
+                .find(|(name, _)| name.eq_ignore_ascii_case(v))
+                .map(|&(_, value)| value)
+        })
     }
 }
 

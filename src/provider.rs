@@ -436,8 +436,8 @@ where
     let until = replica.call_deadline();
     // Near a limit, a write that grows the store must be checked against every write
     // acknowledged before it, wherever.
-    let near = in_namespace(provider, cx, bucket, keys, |e, ns, _| Ok(e.near_limits(ns)))?;
-    if grows && matches!(near, Ok(true)) {
+    let near = || in_namespace(provider, cx, bucket, keys, |e, ns, _| Ok(e.near_limits(ns)));
+    if grows && matches!(near()?, Ok(true)) {
         if let Err(unavailable) = replica.catch_up(until).await {
             return Ok(Err(store::Error::Other(unavailable)));
         }

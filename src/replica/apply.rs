@@ -149,10 +149,7 @@ pub(super) async fn run(replica: Replica) {
             progress.delivered_one(seq);
             shared.delivered.store(seq, Ordering::Relaxed);
             let stored = info.published.unix_timestamp_nanos();
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos() as i128;
+            let now = super::unix_now().as_nanos() as i128;
             // How stale this instance was for this write (not while it catches up at its
             // start: that measures the backlog).
             if shared.caught_up.load(Ordering::Relaxed) && !replaying {

@@ -193,14 +193,12 @@ async fn add(replica: &Replica, names: &Names, batch: &[Waiting]) -> Vec<Result<
             .map(|(w, _)| w.deadline_ms)
             .next_back()
             .unwrap_or(0);
-        let out = replica.record(
-            Op::Set,
-            (&names.ns, &names.bucket, &names.key),
-            text.as_bytes(),
-            deadline_ms,
-            (0, 1, 0),
-        );
-        match replica.write(vec![out], Some(last_seq), until).await {
+        let entry = vec![(names.key.as_str(), text.as_bytes())];
+        let out = match replica.records(Op::Set, (&names.ns, &names.bucket), entry, deadline_ms) {
+            Ok(out) => out,
+            Err(message) => return all(Error::Other(message)),
+        };
+        match replica.write(out, Some(last_seq), until).await {
             Ok(_) => return answers,
             // Read again, from the leader: a replica that is behind would lose again.
             Err(WriteError::Conflict) => leader = true,
@@ -234,10 +232,7 @@ async fn current(
     let Some((payload, sequence)) = found else {
         return Ok((None, 0));
     };
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
+    let now_ms = super::unix_now().as_millis() as u64;
     let value = match Record::decode(&payload) {
         Ok(r)
             if r.op == Op::Set

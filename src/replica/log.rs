@@ -138,15 +138,16 @@ pub fn subject(root: &str, namespace: &str, bucket: &str, key: &str) -> String {
     format!("{root}.{digest}")
 }
 
+/// Whether `text` is a non-empty run of letters, digits, `-` and `_`: a name JetStream takes
+/// in a stream name and as a subject token.
+pub fn is_plain(text: &str) -> bool {
+    !text.is_empty() && (text.bytes()).all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A name JetStream takes as a stream name and a subject token: `text` itself when it is
 /// letters, digits, `-` and `_` only, else a digest of it.
 pub fn token(text: &str) -> String {
-    let plain = !text.is_empty()
-        && text.len() <= 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if plain {
+    if text.len() <= 64 && is_plain(text) {
         return text.to_owned();
     }
     let digest = sha2::Sha256::digest(text.as_bytes());

@@ -269,8 +269,8 @@ impl Replica {
         deadline_ms: u64,
         until: Instant,
     ) -> Result<(), String> {
-        let record = self.record(Op::Set, (ns, bucket, key), value, deadline_ms, (0, 1, 0));
-        self.write(vec![record], None, until)
+        let records = self.records(Op::Set, (ns, bucket), vec![(key, value)], deadline_ms)?;
+        self.write(records, None, until)
             .await
             .map(drop)
             .map_err(failed)
@@ -284,17 +284,15 @@ impl Replica {
         deadline_ms: u64,
         until: Instant,
     ) -> Result<(), String> {
-        let mut latest = std::collections::HashMap::new();
-        for (key, value) in pairs {
-            latest.insert(key.as_str(), value);
-        }
-        let batch = self.batch_of(latest.len())?;
-        let records = (latest.into_iter().enumerate())
-            .map(|(i, (key, value))| {
-                let place = (batch.0, batch.1, i as u32);
-                self.record(Op::Set, (ns, bucket, key), value, deadline_ms, place)
-            })
+        let latest: std::collections::HashMap<&str, &[u8]> = (pairs.iter())
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
             .collect();
+        let records = self.records(
+            Op::Set,
+            (ns, bucket),
+            latest.into_iter().collect(),
+            deadline_ms,
+        )?;
         self.write(records, None, until)
             .await
             .map(drop)
@@ -315,13 +313,8 @@ impl Replica {
         let keys: std::collections::BTreeSet<&str> = (keys.iter().copied())
             .filter(|key| engine.exists(ns, bucket, key))
             .collect();
-        let batch = self.batch_of(keys.len())?;
-        let records = (keys.into_iter().enumerate())
-            .map(|(i, key)| {
-                let place = (batch.0, batch.1, i as u32);
-                self.record(Op::Delete, (ns, bucket, key), b"", 0, place)
-            })
-            .collect();
+        let entries = keys.into_iter().map(|key| (key, &b""[..])).collect();
+        let records = self.records(Op::Delete, (ns, bucket), entries, 0)?;
         self.write(records, None, until)
             .await
             .map(drop)
@@ -417,19 +410,33 @@ impl Replica {
         self.wait_applied(last, until).await
     }
 
-    /// The batch id and size of a `*-many` of `n` distinct keys, or why it cannot be one.
-    fn batch_of(&self, n: usize) -> Result<(u64, u32), String> {
+    /// The messages of one write of `entries` (distinct keys of one bucket, with their values):
+    /// one record, or an atomic batch of them, or why it cannot be one.
+    fn records(
+        &self,
+        op: Op,
+        (ns, bucket): (&str, &str),
+        entries: Vec<(&str, &[u8])>,
+        deadline_ms: u64,
+    ) -> Result<Vec<Outgoing>, String> {
+        let n = entries.len();
         if n > MAX_BATCH {
             return Err(format!(
                 "replication: a batch of {n} keys is over JetStream's limit of {MAX_BATCH} for \
                  an atomic write; send fewer at once"
             ));
         }
-        let id = match n {
+        let batch = match n {
             0 | 1 => 0,
             _ => self.inner.next_batch.fetch_add(1, Ordering::Relaxed),
         };
-        Ok((id, n as u32))
+        let records = (entries.into_iter().enumerate())
+            .map(|(i, (key, value))| {
+                let place = (batch, n as u32, i as u32);
+                self.record(op, (ns, bucket, key), value, deadline_ms, place)
+            })
+            .collect();
+        Ok(records)
     }
 
     /// The message of one record: `place` is its batch, the batch's size and its place in it.
@@ -461,10 +468,7 @@ impl Replica {
             // instance out of touch for less than that still sees that it replaced the value
             // before it (one out of touch for longer reloads).
             Op::Set => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis() as u64;
+                let now = unix_now().as_millis() as u64;
                 Some(deadline_ms.saturating_sub(now).div_ceil(1000) + tombstone)
             }
         };
@@ -815,6 +819,13 @@ pub async fn with_early_barrier<F: std::future::Future>(
     EARLY_BARRIER
         .scope(std::cell::RefCell::new(early), handler)
         .await
+}
+
+/// The time since the Unix epoch, as records and JetStream's timestamps tell it.
+fn unix_now() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// The write's error as the caller reads it.
