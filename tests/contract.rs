@@ -51,8 +51,10 @@ async fn start(
         ("replication", "jetstream"),
         ("jetstream_storage", "memory"),
     ]);
-    let first = Provider::start_instance(server, &key, "one", &config, links).await;
+    let mut first = Provider::start_instance(server, &key, "one", &config, links).await;
     let second = Provider::start_instance(server, &key, "two", &config, links).await;
+    // Links and config go to both: a wait for them ends once both have taken them.
+    first.instances = vec!["one".into(), "two".into()];
     Under {
         first,
         _second: Some(second),

@@ -36,27 +36,11 @@ async fn start(
     Provider::start_instance(server, key, instance, &config, LINKS).await
 }
 
-/// Waits until every instance named reports `keys` keys in health (each instance answers
-/// health in turn with the others: asks until each was heard).
+/// Waits until every instance named reports `keys` keys in health.
 async fn wait_for_keys(p: &Provider, instances: &[&str], keys: u64) {
-    let deadline = Instant::now() + CALL_TIMEOUT;
-    let mut heard = BTreeSet::new();
-    let mut last = String::new();
-    while heard.len() < instances.len() {
-        assert!(
-            Instant::now() < deadline,
-            "not every instance of {instances:?} reached {keys} keys; heard {heard:?}, last: {last}"
-        );
-        if let Some(health) = p.try_health().await {
-            for instance in instances {
-                let figures = health.contains(&format!(" {keys} keys,"));
-                if figures && health.contains(&format!("instance {instance},")) {
-                    heard.insert(*instance);
-                }
-            }
-            last = health;
-        }
-    }
+    let figures = format!(" {keys} keys,");
+    p.wait_for_health_of(instances, |health| health.contains(&figures))
+        .await;
 }
 
 fn value(i: usize) -> Vec<u8> {
@@ -179,9 +163,12 @@ async fn a_killed_instance_and_a_new_one_catch_up_before_they_answer() {
     for i in 0..500 {
         c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
     }
+    // Both serve (which also shows that what is waited for below can be seen).
+    wait_for_serving(&server, &key, 2);
     second.signal("KILL");
     second.wait_exit().await;
     // Calls still sent to the queue group now reach the survivor only.
+    wait_for_serving(&server, &key, 1);
     for i in 500..800 {
         c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
     }
@@ -201,6 +188,7 @@ async fn a_killed_instance_and_a_new_one_catch_up_before_they_answer() {
     // With the first instance gone, every call is the restarted one's.
     first.signal("KILL");
     first.wait_exit().await;
+    wait_for_serving(&server, &key, 1);
     let c = restarted.as_component(C1, "default");
     for i in 0..800 {
         let expected = (i >= 100).then(|| value(i));
@@ -270,6 +258,7 @@ async fn nothing_acknowledged_is_lost_when_nats_server_restarts() {
     // Everything acknowledged is in the stream: an instance that never saw any of it, alone,
     // has it all.
     drop(all);
+    wait_for_serving(&server, &key, 0);
     let fresh = start(&server, &key, "fresh", &[("jetstream_storage", "file")]).await;
     let c = fresh.as_component(C1, "default");
     for i in 0..300 {
@@ -437,6 +426,7 @@ async fn instances_recover_by_themselves_from_a_long_outage() {
         );
     }
     drop(all);
+    wait_for_serving(&server, &key, 0);
     let fresh = start(&server, &key, "fresh", &[]).await;
     let health = fresh
         .wait_for_health(|h| h.contains("instance fresh,"))
@@ -464,6 +454,7 @@ async fn catching_up_over_a_stream_full_of_replaced_writes_ends_with_the_last_on
     let health = late.wait_for_health(|h| h.contains("instance late,")).await;
     assert!(health.contains(" 20 keys,"), "{health}");
     drop(all);
+    wait_for_serving(&server, &key, 1);
     let c = late.as_component(C1, "default");
     for k in 0..20 {
         assert_eq!(

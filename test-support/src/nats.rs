@@ -1,7 +1,8 @@
 //! A nats-server with JetStream on a loopback port, stopped on drop.
 //!
-//! The server picks its own port (`-p -1`) and writes it to a ports file, which we read: no
-//! port is ever probed free, released, then bound by someone else.
+//! The server picks its own ports (`-p -1`, and `-m -1` for its monitoring endpoint) and
+//! writes them to a ports file, which we read: no port is ever probed free, released, then
+//! bound by someone else.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,6 +58,9 @@ pub struct Options {
 pub struct NatsServer {
     child: Child,
     pub port: u16,
+    /// Its monitoring endpoint (`http://127.0.0.1:PORT`), which tells which connections
+    /// subscribe to what ([`NatsServer::subscribers`]).
+    monitor: String,
     /// Its ports file, log and JetStream store (kept across [`NatsServer::restart`]).
     dir: tempfile::TempDir,
     binary: PathBuf,
@@ -90,9 +94,10 @@ impl NatsServer {
         let dir = tempfile::tempdir()?;
         let mut child = spawn(&binary, options.port, dir.path(), options.own_process_group)?;
         match wait_for_port(&mut child, dir.path()) {
-            Ok(port) => Ok(Self {
+            Ok((port, monitor)) => Ok(Self {
                 child,
                 port,
+                monitor,
                 dir,
                 binary,
                 own_process_group: options.own_process_group,
@@ -144,9 +149,76 @@ impl NatsServer {
             self.own_process_group,
         )
         .expect("cannot restart nats-server");
-        let port = wait_for_port(&mut self.child, self.dir.path()).expect("nats-server restart");
+        let (port, monitor) =
+            wait_for_port(&mut self.child, self.dir.path()).expect("nats-server restart");
         assert_eq!(port, self.port);
+        self.monitor = monitor;
     }
+
+    /// How many client connections hold a subscription whose subject starts with `prefix`
+    /// (read from the server's `/connz`). A process killed with SIGKILL keeps its
+    /// subscriptions until the server has noticed its connection closed, which is not at
+    /// once: a request sent meanwhile to a queue group it was in may be routed to it, and is
+    /// lost.
+    pub fn subscribers(&self, prefix: &str) -> anyhow::Result<usize> {
+        let connz = http_get(&self.monitor, "/connz?subs=1&limit=100000")?;
+        let connz: serde_json::Value = serde_json::from_str(&connz)
+            .with_context(|| format!("/connz is no JSON: {connz:?}"))?;
+        let connections = connz["connections"]
+            .as_array()
+            .with_context(|| format!("/connz lists no connections: {connz}"))?;
+        Ok(connections
+            .iter()
+            .filter(|c| {
+                (c["subscriptions_list"].as_array().into_iter().flatten())
+                    .any(|s| s.as_str().is_some_and(|s| s.starts_with(prefix)))
+            })
+            .count())
+    }
+
+    /// Waits (blocking) until exactly `n` connections subscribe under `prefix`
+    /// ([`NatsServer::subscribers`]); fails after `timeout`.
+    pub fn wait_for_subscribers(
+        &self,
+        prefix: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.subscribers(prefix)?;
+            if now == n {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{now} connections subscribe under {prefix:?} after {timeout:?}, not {n}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The body of `GET {base}{path}` (HTTP/1.0: the body ends with the connection).
+fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let address = base
+        .strip_prefix("http://")
+        .with_context(|| format!("not an http address: {base}"))?;
+    let mut stream = std::net::TcpStream::connect(address)
+        .with_context(|| format!("cannot connect to {address}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP response: {response:?}"))?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "GET {path}: {head}"
+    );
+    Ok(body.to_owned())
 }
 
 /// Starts nats-server with JetStream on 127.0.0.1 (`port`, or one of its choosing), its store,
@@ -160,7 +232,7 @@ fn spawn(
     let port = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
     let mut command = Command::new(binary);
     command
-        .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+        .args(["-a", "127.0.0.1", "-p", &port, "-m", "-1", "-js", "-sd"])
         .arg(dir.join("jetstream"))
         .arg("--ports_file_dir")
         .arg(dir)
@@ -176,10 +248,11 @@ fn spawn(
         .with_context(|| format!("cannot start {}", binary.display()))
 }
 
-/// The client port from the ports file nats-server writes into `dir` once it listens
-/// (`<its program name>_<pid>.ports`, holding `{"nats":["nats://127.0.0.1:PORT"], …}`); the
+/// The client port and the monitoring address from the ports file nats-server writes into
+/// `dir` once it listens (`<its program name>_<pid>.ports`, holding
+/// `{"nats":["nats://127.0.0.1:PORT"],"monitoring":["http://127.0.0.1:PORT"]}`); the
 /// directory is this server's alone.
-fn wait_for_port(child: &mut Child, dir: &Path) -> anyhow::Result<u16> {
+fn wait_for_port(child: &mut Child, dir: &Path) -> anyhow::Result<(u16, String)> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         let ports_file = std::fs::read_dir(dir)?
@@ -190,7 +263,10 @@ fn wait_for_port(child: &mut Child, dir: &Path) -> anyhow::Result<u16> {
             if let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text) {
                 let url = ports["nats"][0].as_str().unwrap_or_default();
                 let port = url.rsplit(':').next().and_then(|p| p.parse().ok());
-                return port.with_context(|| format!("no client port in {text:?}"));
+                let port = port.with_context(|| format!("no client port in {text:?}"))?;
+                let monitor = (ports["monitoring"][0].as_str())
+                    .with_context(|| format!("no monitoring address in {text:?}"))?;
+                return Ok((port, monitor.to_owned()));
             }
         }
         if let Some(status) = child.try_wait()? {

@@ -45,12 +45,25 @@ pub fn unique_key() -> String {
     format!("VKV{}N{n}", std::process::id())
 }
 
+/// Waits until exactly `n` processes serve provider `key`'s calls: after one is killed,
+/// nats-server keeps its subscriptions until it has noticed the connection closed, and a call
+/// the queue group routes to it meanwhile is lost. Needs the multi-thread runtime.
+pub fn wait_for_serving(server: &NatsServer, key: &str, n: usize) {
+    let prefix = format!("{LATTICE}.{key}.");
+    tokio::task::block_in_place(|| server.wait_for_subscribers(&prefix, n, CALL_TIMEOUT))
+        .unwrap_or_else(|err| panic!("{err:#}"));
+}
+
 /// The provider binary, running; killed on drop if still alive.
 pub struct Provider {
     child: Child,
     pub key: String,
     pub nats: nats::Client,
     pub wrpc: Transport,
+    /// The instances of this provider that must all have taken a control message before its
+    /// wait ends ([`Provider::wait_for_health`]; replicated tests, where each health request
+    /// is answered by one of them). Empty: whichever instance answers.
+    pub instances: Vec<String>,
 }
 
 impl Provider {
@@ -146,6 +159,7 @@ impl Provider {
             key,
             nats,
             wrpc,
+            instances: Vec::new(),
         }
     }
 
@@ -168,20 +182,41 @@ impl Provider {
         Some(body["message"].as_str().unwrap_or_default().to_owned())
     }
 
-    /// Waits until a health message satisfies `ok`; answers it.
+    /// Waits until a health message satisfies `ok` (from each of [`Provider::instances`],
+    /// when it names them); answers the last.
     pub async fn wait_for_health(&self, ok: impl Fn(&str) -> bool) -> String {
+        let instances: Vec<&str> = self.instances.iter().map(String::as_str).collect();
+        self.wait_for_health_of(&instances, ok).await
+    }
+
+    /// Waits until a health message satisfies `ok` from each instance named (replicated
+    /// instances report `instance <name>,`; each health request is answered by one of them,
+    /// so it asks until each was heard), or from whichever answers when none is named;
+    /// answers the last.
+    pub async fn wait_for_health_of(
+        &self,
+        instances: &[&str],
+        ok: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + CALL_TIMEOUT;
+        let mut heard = std::collections::BTreeSet::<&str>::new();
         let mut last = None;
         loop {
             if let Some(message) = self.try_health().await {
                 if ok(&message) {
-                    return message;
+                    let from = (instances.iter())
+                        .find(|instance| message.contains(&format!("instance {instance},")));
+                    heard.extend(from.copied());
+                    if heard.len() == instances.len() {
+                        return message;
+                    }
                 }
                 last = Some(message);
             }
             assert!(
                 Instant::now() < deadline,
-                "health never became as expected; last: {last:?}"
+                "health never became as expected from each of {instances:?} (heard {heard:?}); \
+                 last: {last:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
