@@ -57,7 +57,7 @@ async fn declared_lengths_are_never_trusted_on_any_function() {
         }
     }
     assert!(p.is_running(), "the provider died");
-    let health = p.try_health().await.expect("health after the frames");
+    let health = p.wait_for_health(|_| true).await;
     assert!(health.contains(" 1 keys"), "{health}");
     still_serving(&p).await;
 }

@@ -27,7 +27,7 @@ async fn a_host_shutdown_request_is_answered_and_the_process_exits_zero() {
         .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(p.is_running());
-    assert!(p.try_health().await.is_some());
+    p.wait_for_health(|_| true).await;
 
     let reply = p.request_shutdown().await;
     assert_eq!(reply, "shutting down");
@@ -150,7 +150,7 @@ async fn garbage_on_every_subject_is_dropped_and_every_function_keeps_serving() 
     .await;
 
     assert!(p.is_running());
-    let message = p.try_health().await.expect("health after the flood");
+    let message = p.wait_for_health(|_| true).await;
     assert!(message.starts_with("1 links,"), "{message}");
     assert!(message.contains("max_keys=1000000 "), "{message}");
     every_function_serves(&p.as_component(C1, "default")).await;
@@ -208,7 +208,10 @@ async fn invocations_already_delivered_when_a_stop_begins_are_answered() {
         let params = set_params("b", &format!("k{i}"), b"v");
         calls.push(RawCall::send(&p, C1, "wrpc:keyvalue/store@0.2.0-draft", "set", params).await);
     }
-    p.nats.flush().await.unwrap();
+    // Each taken by the provider (its handshake came) before the stop begins.
+    for call in &mut calls {
+        call.server_params_subject().await;
+    }
     p.signal("TERM");
     let mut unanswered = 0;
     for call in &mut calls {

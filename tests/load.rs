@@ -451,7 +451,7 @@ async fn a_write_flood_against_max_total_bytes_keeps_rss_bounded() {
     }
     sampler.0.store(true, Ordering::Relaxed);
     peak = peak.max(sampler.1.await.unwrap()).max(rss_bytes(pid));
-    let health = p.try_health().await.unwrap();
+    let health = p.wait_for_health(|_| true).await;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
         "max_total_bytes flood: {} accepted, {} refused; RSS idle {:.1} MiB, peak {:.1} MiB = \

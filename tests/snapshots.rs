@@ -102,7 +102,7 @@ async fn a_graceful_stop_loses_nothing() {
 
     let p = start(&server, &path, &[], None).await;
     // Restored before the first health answer, which `start` waited for.
-    let health = p.try_health().await.unwrap();
+    let health = p.wait_for_health(|_| true).await;
     assert!(health.contains("503 keys"), "{health}");
     assert_data(&p, "a", 500).await;
 }
@@ -192,7 +192,7 @@ async fn an_unusable_snapshot_is_moved_aside_and_named_never_dropped() {
         std::fs::write(&path, &bytes).unwrap();
         let log = case_dir.path().join("provider.log");
         let mut p = start(&server, &path, &[], Some(&log)).await;
-        let health = p.try_health().await.unwrap();
+        let health = p.wait_for_health(|_| true).await;
         assert!(health.contains(" 0 keys"), "{case}: {health}");
         let aside = moved_aside(case_dir.path());
         assert_eq!(aside.len(), 1, "{case}: not moved aside once: {aside:?}");
@@ -298,7 +298,7 @@ async fn a_host_stop_is_clean_fast_and_writes_only_what_changed() {
     // Restored and stopped with nothing changed: no snapshot to write, the answer comes at once.
     let mut p = start(&server, &path, &[], None).await;
     // Read only: `assert_data` increments a counter.
-    let health = p.try_health().await.unwrap();
+    let health = p.wait_for_health(|_| true).await;
     assert!(health.contains("203 keys"), "{health}");
     let asked = Instant::now();
     assert_eq!(p.request_shutdown().await, "shutting down");

@@ -219,7 +219,8 @@ async fn deleting_the_watch_link_stops_delivery_at_once_and_a_new_one_starts_it(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     p.delete_watch_link("w1", "default", 1).await;
-    let heard = w.count();
+    // A call a lane began just before the delete may still arrive: counted once all is quiet.
+    let heard = settled(&w).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(w.count(), heard, "calls started after the link delete");
     let health = p.wait_for_health(|_| true).await;
