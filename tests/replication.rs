@@ -320,6 +320,54 @@ async fn the_stream_holds_live_entries_only_and_refuses_writes_when_full() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_keeps_its_settings_and_a_start_asking_for_another_storage_is_refused() {
+    let server = NatsServer::start();
+    let all = instances(&server, 1, &[("jetstream_max_bytes", "65536")]).await;
+    let key = all[0].key.clone();
+    all[0]
+        .as_component(C1, "default")
+        .set("b", "k", b"v")
+        .await
+        .unwrap();
+    // Another size limit: the instance starts and says so; the stream keeps the one it was
+    // made with (instances of an older and a newer config would otherwise undo each other's).
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let config = [
+        ("replication", "jetstream"),
+        ("jetstream_max_bytes", "1048576"),
+    ];
+    let other =
+        Provider::start_instance_logging(&server, &key, "other", &config, LINKS, Some(&log)).await;
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stderr.contains("keeps the size limit and replicas it was made with"),
+        "{stderr}"
+    );
+    let js = async_nats::jetstream::new(all[0].nats.clone());
+    let name = format!("KVINMEM_{LATTICE}_{key}");
+    let max_bytes = || async {
+        let mut stream = js.get_stream(&name).await.unwrap();
+        stream.info().await.unwrap().config.max_bytes
+    };
+    assert_eq!(max_bytes().await, 65536);
+    // A stream's storage cannot change: a start asking for another is refused, with the
+    // reason, and the stream and its entries stay.
+    let memory = [
+        ("replication", "jetstream"),
+        ("jetstream_storage", "memory"),
+    ];
+    let stderr = Provider::start_refused(&server, &key, "memory", &memory).await;
+    assert!(
+        stderr.contains("keeps its entries in file storage, but jetstream_storage = memory"),
+        "{stderr}"
+    );
+    assert_eq!(max_bytes().await, 65536);
+    let c = other.as_component(C1, "default");
+    assert_eq!(c.get("b", "k").await, Ok(Some(b"v".to_vec())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_hold_across_instances_within_what_is_in_flight() {
     let server = NatsServer::start();
     let all = Arc::new(instances(&server, 2, &[("max_keys", "40")]).await);
@@ -412,8 +460,16 @@ async fn instances_recover_by_themselves_from_a_long_outage() {
         assert!(Instant::now() < deadline, "writes never recovered");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Each instance's connections come back on their own schedules: a write taken by one
+    // whose replication connection is not back yet is refused (and tried again here).
     for i in 50..100 {
-        c.set("b", &format!("k{i}"), &value(i)).await.unwrap();
+        while !matches!(
+            try_set(&all[0], &format!("k{i}"), &value(i)).await,
+            Some(Ok(()))
+        ) {
+            assert!(Instant::now() < deadline, "writes never recovered");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     // Both instances apply the stream again: both hold the writes made after the outage.
     wait_for_keys(&all[0], &["i0", "i1"], 101).await;

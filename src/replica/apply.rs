@@ -92,6 +92,7 @@ pub(super) async fn run(replica: Replica) {
                         then();
                     }
                     replaying = true;
+                    shared.replaying.store(true, Ordering::Relaxed);
                     break;
                 }
                 Some((asked_in, jumps, last)) = asked_rx.recv() => {
@@ -193,8 +194,9 @@ pub(super) async fn run(replica: Replica) {
                     }
                 }
             }
-            if pending == 0 {
+            if replaying && pending == 0 {
                 replaying = false;
+                shared.replaying.store(false, Ordering::Relaxed);
             }
             mark(&replica, progress.watermark());
         }

@@ -29,8 +29,9 @@
 //! - **list-keys** pages: a listing lives on the instance that answered its first page; the
 //!   next page's call, wherever it lands, is answered from there (`listings.rs`).
 //! - **Catch-up**: a starting instance applies the stream up to its last message before the
-//!   provider answers health. One that lost touch with JetStream for longer than a delete
-//!   marker lives, or whose stream was created anew, reloads the stream from its start.
+//!   provider answers health. One that lost touch with JetStream, or stayed behind the stream,
+//!   for longer than half a delete marker's life, or whose stream was created anew, reloads the
+//!   stream from its start.
 
 mod apply;
 mod counters;
@@ -125,6 +126,8 @@ struct Shared {
     /// From stored in JetStream to applied here, once caught up at the start.
     lag: lag::Lag,
     caught_up: std::sync::atomic::AtomicBool,
+    /// The applier replays the stream after a reload.
+    replaying: std::sync::atomic::AtomicBool,
     batches: tokio::sync::Semaphore,
     next_batch: AtomicU64,
     counters: counters::Counters,
@@ -183,6 +186,7 @@ impl Replica {
                 reloads: AtomicU64::new(0),
                 lag: lag::Lag::default(),
                 caught_up: std::sync::atomic::AtomicBool::new(false),
+                replaying: std::sync::atomic::AtomicBool::new(false),
                 batches: tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT),
                 next_batch: AtomicU64::new(1),
                 counters: counters::Counters::default(),
@@ -664,6 +668,12 @@ impl Replica {
     /// Whether the stream holds a message at `from` or after, asked of the stream's leader
     /// (a direct get may be answered by a replica that is behind).
     async fn next_exists(&self, from: u64) -> Result<bool, String> {
+        Ok(self.next_sequence(from).await?.is_some())
+    }
+
+    /// The sequence of the stream's first message at `from` or after, if any, asked of the
+    /// stream's leader.
+    async fn next_sequence(&self, from: u64) -> Result<Option<u64>, String> {
         let request =
             serde_json::json!({ "seq": from, "next_by_subj": format!("{}.>", self.inner.root) });
         let answer: serde_json::Value = (self.inner.js)
@@ -671,10 +681,13 @@ impl Replica {
             .await
             .map_err(|err| unavailable(&err.to_string()))?;
         match answer.get("error") {
-            None => Ok(answer.get("message").is_some()),
+            // A message without a readable sequence still exists: at `from` at the earliest.
+            None => Ok(answer
+                .get("message")
+                .map(|m| m.get("seq").and_then(|s| s.as_u64()).unwrap_or(from))),
             // 10037: no message found.
             Some(error) if error.get("err_code").and_then(|c| c.as_u64()) == Some(10037) => {
-                Ok(false)
+                Ok(None)
             }
             Some(error) => Err(unavailable(&error.to_string())),
         }
@@ -726,12 +739,14 @@ impl Replica {
     }
 
     /// Asks the applier to reload the stream when this instance may have missed deletes: it
-    /// was out of touch with JetStream for longer than half a marker's life, or the stream was
-    /// created anew (a memory stream after a nats-server restart).
+    /// was out of touch with JetStream for longer than half a marker's life, or fell that far
+    /// behind the stream while in touch, or the stream was created anew (a memory stream after
+    /// a nats-server restart).
     async fn watch_stream(self, mut created: i128) {
         let mut last_contact = Instant::now();
         let mut warned = false;
         let (mut stalled, mut seen_delivered) = (0u32, 0u64);
+        let mut behind = Behind::default();
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
             let info =
@@ -740,6 +755,8 @@ impl Replica {
             let info = match info {
                 Ok(Ok(info)) => info,
                 Ok(Err(err)) => {
+                    // Out of touch: that rule applies, not this one.
+                    behind = Behind::default();
                     if !warned {
                         warn!("replication: JetStream unavailable: {err}");
                         warned = true;
@@ -756,6 +773,7 @@ impl Replica {
                     continue;
                 }
                 Err(_) => {
+                    behind = Behind::default();
                     if !warned {
                         warn!("replication: JetStream did not answer");
                         warned = true;
@@ -772,8 +790,8 @@ impl Replica {
             // A consumer that stopped delivering without a word (seen after an outage): the
             // stream has messages past the applied one, and nothing moved since the last look.
             let delivered = self.inner.delivered.load(Ordering::Relaxed);
-            let behind = info.state.last_sequence > delivered;
-            stalled = match behind && delivered == seen_delivered {
+            let has_more = info.state.last_sequence > delivered;
+            stalled = match has_more && delivered == seen_delivered {
                 true => stalled + 1,
                 false => 0,
             };
@@ -789,17 +807,77 @@ impl Replica {
                     self.inner.restart.notify_one();
                 }
             }
+            // Not while the start catches up or a reload replays: a replay into an empty store
+            // applies each key's last message only, which no marker can outdate.
+            let last = info.state.last_sequence;
+            let replaying = !self.inner.caught_up.load(Ordering::Relaxed)
+                || self.inner.replaying.load(Ordering::Relaxed);
+            let lagging = if replaying {
+                behind = Behind::default();
+                false
+            } else {
+                let limit = self.inner.settings.tombstone / 2;
+                match behind.too_long(delivered, last, Instant::now(), limit) {
+                    // Unless what is waited for is gone (expired before this instance started
+                    // or reloaded: its store never held what it held).
+                    Some(waited) => match self.next_sequence(delivered + 1).await {
+                        Ok(Some(next)) if next <= waited => true,
+                        Ok(_) => {
+                            behind = Behind::default();
+                            false
+                        }
+                        Err(_) => false,
+                    },
+                    None => false,
+                }
+            };
             let recreated = info.created.unix_timestamp_nanos() != created;
-            if recreated || out_of_touch {
+            if recreated || out_of_touch || lagging {
                 warn!(
                     recreated,
-                    out_of_touch, "replication: reloading the stream from its start"
+                    out_of_touch,
+                    lagging,
+                    delivered,
+                    last,
+                    "replication: reloading the stream from its start"
                 );
+                behind = Behind::default();
                 created = info.created.unix_timestamp_nanos();
                 self.inner.reloads.fetch_add(1, Ordering::Relaxed);
                 self.inner.reload.notify_one();
             }
         }
+    }
+}
+
+/// Whether this instance stays behind the stream for so long that a delete's marker may
+/// expire before it is applied, and the value it deleted stay here: a sequence the stream had
+/// is still not delivered half a marker's life later. (A reload then starts from what the
+/// stream holds.)
+#[derive(Default)]
+struct Behind {
+    /// The sequence waited for, and since when.
+    waiting: Option<(u64, Instant)>,
+}
+
+impl Behind {
+    /// This instance delivered up to `delivered` and the stream's last sequence is `last`, at
+    /// `now`: the sequence it has not reached though it knew it for longer than `limit`.
+    fn too_long(
+        &mut self,
+        delivered: u64,
+        last: u64,
+        now: Instant,
+        limit: Duration,
+    ) -> Option<u64> {
+        self.waiting = match self.waiting {
+            Some((seq, since)) if delivered < seq => Some((seq, since)),
+            _ if delivered < last => Some((last, now)),
+            _ => None,
+        };
+        self.waiting
+            .filter(|&(_, since)| now.saturating_duration_since(since) > limit)
+            .map(|(seq, _)| seq)
     }
 }
 
@@ -894,11 +972,11 @@ async fn ensure_stream(
         .with_context(|| format!("cannot create JetStream stream {name}: is JetStream on?"))?;
     let Some(error) = answer.get("error") else {
         // A server that does not know a field ignores it: read back what it made.
-        return check_stream(js, name, root).await;
+        return check_stream(js, name, root, settings).await;
     };
     // 10058: a stream of that name exists with another config: used if it can serve.
     if error.get("err_code").and_then(|c| c.as_u64()) == Some(10058) {
-        return check_stream(js, name, root).await;
+        return check_stream(js, name, root, settings).await;
     }
     Err(anyhow!(
         "cannot create JetStream stream {name} (replication needs nats-server 2.12 or later, \
@@ -911,8 +989,16 @@ async fn ensure_stream(
 }
 
 /// `Ok` when stream `name` has what replication relies on (an older server, or a stream made
-/// by hand or for something else, may not).
-async fn check_stream(js: &jetstream::Context, name: &str, root: &str) -> anyhow::Result<()> {
+/// by hand or for something else, may not), and keeps its entries where `settings` say (a
+/// stream's storage cannot change). A size limit or replica count other than `settings`' is
+/// the stream's to keep, and said in a warning: instances of an older and a newer config would
+/// otherwise undo each other's.
+async fn check_stream(
+    js: &jetstream::Context,
+    name: &str,
+    root: &str,
+    settings: &Replication,
+) -> anyhow::Result<()> {
     let info: serde_json::Value = js
         .request(format!("STREAM.INFO.{name}"), &serde_json::json!({}))
         .await
@@ -956,12 +1042,69 @@ async fn check_stream(js: &jetstream::Context, name: &str, root: &str) -> anyhow
          another jetstream_prefix chosen)",
         missing.join(", ")
     );
+    let storage = if settings.file_storage {
+        "file"
+    } else {
+        "memory"
+    };
+    let has = config["storage"].as_str().unwrap_or("unknown");
+    anyhow::ensure!(
+        has == storage,
+        "JetStream stream {name} keeps its entries in {has} storage, but jetstream_storage = \
+         {storage}, and a stream's storage cannot change: go back to {has}, or choose another \
+         jetstream_prefix (a new, empty stream), or remove the stream (its entries with it)"
+    );
+    let max_bytes = settings.max_bytes.map_or(-1, |b| b as i64);
+    let replicas = settings.replicas as i64;
+    let (has_bytes, has_replicas) = (
+        config["max_bytes"].as_i64().unwrap_or(-1),
+        config["num_replicas"].as_i64().unwrap_or(1),
+    );
+    if (has_bytes, has_replicas) != (max_bytes, replicas) {
+        warn!(
+            stream = name,
+            max_bytes = has_bytes,
+            replicas = has_replicas,
+            jetstream_max_bytes = max_bytes,
+            jetstream_replicas = replicas,
+            "replication: the stream keeps the size limit and replicas it was made with; this \
+             config's differ (change them on the stream, e.g. `nats stream edit`)"
+        );
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_is_behind_only_while_a_known_sequence_stays_out_of_reach() {
+        let limit = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut behind = Behind::default();
+        // Keeping up: each sequence seen is reached by the next look, however busy the stream.
+        assert_eq!(behind.too_long(0, 10, at(0), limit), None);
+        for s in 1..100 {
+            assert_eq!(behind.too_long(s * 10, s * 10 + 10, at(s), limit), None);
+        }
+        // The last look (99 s) saw 1000, and the applier never gets there: too long once more
+        // than 30 s passed, whatever the stream does meanwhile.
+        assert_eq!(behind.too_long(995, 1200, at(120), limit), None);
+        assert_eq!(behind.too_long(999, 1300, at(129), limit), None);
+        assert_eq!(behind.too_long(999, 1300, at(130), limit), Some(1000));
+        // Reaching it starts over from the stream's last sequence then.
+        let mut behind = Behind::default();
+        assert_eq!(behind.too_long(990, 1000, at(0), limit), None);
+        assert_eq!(behind.too_long(1000, 2000, at(29), limit), None);
+        assert_eq!(behind.too_long(1500, 2000, at(50), limit), None);
+        assert_eq!(behind.too_long(1999, 2000, at(60), limit), Some(2000));
+        // Caught up with the stream: nothing waited for.
+        let mut behind = Behind::default();
+        assert_eq!(behind.too_long(5, 5, at(0), limit), None);
+        assert_eq!(behind.too_long(5, 5, at(1000), limit), None);
+    }
 
     #[test]
     fn batch_answers_are_read() {

@@ -119,12 +119,43 @@ impl Provider {
         config: &[(&str, &str)],
         links: &[(&str, &str, Option<&str>)],
     ) -> Self {
-        let provider = Self::launch(server, (key, instance), json!({}), config, links, None).await;
+        Self::start_instance_logging(server, key, instance, config, links, None).await
+    }
+
+    /// Like [`Provider::start_instance`]; with `log`, the provider's stderr (at `info`) goes
+    /// to that file.
+    pub async fn start_instance_logging(
+        server: &NatsServer,
+        key: &str,
+        instance: &str,
+        config: &[(&str, &str)],
+        links: &[(&str, &str, Option<&str>)],
+        log: Option<&Path>,
+    ) -> Self {
+        let provider = Self::launch(server, (key, instance), json!({}), config, links, log).await;
         let mine = format!("instance {instance},");
         provider
             .wait_for_health(|health| health.contains(&mine))
             .await;
         provider
+    }
+
+    /// Starts instance `instance` of provider `key` with `config`, which must refuse to start;
+    /// answers what it wrote to stderr.
+    pub async fn start_refused(
+        server: &NatsServer,
+        key: &str,
+        instance: &str,
+        config: &[(&str, &str)],
+    ) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr");
+        let mut provider =
+            Self::launch(server, (key, instance), json!({}), config, &[], Some(&log)).await;
+        let status = provider.wait_exit().await;
+        let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(!status.success(), "{instance} started: {stderr}");
+        stderr
     }
 
     /// Starts the binary; does not wait for it.
