@@ -87,12 +87,13 @@ pub(super) async fn run(replica: Replica) {
                 }
                 () = shared.reload.notified() => {
                     shared.applied.send_replace(0);
+                    // From the start again (the stream watcher reads it).
+                    shared.delivered.store(0, Ordering::Relaxed);
                     shared.engine.clear();
                     if let Some(then) = shared.after_reload.get() {
                         then();
                     }
                     replaying = true;
-                    shared.replaying.store(true, Ordering::Relaxed);
                     break;
                 }
                 Some((asked_in, jumps, last)) = asked_rx.recv() => {
@@ -194,9 +195,8 @@ pub(super) async fn run(replica: Replica) {
                     }
                 }
             }
-            if replaying && pending == 0 {
+            if pending == 0 {
                 replaying = false;
-                shared.replaying.store(false, Ordering::Relaxed);
             }
             mark(&replica, progress.watermark());
         }

@@ -126,8 +126,6 @@ struct Shared {
     /// From stored in JetStream to applied here, once caught up at the start.
     lag: lag::Lag,
     caught_up: std::sync::atomic::AtomicBool,
-    /// The applier replays the stream after a reload.
-    replaying: std::sync::atomic::AtomicBool,
     batches: tokio::sync::Semaphore,
     next_batch: AtomicU64,
     counters: counters::Counters,
@@ -186,7 +184,6 @@ impl Replica {
                 reloads: AtomicU64::new(0),
                 lag: lag::Lag::default(),
                 caught_up: std::sync::atomic::AtomicBool::new(false),
-                replaying: std::sync::atomic::AtomicBool::new(false),
                 batches: tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT),
                 next_batch: AtomicU64::new(1),
                 counters: counters::Counters::default(),
@@ -668,12 +665,12 @@ impl Replica {
     /// Whether the stream holds a message at `from` or after, asked of the stream's leader
     /// (a direct get may be answered by a replica that is behind).
     async fn next_exists(&self, from: u64) -> Result<bool, String> {
-        Ok(self.next_sequence(from).await?.is_some())
+        Ok(self.next_message(from).await?.is_some())
     }
 
-    /// The sequence of the stream's first message at `from` or after, if any, asked of the
-    /// stream's leader.
-    async fn next_sequence(&self, from: u64) -> Result<Option<u64>, String> {
+    /// The sequence of the stream's first message at `from` or after, and when it was stored
+    /// (Unix nanoseconds), if there is one; asked of the stream's leader.
+    async fn next_message(&self, from: u64) -> Result<Option<(u64, i128)>, String> {
         let request =
             serde_json::json!({ "seq": from, "next_by_subj": format!("{}.>", self.inner.root) });
         let answer: serde_json::Value = (self.inner.js)
@@ -681,10 +678,18 @@ impl Replica {
             .await
             .map_err(|err| unavailable(&err.to_string()))?;
         match answer.get("error") {
-            // A message without a readable sequence still exists: at `from` at the earliest.
-            None => Ok(answer
-                .get("message")
-                .map(|m| m.get("seq").and_then(|s| s.as_u64()).unwrap_or(from))),
+            None => match answer.get("message") {
+                None => Ok(None),
+                Some(message) => {
+                    let message =
+                        serde_json::from_value::<jetstream::stream::RawMessage>(message.clone())
+                            .map_err(|err| unavailable(&format!("a stored message: {err}")))?;
+                    Ok(Some((
+                        message.sequence,
+                        message.time.unix_timestamp_nanos(),
+                    )))
+                }
+            },
             // 10037: no message found.
             Some(error) if error.get("err_code").and_then(|c| c.as_u64()) == Some(10037) => {
                 Ok(None)
@@ -746,7 +751,9 @@ impl Replica {
         let mut last_contact = Instant::now();
         let mut warned = false;
         let (mut stalled, mut seen_delivered) = (0u32, 0u64);
-        let mut behind = Behind::default();
+        // The stream's last sequence at the last look, and when this instance last began
+        // to replay the stream (into an empty store).
+        let (mut seen_last, mut replay_until) = (0u64, 0u64);
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
             let info =
@@ -755,8 +762,6 @@ impl Replica {
             let info = match info {
                 Ok(Ok(info)) => info,
                 Ok(Err(err)) => {
-                    // Out of touch: that rule applies, not this one.
-                    behind = Behind::default();
                     if !warned {
                         warn!("replication: JetStream unavailable: {err}");
                         warned = true;
@@ -773,7 +778,6 @@ impl Replica {
                     continue;
                 }
                 Err(_) => {
-                    behind = Behind::default();
                     if !warned {
                         warn!("replication: JetStream did not answer");
                         warned = true;
@@ -807,30 +811,24 @@ impl Replica {
                     self.inner.restart.notify_one();
                 }
             }
-            // Not while the start catches up or a reload replays: a replay into an empty store
-            // applies each key's last message only, which no marker can outdate.
+            // Behind: the first message this instance has not delivered (it did not reach the
+            // stream's last sequence of a second ago) was stored more than half a marker's
+            // life ago. A marker at or after it may then expire before it is applied, and the
+            // value it deleted stay here. Not while the start, or a reload, replays into an
+            // empty store: no marker can outdate what that applies.
             let last = info.state.last_sequence;
-            let replaying = !self.inner.caught_up.load(Ordering::Relaxed)
-                || self.inner.replaying.load(Ordering::Relaxed);
-            let lagging = if replaying {
-                behind = Behind::default();
-                false
-            } else {
-                let limit = self.inner.settings.tombstone / 2;
-                match behind.too_long(delivered, last, Instant::now(), limit) {
-                    // Unless what is waited for is gone (expired before this instance started
-                    // or reloaded: its store never held what it held).
-                    Some(waited) => match self.next_sequence(delivered + 1).await {
-                        Ok(Some(next)) if next <= waited => true,
-                        Ok(_) => {
-                            behind = Behind::default();
-                            false
-                        }
-                        Err(_) => false,
-                    },
-                    None => false,
-                }
-            };
+            let replayed =
+                self.inner.caught_up.load(Ordering::Relaxed) && delivered >= replay_until;
+            let lagging = replayed
+                && delivered < seen_last
+                && match self.next_message(delivered + 1).await {
+                    Ok(Some((_, stored))) => {
+                        let age = unix_now().as_nanos() as i128 - stored;
+                        age > (self.inner.settings.tombstone / 2).as_nanos() as i128
+                    }
+                    _ => false,
+                };
+            seen_last = last;
             let recreated = info.created.unix_timestamp_nanos() != created;
             if recreated || out_of_touch || lagging {
                 warn!(
@@ -841,43 +839,12 @@ impl Replica {
                     last,
                     "replication: reloading the stream from its start"
                 );
-                behind = Behind::default();
+                replay_until = last;
                 created = info.created.unix_timestamp_nanos();
                 self.inner.reloads.fetch_add(1, Ordering::Relaxed);
                 self.inner.reload.notify_one();
             }
         }
-    }
-}
-
-/// Whether this instance stays behind the stream for so long that a delete's marker may
-/// expire before it is applied, and the value it deleted stay here: a sequence the stream had
-/// is still not delivered half a marker's life later. (A reload then starts from what the
-/// stream holds.)
-#[derive(Default)]
-struct Behind {
-    /// The sequence waited for, and since when.
-    waiting: Option<(u64, Instant)>,
-}
-
-impl Behind {
-    /// This instance delivered up to `delivered` and the stream's last sequence is `last`, at
-    /// `now`: the sequence it has not reached though it knew it for longer than `limit`.
-    fn too_long(
-        &mut self,
-        delivered: u64,
-        last: u64,
-        now: Instant,
-        limit: Duration,
-    ) -> Option<u64> {
-        self.waiting = match self.waiting {
-            Some((seq, since)) if delivered < seq => Some((seq, since)),
-            _ if delivered < last => Some((last, now)),
-            _ => None,
-        };
-        self.waiting
-            .filter(|&(_, since)| now.saturating_duration_since(since) > limit)
-            .map(|(seq, _)| seq)
     }
 }
 
@@ -975,7 +942,19 @@ async fn ensure_stream(
         return check_stream(js, name, root, settings).await;
     };
     // 10058: a stream of that name exists with another config: used if it can serve.
-    if error.get("err_code").and_then(|c| c.as_u64()) == Some(10058) {
+    // 10074: more than one replica asked of a server without clustering, answered before it
+    // looks for the stream: one that exists is used the same way.
+    let code = error.get("err_code").and_then(|c| c.as_u64());
+    let exists = || async {
+        let info = js
+            .request::<_, _, serde_json::Value>(
+                format!("STREAM.INFO.{name}"),
+                &serde_json::json!({}),
+            )
+            .await;
+        info.is_ok_and(|info| info.get("error").is_none())
+    };
+    if code == Some(10058) || (code == Some(10074) && exists().await) {
         return check_stream(js, name, root, settings).await;
     }
     Err(anyhow!(
@@ -1077,34 +1056,6 @@ async fn check_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_instance_is_behind_only_while_a_known_sequence_stays_out_of_reach() {
-        let limit = Duration::from_secs(30);
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut behind = Behind::default();
-        // Keeping up: each sequence seen is reached by the next look, however busy the stream.
-        assert_eq!(behind.too_long(0, 10, at(0), limit), None);
-        for s in 1..100 {
-            assert_eq!(behind.too_long(s * 10, s * 10 + 10, at(s), limit), None);
-        }
-        // The last look (99 s) saw 1000, and the applier never gets there: too long once more
-        // than 30 s passed, whatever the stream does meanwhile.
-        assert_eq!(behind.too_long(995, 1200, at(120), limit), None);
-        assert_eq!(behind.too_long(999, 1300, at(129), limit), None);
-        assert_eq!(behind.too_long(999, 1300, at(130), limit), Some(1000));
-        // Reaching it starts over from the stream's last sequence then.
-        let mut behind = Behind::default();
-        assert_eq!(behind.too_long(990, 1000, at(0), limit), None);
-        assert_eq!(behind.too_long(1000, 2000, at(29), limit), None);
-        assert_eq!(behind.too_long(1500, 2000, at(50), limit), None);
-        assert_eq!(behind.too_long(1999, 2000, at(60), limit), Some(2000));
-        // Caught up with the stream: nothing waited for.
-        let mut behind = Behind::default();
-        assert_eq!(behind.too_long(5, 5, at(0), limit), None);
-        assert_eq!(behind.too_long(5, 5, at(1000), limit), None);
-    }
 
     #[test]
     fn batch_answers_are_read() {
