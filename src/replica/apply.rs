@@ -87,8 +87,10 @@ pub(super) async fn run(replica: Replica) {
                 }
                 () = shared.reload.notified() => {
                     shared.applied.send_replace(0);
-                    // From the start again (the stream watcher reads it).
+                    // From the start again (the stream watcher reads both).
                     shared.delivered.store(0, Ordering::Relaxed);
+                    let asked = shared.reloads.load(Ordering::Acquire);
+                    shared.reloads_begun.store(asked, Ordering::Release);
                     shared.engine.clear();
                     if let Some(then) = shared.after_reload.get() {
                         then();

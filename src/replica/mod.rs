@@ -29,9 +29,9 @@
 //! - **list-keys** pages: a listing lives on the instance that answered its first page; the
 //!   next page's call, wherever it lands, is answered from there (`listings.rs`).
 //! - **Catch-up**: a starting instance applies the stream up to its last message before the
-//!   provider answers health. One that lost touch with JetStream, or stayed behind the stream,
-//!   for longer than half a delete marker's life, or whose stream was created anew, reloads the
-//!   stream from its start.
+//!   provider answers health. One that lost touch with JetStream for longer than half a
+//!   delete marker's life, or whose oldest write not yet applied is that old, or whose stream
+//!   was created anew, reloads the stream from its start.
 
 mod apply;
 mod counters;
@@ -123,6 +123,8 @@ struct Shared {
     /// again).
     after_reload: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     reloads: AtomicU64,
+    /// The reloads asked for (`reloads`) when the applier last began one.
+    reloads_begun: AtomicU64,
     /// From stored in JetStream to applied here, once caught up at the start.
     lag: lag::Lag,
     caught_up: std::sync::atomic::AtomicBool,
@@ -182,6 +184,7 @@ impl Replica {
                 restart: Notify::new(),
                 after_reload: std::sync::OnceLock::new(),
                 reloads: AtomicU64::new(0),
+                reloads_begun: AtomicU64::new(0),
                 lag: lag::Lag::default(),
                 caught_up: std::sync::atomic::AtomicBool::new(false),
                 batches: tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT),
@@ -665,31 +668,37 @@ impl Replica {
     /// Whether the stream holds a message at `from` or after, asked of the stream's leader
     /// (a direct get may be answered by a replica that is behind).
     async fn next_exists(&self, from: u64) -> Result<bool, String> {
-        Ok(self.next_message(from).await?.is_some())
+        Ok(self.next_stored::<serde_json::Value>(from).await?.is_some())
     }
 
     /// The sequence of the stream's first message at `from` or after, and when it was stored
     /// (Unix nanoseconds), if there is one; asked of the stream's leader.
     async fn next_message(&self, from: u64) -> Result<Option<(u64, i128)>, String> {
+        let message = self
+            .next_stored::<jetstream::stream::RawMessage>(from)
+            .await?;
+        Ok(message.map(|m| (m.sequence, m.time.unix_timestamp_nanos())))
+    }
+
+    /// The stream's first message at `from` or after, read as `M`, if there is one; asked of
+    /// the stream's leader.
+    async fn next_stored<M: serde::de::DeserializeOwned>(
+        &self,
+        from: u64,
+    ) -> Result<Option<M>, String> {
+        #[derive(serde::Deserialize)]
+        struct Answer<M> {
+            message: Option<M>,
+            error: Option<serde_json::Value>,
+        }
         let request =
             serde_json::json!({ "seq": from, "next_by_subj": format!("{}.>", self.inner.root) });
-        let answer: serde_json::Value = (self.inner.js)
+        let answer: Answer<M> = (self.inner.js)
             .request(format!("STREAM.MSG.GET.{}", self.inner.name), &request)
             .await
             .map_err(|err| unavailable(&err.to_string()))?;
-        match answer.get("error") {
-            None => match answer.get("message") {
-                None => Ok(None),
-                Some(message) => {
-                    let message =
-                        serde_json::from_value::<jetstream::stream::RawMessage>(message.clone())
-                            .map_err(|err| unavailable(&format!("a stored message: {err}")))?;
-                    Ok(Some((
-                        message.sequence,
-                        message.time.unix_timestamp_nanos(),
-                    )))
-                }
-            },
+        match answer.error {
+            None => Ok(answer.message),
             // 10037: no message found.
             Some(error) if error.get("err_code").and_then(|c| c.as_u64()) == Some(10037) => {
                 Ok(None)
@@ -743,17 +752,68 @@ impl Replica {
         }
     }
 
+    /// Whether this instance lags so far behind the stream that it should reload it: the first
+    /// message it has not delivered (it did not reach the stream's last sequence of a look
+    /// ago) was stored more than half a marker's life ago, so a marker at or after it may
+    /// expire before it is applied, and the value it deleted stay here. Not while the start,
+    /// or a reload, replays into an empty store (what that applies no earlier marker can
+    /// outdate; one slower than half a marker's life is reported), and not twice within a
+    /// marker's life (a replay that slow would follow itself).
+    async fn lagging(&self, lag: &mut LagWatch, last: u64) -> bool {
+        let settings = &self.inner.settings;
+        let caught_up = self.inner.caught_up.load(Ordering::Relaxed);
+        // Read after which reloads the applier began (it resets `delivered` before it says so).
+        let begun = self.inner.reloads_begun.load(Ordering::Acquire);
+        let delivered = self.inner.delivered.load(Ordering::Relaxed);
+        let look = lag.look(caught_up, begun, delivered, last, Instant::now(), settings);
+        let from = match look {
+            Look::Nothing => return false,
+            Look::SlowReplay { until } => {
+                warn!(
+                    delivered,
+                    until,
+                    "replication: replaying the stream takes longer than half of \
+                     jetstream_tombstone_secs; a delete made meanwhile may be missed if its \
+                     marker expires first: raise jetstream_tombstone_secs"
+                );
+                return false;
+            }
+            Look::Ask(from) => from,
+        };
+        let next = tokio::time::timeout(settings.timeout, self.next_message(from));
+        let age = match next.await {
+            Ok(Ok(Some((_, stored)))) => {
+                let age = unix_now().as_nanos() as i128 - stored;
+                Some(Duration::from_nanos(u64::try_from(age).unwrap_or(0)))
+            }
+            Ok(Ok(None)) => None,
+            _ => return false,
+        };
+        match lag.judge(delivered, last, age, Instant::now(), settings) {
+            Verdict::Fine => false,
+            Verdict::Reload => true,
+            Verdict::StillBehind => {
+                warn!(
+                    delivered,
+                    last,
+                    "replication: this instance stays behind the stream by more than half of \
+                     jetstream_tombstone_secs though it reloaded; a delete may be missed if its \
+                     marker expires first: raise jetstream_tombstone_secs, or give it more CPU"
+                );
+                false
+            }
+        }
+    }
+
     /// Asks the applier to reload the stream when this instance may have missed deletes: it
-    /// was out of touch with JetStream for longer than half a marker's life, or fell that far
-    /// behind the stream while in touch, or the stream was created anew (a memory stream after
-    /// a nats-server restart).
+    /// was out of touch with JetStream for longer than half a marker's life, or lags that far
+    /// behind the stream while in touch ([`Replica::lagging`]), or the stream was created anew
+    /// (a memory stream after a nats-server restart).
     async fn watch_stream(self, mut created: i128) {
         let mut last_contact = Instant::now();
         let mut warned = false;
         let (mut stalled, mut seen_delivered) = (0u32, 0u64);
-        // The stream's last sequence at the last look, and when this instance last began
-        // to replay the stream (into an empty store).
-        let (mut seen_last, mut replay_until) = (0u64, 0u64);
+        let mut lag = LagWatch::default();
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
             let info =
@@ -803,7 +863,11 @@ impl Replica {
             if stalled >= STALLED_CHECKS {
                 stalled = 0;
                 // Unless what is left expired.
-                if self.next_exists(delivered + 1).await == Ok(true) {
+                let left = tokio::time::timeout(
+                    self.inner.settings.timeout,
+                    self.next_exists(delivered + 1),
+                );
+                if matches!(left.await, Ok(Ok(true))) {
                     warn!(
                         delivered,
                         "replication: the stream's consumer stalled; making it again"
@@ -811,24 +875,8 @@ impl Replica {
                     self.inner.restart.notify_one();
                 }
             }
-            // Behind: the first message this instance has not delivered (it did not reach the
-            // stream's last sequence of a second ago) was stored more than half a marker's
-            // life ago. A marker at or after it may then expire before it is applied, and the
-            // value it deleted stay here. Not while the start, or a reload, replays into an
-            // empty store: no marker can outdate what that applies.
             let last = info.state.last_sequence;
-            let replayed =
-                self.inner.caught_up.load(Ordering::Relaxed) && delivered >= replay_until;
-            let lagging = replayed
-                && delivered < seen_last
-                && match self.next_message(delivered + 1).await {
-                    Ok(Some((_, stored))) => {
-                        let age = unix_now().as_nanos() as i128 - stored;
-                        age > (self.inner.settings.tombstone / 2).as_nanos() as i128
-                    }
-                    _ => false,
-                };
-            seen_last = last;
+            let lagging = self.lagging(&mut lag, last).await;
             let recreated = info.created.unix_timestamp_nanos() != created;
             if recreated || out_of_touch || lagging {
                 warn!(
@@ -839,11 +887,124 @@ impl Replica {
                     last,
                     "replication: reloading the stream from its start"
                 );
-                replay_until = last;
                 created = info.created.unix_timestamp_nanos();
-                self.inner.reloads.fetch_add(1, Ordering::Relaxed);
+                let asked = self.inner.reloads.fetch_add(1, Ordering::AcqRel) + 1;
+                lag.reloaded(last, asked, lagging, Instant::now());
                 self.inner.reload.notify_one();
             }
+        }
+    }
+}
+
+/// What the stream watcher keeps to tell whether this instance lags ([`Replica::lagging`]).
+#[derive(Default)]
+struct LagWatch {
+    /// The stream's last sequence at the previous look.
+    seen_last: u64,
+    /// The stream's last sequence when this instance last asked for a reload, when, and which
+    /// reload it was (`Shared::reloads`): the replay is over once the applier began it and
+    /// delivered that far.
+    replay: Option<(u64, Instant, u64)>,
+    /// `delivered` and the stream's last sequence when nothing followed `delivered`.
+    nothing_after: Option<(u64, u64)>,
+    /// When a lag last made this instance reload.
+    lag_reload: Option<Instant>,
+    /// This replay was said to be slow.
+    said_slow: bool,
+    /// A lag that the last reload did not cure was said.
+    said_behind: bool,
+}
+
+/// What a look at the stream asks of the stream watcher.
+#[derive(Debug, PartialEq)]
+enum Look {
+    Nothing,
+    /// Say that a replay is slow (once a replay).
+    SlowReplay {
+        until: u64,
+    },
+    /// Ask the stream for its first message from this sequence on.
+    Ask(u64),
+}
+
+/// What the first message this instance has not delivered tells.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Fine,
+    Reload,
+    /// Behind, though it reloaded for that lately: say so (once).
+    StillBehind,
+}
+
+impl LagWatch {
+    /// A look at `now`: the applier began reload `begun` (the count of reloads asked for when it
+    /// began its last) and delivered up to `delivered`; the stream's last sequence is `last`.
+    fn look(
+        &mut self,
+        caught_up: bool,
+        begun: u64,
+        delivered: u64,
+        last: u64,
+        now: Instant,
+        settings: &Replication,
+    ) -> Look {
+        let seen_last = std::mem::replace(&mut self.seen_last, last);
+        if !caught_up {
+            return Look::Nothing;
+        }
+        if let Some((until, since, asked)) = self.replay {
+            if begun < asked || delivered < until {
+                let slow = now.saturating_duration_since(since) > settings.tombstone / 2;
+                if slow && !self.said_slow {
+                    self.said_slow = true;
+                    return Look::SlowReplay { until };
+                }
+                return Look::Nothing;
+            }
+            self.replay = None;
+        }
+        if delivered >= seen_last || self.nothing_after == Some((delivered, last)) {
+            return Look::Nothing;
+        }
+        Look::Ask(delivered + 1)
+    }
+
+    /// The first message after `delivered` was stored `age` ago (`None`: there is none; what
+    /// was waited for expired), seen at `now`.
+    fn judge(
+        &mut self,
+        delivered: u64,
+        last: u64,
+        age: Option<Duration>,
+        now: Instant,
+        settings: &Replication,
+    ) -> Verdict {
+        let Some(age) = age else {
+            // Nothing to ask again until either moves.
+            self.nothing_after = Some((delivered, last));
+            return Verdict::Fine;
+        };
+        if age <= settings.tombstone / 2 {
+            return Verdict::Fine;
+        }
+        let lately = |at: Instant| now.saturating_duration_since(at) < settings.tombstone;
+        if self.lag_reload.is_some_and(lately) {
+            if self.said_behind {
+                return Verdict::Fine;
+            }
+            self.said_behind = true;
+            return Verdict::StillBehind;
+        }
+        Verdict::Reload
+    }
+
+    /// Reload `asked` is asked for at `now` (`lagging`: because this instance lagged); the
+    /// stream's last sequence is `last`.
+    fn reloaded(&mut self, last: u64, asked: u64, lagging: bool, now: Instant) {
+        self.replay = Some((last, now, asked));
+        (self.said_slow, self.said_behind) = (false, false);
+        if lagging {
+            self.lag_reload = Some(now);
         }
     }
 }
@@ -1056,6 +1217,94 @@ async fn check_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Replication settings with markers living `tombstone_secs`.
+    fn settings(tombstone_secs: &str) -> Replication {
+        let map = std::collections::HashMap::from([
+            ("replication".to_owned(), "jetstream".to_owned()),
+            (
+                "jetstream_tombstone_secs".to_owned(),
+                tombstone_secs.to_owned(),
+            ),
+        ]);
+        let (settings, problems) = Replication::from_map(&map).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        settings.unwrap()
+    }
+
+    #[test]
+    fn an_instance_reloads_when_its_oldest_unapplied_write_is_half_a_markers_life_old() {
+        let settings = settings("60");
+        assert_eq!(settings.tombstone, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let old = Some(Duration::from_secs(31));
+        let mut lag = LagWatch::default();
+        // Before the start caught up: nothing is asked.
+        assert_eq!(lag.look(false, 0, 0, 100, at(0), &settings), Look::Nothing);
+        // Keeping up: it reached the last sequence of the previous look.
+        assert_eq!(lag.look(true, 0, 100, 150, at(1), &settings), Look::Nothing);
+        assert_eq!(lag.look(true, 0, 150, 200, at(2), &settings), Look::Nothing);
+        // Behind it: the first message it lacks is asked about; young is fine, old reloads.
+        assert_eq!(
+            lag.look(true, 0, 180, 300, at(3), &settings),
+            Look::Ask(181)
+        );
+        let young = Some(Duration::from_secs(5));
+        assert_eq!(lag.judge(180, 300, young, at(3), &settings), Verdict::Fine);
+        assert_eq!(
+            lag.look(true, 0, 250, 400, at(4), &settings),
+            Look::Ask(251)
+        );
+        assert_eq!(lag.judge(250, 400, old, at(4), &settings), Verdict::Reload);
+        lag.reloaded(400, 1, true, at(4));
+        // The replay: nothing asked before the applier began it, nor until it reached 400 (its
+        // delivered mark from before does not count); a slow one is said once.
+        assert_eq!(lag.look(true, 0, 260, 500, at(5), &settings), Look::Nothing);
+        assert_eq!(lag.look(true, 1, 10, 600, at(6), &settings), Look::Nothing);
+        let slow = lag.look(true, 1, 300, 700, at(40), &settings);
+        assert_eq!(slow, Look::SlowReplay { until: 400 });
+        assert_eq!(
+            lag.look(true, 1, 350, 800, at(41), &settings),
+            Look::Nothing
+        );
+        // Replayed, and behind by more than half a marker's life again (the replay was that
+        // slow): reloading would follow itself, so it is said once instead, within a marker's
+        // life of the last lag reload.
+        assert_eq!(
+            lag.look(true, 1, 450, 900, at(42), &settings),
+            Look::Ask(451)
+        );
+        assert_eq!(
+            lag.judge(450, 900, old, at(42), &settings),
+            Verdict::StillBehind
+        );
+        assert_eq!(
+            lag.look(true, 1, 460, 950, at(43), &settings),
+            Look::Ask(461)
+        );
+        assert_eq!(lag.judge(460, 950, old, at(43), &settings), Verdict::Fine);
+        // After a marker's life it may reload again.
+        assert_eq!(
+            lag.look(true, 1, 470, 990, at(70), &settings),
+            Look::Ask(471)
+        );
+        assert_eq!(lag.judge(470, 990, old, at(70), &settings), Verdict::Reload);
+    }
+
+    #[test]
+    fn an_expired_tail_is_asked_about_once_until_the_stream_or_the_instance_moves() {
+        let settings = settings("3600");
+        let t0 = Instant::now();
+        let mut lag = LagWatch::default();
+        assert_eq!(lag.look(true, 0, 90, 100, t0, &settings), Look::Nothing);
+        assert_eq!(lag.look(true, 0, 90, 100, t0, &settings), Look::Ask(91));
+        // Nothing after 90: the messages up to 100 expired.
+        assert_eq!(lag.judge(90, 100, None, t0, &settings), Verdict::Fine);
+        assert_eq!(lag.look(true, 0, 90, 100, t0, &settings), Look::Nothing);
+        // The stream grew: asked again.
+        assert_eq!(lag.look(true, 0, 90, 101, t0, &settings), Look::Ask(91));
+    }
 
     #[test]
     fn batch_answers_are_read() {
