@@ -274,10 +274,7 @@ impl Replica {
         until: Instant,
     ) -> Result<(), String> {
         let records = self.records(Op::Set, (ns, bucket), vec![(key, value)], deadline_ms)?;
-        self.write(records, None, until)
-            .await
-            .map(drop)
-            .map_err(failed)
+        self.store(records, until).await
     }
 
     /// Stores every pair or none, in one atomic batch; by `until`.
@@ -297,10 +294,7 @@ impl Replica {
             latest.into_iter().collect(),
             deadline_ms,
         )?;
-        self.write(records, None, until)
-            .await
-            .map(drop)
-            .map_err(failed)
+        self.store(records, until).await
     }
 
     /// Removes every key named that exists (after a barrier: a key that no write acknowledged
@@ -319,10 +313,7 @@ impl Replica {
             .collect();
         let entries = keys.into_iter().map(|key| (key, &b""[..])).collect();
         let records = self.records(Op::Delete, (ns, bucket), entries, 0)?;
-        self.write(records, None, until)
-            .await
-            .map(drop)
-            .map_err(failed)
+        self.store(records, until).await
     }
 
     /// Adds `delta` to the counter under `key` and answers the new value (see `counters.rs`);
@@ -441,6 +432,15 @@ impl Replica {
             })
             .collect();
         Ok(records)
+    }
+
+    /// Writes `records` (nothing expected of their subjects) and answers as a call does; by
+    /// `until`.
+    async fn store(&self, records: Vec<Outgoing>, until: Instant) -> Result<(), String> {
+        self.write(records, None, until)
+            .await
+            .map(drop)
+            .map_err(failed)
     }
 
     /// The message of one record: `place` is its batch, the batch's size and its place in it.
@@ -854,7 +854,8 @@ impl Replica {
             // A consumer that stopped delivering without a word (seen after an outage): the
             // stream has messages past the applied one, and nothing moved since the last look.
             let delivered = self.inner.delivered.load(Ordering::Relaxed);
-            let has_more = info.state.last_sequence > delivered;
+            let last = info.state.last_sequence;
+            let has_more = last > delivered;
             stalled = match has_more && delivered == seen_delivered {
                 true => stalled + 1,
                 false => 0,
@@ -875,7 +876,6 @@ impl Replica {
                     self.inner.restart.notify_one();
                 }
             }
-            let last = info.state.last_sequence;
             let lagging = self.lagging(&mut lag, last).await;
             let recreated = info.created.unix_timestamp_nanos() != created;
             if recreated || out_of_touch || lagging {
